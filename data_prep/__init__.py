@@ -1,0 +1,1 @@
+"""Converters from raw datasets to fovlm shards, and the synthetic demo dataset."""
