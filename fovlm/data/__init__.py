@@ -1,0 +1,1 @@
+"""Data: the shard schema, frames, chat rendering, the streaming pipeline, collation, DataModules."""
