@@ -1,0 +1,72 @@
+"""Test helpers for the data tests: tiny JPEG/PNG frames, tiny mp4 videos and webdataset shards."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+
+def image_bytes(color: tuple[int, int, int] = (200, 30, 60), size: tuple[int, int] = (32, 32), fmt: str = "JPEG",
+                pattern: int = 0) -> bytes:
+    """A small image; ``pattern`` > 0 adds a deterministic gradient so frames differ."""
+    w, h = size
+    array = np.empty((h, w, 3), dtype=np.uint8)
+    array[...] = color
+    if pattern:
+        array[..., 0] = (np.arange(w)[None, :] * pattern) % 256
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, quality=95)
+    return buf.getvalue()
+
+
+def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48)) -> bytes:
+    """An H.264 mp4 whose frame i has a red level of 8 * i (so decoded frames can be told apart)."""
+    import av
+
+    w, h = size
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "10", "g": "1"}
+        for i in range(num_frames):
+            array = np.zeros((h, w, 3), dtype=np.uint8)
+            array[..., 0] = min(255, 8 * i)
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: Iterable[Mapping[str, Any]]) -> Path:
+    """Write samples (``{"__key__": ..., "json": dict|bytes, "000.jpg": bytes, ...}``) to a tar."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            record = dict(sample)
+            if isinstance(record.get("json"), dict):
+                record["json"] = json.dumps(record["json"]).encode("utf-8")
+            sink.write(record)
+    return path
+
+
+def caption_sample(key: str, caption: str, frames: int = 2, source: str = "openvid",
+                   media: str = "video", size: tuple[int, int] = (32, 32)) -> dict[str, Any]:
+    sample: dict[str, Any] = {"__key__": key, "json": {"source": source, "media": media, "caption": caption}}
+    for i in range(frames):
+        sample[f"{i:03d}.jpg"] = image_bytes((10 * i % 256, 100, 150), size, pattern=i + 1)
+    return sample
+
+
+def text_sample(key: str, answer: str, source: str = "smoltalk") -> dict[str, Any]:
+    return {"__key__": key, "json": {"source": source, "media": "text", "messages": [
+        {"role": "user", "content": "Say something."}, {"role": "assistant", "content": answer}]}}
