@@ -1,0 +1,319 @@
+"""Token roles, the one shift-and-mask convention, cross-entropy, sequence log-probs, DPO, and the loss heads.
+
+This module is the bottom layer every other part imports its constants from:
+
+- ``IGNORE_INDEX`` and the ``ROLE_*`` values carried per token in every batch (``roles``).
+- ``shift_labels``: labels aligned with text positions, ``labels[b, j]`` is the target predicted at text
+  position ``j`` (token ``j + 1`` when it is scored, else ``IGNORE_INDEX``). Text token 0 is never a target,
+  in every mode and head, so losses of different heads and modes are directly comparable.
+- ``token_nll``: per-token negative log-likelihood of the selected logit rows (``[N, V]``, the rows where
+  ``labels != IGNORE_INDEX``, in ``logits_mask.nonzero()`` order, as the model returns them). Cross-entropy,
+  sequence log-probs and evaluation scores are all sums of it, so they share one convention.
+- ``dpo_loss``: the sigmoid DPO loss and its metrics under TRL's names.
+- Loss heads ``AllTextCE``, ``AnswerOnlyCE`` and ``DPO``: each decides from ``roles`` which tokens count and
+  runs the model forward it needs. Stages 1 and 2 therefore read the same batches.
+
+Cross-entropy is a token mean over every scored token of the batch (no per-sample normalisation, as in the
+reference). A batch without any scored token gives a loss of exactly 0 that still carries a graph (so
+backward and DDP work) and reports ``num_scored == 0`` so the caller can count it; it never gives NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+ROLE_PAD = 0  # padding (never scored)
+ROLE_SYSTEM = 1  # every token of the system turn, its markup included
+ROLE_USER = 2  # every token of a user turn, its markup included
+ROLE_TEMPLATE = 3  # assistant-turn markup that is not the answer: "<|im_start|>assistant\n" and the "\n" after <|im_end|>
+ROLE_ANSWER = 4  # assistant content tokens AND that turn's closing <|im_end|>
+
+LOSS_NAMES = ("all_text", "answer_only", "dpo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def all_text_mask(roles: Tensor) -> Tensor:
+    """Score mask of the all-text head: every real (non-pad) token. ``roles`` [B, S] -> bool [B, S]."""
+    return roles != ROLE_PAD
+
+
+def answer_only_mask(roles: Tensor) -> Tensor:
+    """Score mask of the answer-only heads: answer tokens and their closing ``<|im_end|>``. -> bool [B, S]."""
+    return roles == ROLE_ANSWER
+
+
+def shift_labels(input_ids: Tensor, score_mask: Tensor) -> Tensor:
+    """Targets aligned with text positions: position ``j`` predicts token ``j + 1`` if that token is scored.
+
+    Args:
+        input_ids: long [B, S] text token ids.
+        score_mask: bool [B, S], True on tokens that are targets (decided by a loss head from the roles).
+
+    Returns:
+        long [B, S]: ``labels[b, j] = input_ids[b, j + 1]`` where ``score_mask[b, j + 1]``, else
+        ``IGNORE_INDEX``; the last column is always ``IGNORE_INDEX``. ``labels != IGNORE_INDEX`` is the
+        ``logits_mask`` the model takes.
+    """
+    if input_ids.shape != score_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and score_mask {tuple(score_mask.shape)} differ")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)  # [B, S]
+    next_ids = input_ids[:, 1:]  # [B, S-1]
+    labels[:, :-1] = torch.where(score_mask[:, 1:].bool(), next_ids, torch.full_like(next_ids, IGNORE_INDEX))
+    return labels
+
+
+def selected_targets(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mask the model needs and, in the same row order as its ``[N, V]`` logits, targets and sample ids.
+
+    Returns:
+        logits_mask bool [B, S]; targets long [N]; sample_index long [N] (the batch row of each target).
+    """
+    logits_mask = labels != IGNORE_INDEX  # [B, S]
+    sample_index = logits_mask.nonzero()[:, 0]  # [N], row-major like the model's selection
+    targets = labels[logits_mask]  # [N]
+    return logits_mask, targets, sample_index
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Negative log-likelihood of each target under its logit row, computed in fp32.
+
+    Args:
+        logits: [N, V] the selected rows (any float dtype).
+        targets: long [N].
+
+    Returns:
+        float32 [N]. ``-token_nll`` is the per-token log-prob (log-softmax gathered at the target, done by
+        ``cross_entropy`` without materialising a second [N, V] tensor).
+    """
+    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [N, V] with N = len(targets) = {targets.shape[0]}")
+    return F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+
+
+def per_sample_sums(values: Tensor, sample_index: Tensor, batch_size: int) -> Tensor:
+    """Sum per-token ``values`` [N] into their samples -> [batch_size] (zero for a sample with no token)."""
+    out = values.new_zeros(batch_size)  # [B]
+    return out.index_add(0, sample_index, values)
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    """Mean cross-entropy over all scored tokens of a batch.
+
+    Returns:
+        (loss, num_scored). With no scored token the loss is an exact 0 that is still connected to ``logits``
+        (so backward runs and gives zero gradients) instead of the NaN of a mean over nothing.
+    """
+    nll = token_nll(logits, targets)  # [N]
+    return mean_or_zero(nll, logits), int(nll.numel())
+
+
+def mean_or_zero(nll: Tensor, logits: Tensor) -> Tensor:
+    """Mean of ``nll`` [N]; for N = 0 an exact 0 still connected to ``logits`` (never NaN)."""
+    if nll.numel() == 0:
+        return logits.float().sum() * 0.0
+    return nll.mean()
+
+
+def sequence_logps(logits: Tensor, targets: Tensor, sample_index: Tensor, batch_size: int) -> Tensor:
+    """Sum of the log-probs of each sequence's scored tokens (no length normalisation) -> float32 [batch_size]."""
+    return per_sample_sums(-token_nll(logits, targets), sample_index, batch_size)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO loss (Rafailov et al.) and its metrics, named as TRL names them.
+
+    All inputs are [B] sequence log-probs. The implicit rewards are ``beta * (policy - reference)``;
+    the per-pair loss is ``-log sigmoid(r_chosen - r_rejected)``.
+
+    Returns:
+        (loss: mean over pairs, per-pair losses [B], metrics: detached scalars ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (fraction with a strictly positive
+        margin, so ties count as wrong), ``logps/chosen``, ``logps/rejected`` (policy)).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps)  # [B]
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps)  # [B]
+    margins = chosen_rewards - rejected_rewards  # [B]
+    losses = -F.logsigmoid(margins)  # [B]
+    metrics = {
+        "rewards/chosen": chosen_rewards.detach().mean(),
+        "rewards/rejected": rejected_rewards.detach().mean(),
+        "rewards/margins": margins.detach().mean(),
+        "rewards/accuracies": (margins.detach() > 0).float().mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+    return losses.mean(), losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss heads
+
+
+@dataclass
+class LossOutput:
+    """What a head returns for one batch.
+
+    ``sample_loss`` and ``sample_weight`` ([B], detached) let callers aggregate per source or over a whole
+    validation set with the head's own weighting: for CE, summed token NLL and scored-token count per
+    sample (so ``sum(sample_loss) / sum(sample_weight)`` is the batch's token-mean CE); for DPO, the
+    per-pair loss and 1.
+    """
+
+    loss: Tensor
+    num_scored: int
+    sample_loss: Tensor
+    sample_weight: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class CrossEntropyHead:
+    """Token cross-entropy on the tokens chosen by ``score_mask``; shared by the two CE heads."""
+
+    name = ""
+
+    def score_mask(self, roles: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        model: Any,
+        batch: dict[str, Any],
+        *,
+        mode: str = "coarse_fine",
+        lambda_coarse: float = 0.0,
+        reference: Any = None,
+    ) -> LossOutput:
+        """Run ``model`` on an SFT/caption batch and return the CE (plus ``lambda_coarse`` x coarse CE)."""
+        labels = shift_labels(batch["input_ids"], self.score_mask(batch["roles"]))  # [B, S]
+        logits_mask, targets, sample_index = selected_targets(labels)
+        batch_size = labels.shape[0]
+        out = model(
+            batch["frames"],
+            batch["num_frames"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            mode=mode,
+            logits_mask=logits_mask,
+            return_coarse_logits=lambda_coarse > 0,
+        )
+        nll = token_nll(out.logits, targets)  # [N]
+        num_scored = int(nll.numel())
+        loss = mean_or_zero(nll, out.logits)
+        metrics: dict[str, Tensor] = {}
+        if lambda_coarse > 0:
+            coarse_loss, _ = token_cross_entropy(out.coarse_logits, targets)
+            metrics["loss/fine"] = loss.detach()
+            metrics["loss/coarse"] = coarse_loss.detach()
+            loss = loss + lambda_coarse * coarse_loss
+        sample_loss = per_sample_sums(nll.detach(), sample_index, batch_size)  # [B]
+        sample_weight = per_sample_sums(torch.ones_like(nll), sample_index, batch_size)  # [B]
+        return LossOutput(loss, num_scored, sample_loss, sample_weight, metrics)
+
+
+class AllTextCE(CrossEntropyHead):
+    """Stage 1: every text token after the first is a target (system and user turns included)."""
+
+    name = "all_text"
+
+    def score_mask(self, roles: Tensor) -> Tensor:
+        return all_text_mask(roles)
+
+
+class AnswerOnlyCE(CrossEntropyHead):
+    """Stage 2 and evaluation: only assistant answers and their closing ``<|im_end|>`` are targets."""
+
+    name = "answer_only"
+
+    def score_mask(self, roles: Tensor) -> Tensor:
+        return answer_only_mask(roles)
+
+
+class DPO:
+    """Stage 3: sigmoid DPO on preference batches against a frozen reference model.
+
+    Args:
+        beta: inverse temperature of the implicit reward (0.1 in the recipe).
+    """
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not beta > 0:
+            raise ValueError(f"DPO beta must be positive, got {beta}")
+        self.beta = beta
+
+    def score_mask(self, roles: Tensor) -> Tensor:
+        return answer_only_mask(roles)
+
+    def _sides(self, batch: dict[str, Any]) -> tuple[list[tuple[Tensor, Tensor, Tensor]], list[Tensor]]:
+        inputs, labels_per_side = [], []
+        for side in ("chosen", "rejected"):
+            ids = batch[f"{side}_input_ids"]
+            labels = shift_labels(ids, self.score_mask(batch[f"{side}_roles"]))  # [B, S_side]
+            inputs.append((ids, batch[f"{side}_attention_mask"], labels != IGNORE_INDEX))
+            labels_per_side.append(labels)
+        return inputs, labels_per_side
+
+    def __call__(
+        self,
+        model: Any,
+        batch: dict[str, Any],
+        *,
+        mode: str = "coarse_fine",
+        lambda_coarse: float = 0.0,
+        reference: Any = None,
+    ) -> LossOutput:
+        """Run policy and reference on a preference batch; ``reference`` runs without gradients."""
+        if reference is None:
+            raise ValueError("the DPO loss needs a reference model")
+        if mode != "coarse_fine" or lambda_coarse > 0:
+            raise ValueError("the DPO loss supports only the coarse_fine mode without a coarse auxiliary loss")
+        (chosen, rejected), (chosen_labels, rejected_labels) = self._sides(batch)
+        batch_size = chosen_labels.shape[0]
+
+        def logps(pair_model: Any) -> tuple[Tensor, Tensor]:
+            chosen_logits, rejected_logits = pair_model.forward_pair(
+                batch["frames"], batch["num_frames"], chosen, rejected
+            )
+            result = []
+            for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)):
+                _, targets, sample_index = selected_targets(labels)
+                result.append(sequence_logps(logits, targets, sample_index, batch_size))  # [B]
+            return result[0], result[1]
+
+        policy_chosen, policy_rejected = logps(model)
+        with torch.no_grad():
+            reference_chosen, reference_rejected = logps(reference)
+        loss, losses, metrics = dpo_loss(
+            policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta
+        )
+        num_scored = int((chosen_labels != IGNORE_INDEX).sum() + (rejected_labels != IGNORE_INDEX).sum())
+        return LossOutput(loss, num_scored, losses.detach(), torch.ones_like(losses), metrics)
+
+
+def build_loss_head(loss: str, beta: float = 0.1) -> CrossEntropyHead | DPO:
+    """The head named by the config's ``loss`` string: ``all_text``, ``answer_only`` or ``dpo``."""
+    if loss == "all_text":
+        return AllTextCE()
+    if loss == "answer_only":
+        return AnswerOnlyCE()
+    if loss == "dpo":
+        return DPO(beta)
+    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSS_NAMES)}")
+
