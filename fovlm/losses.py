@@ -218,8 +218,8 @@ class CrossEntropyHead:
         metrics: dict[str, Tensor] = {}
         if lambda_coarse > 0:
             coarse_loss, _ = token_cross_entropy(out.coarse_logits, targets)
-            metrics["loss/fine"] = loss.detach()
-            metrics["loss/coarse"] = coarse_loss.detach()
+            metrics["loss_fine"] = loss.detach()
+            metrics["loss_coarse"] = coarse_loss.detach()
             loss = loss + lambda_coarse * coarse_loss
         sample_loss = per_sample_sums(nll.detach(), sample_index, batch_size)  # [B]
         sample_weight = per_sample_sums(torch.ones_like(nll), sample_index, batch_size)  # [B]

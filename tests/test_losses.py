@@ -188,7 +188,7 @@ def test_ce_head_equals_mean_token_nll_of_its_targets(head):
 def test_ce_head_adds_the_weighted_coarse_loss_and_reports_both_parts():
     model = BigramVLM()
     out = AnswerOnlyCE()(model, sft_batch(), lambda_coarse=0.5)
-    fine, coarse = out.metrics["loss/fine"], out.metrics["loss/coarse"]
+    fine, coarse = out.metrics["loss_fine"], out.metrics["loss_coarse"]
     assert coarse.item() != fine.item()
     assert out.loss.item() == pytest.approx(fine.item() + 0.5 * coarse.item(), abs=1e-6)
 
