@@ -1,0 +1,218 @@
+"""The foveated DINOv2 encoder: a patch pass with a per-layer K/V cache, and query passes that read it.
+
+Patch pass (once per real frame, shared by every query pass): DINOv2's embeddings and layers run over the
+frames exactly as ``Dinov2Model`` does, but each layer's keys and values are kept (computed once, by the
+layer's own projections) so that query passes can attend to them later.
+
+Deep query pass: a learned query is projected into DINO's width (no bias) and travels through every DINO layer
+as one extra token, with that layer's own LN1, Q projection, output projection, LayerScale, LN2 and MLP. It
+attends to the layer's cached 257 keys/values only: patches never see the query, the query never sees itself.
+The final LayerNorm and ``output_proj`` turn it into one vector per frame.
+
+Shallow query pass (ablation, ``deep_query=False``): one cross-attention of the projected query on the last
+layer's key/value projections of the final features, then final LayerNorm and ``output_proj``.
+
+Shapes: n frames, N = 1 + (H/14)*(W/14) DINO tokens (257 at 224 px), D DINO width, Dq query width,
+h heads of width hd = D / h.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Dinov2Model
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+
+@dataclass
+class PatchCache:
+    """What the patch pass keeps for the query passes.
+
+    Attributes:
+        features: final-LayerNorm'd DINO output [n, N, D] (used by the shallow variant and for inspection).
+        keys: one tensor per layer, [n, h, N, hd], already split into heads.
+        values: one tensor per layer, [n, h, N, hd].
+    """
+
+    features: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @property
+    def num_frames(self) -> int:
+        """Number of frames n held in the cache."""
+        return self.features.shape[0]
+
+    def select(self, index: Tensor) -> PatchCache:
+        """The cache restricted to the frames ``index`` (long [m]), in that order."""
+        return PatchCache(
+            features=self.features[index],
+            keys=[k[index] for k in self.keys],
+            values=[v[index] for v in self.values],
+        )
+
+
+def _split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """[n, L, h*hd] -> [n, h, L, hd]."""
+    n, length, width = x.shape
+    return x.view(n, length, width // head_dim, head_dim).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """[n, h, L, hd] -> [n, L, h*hd]."""
+    n, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(n, length, heads * head_dim)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, return_weights: bool):
+    """Multi-head attention without a mask; returns (output [n, h, Lq, hd], weights [n, h, Lq, Lk] | None).
+
+    SDPA normally; the explicit softmax only when the weights are wanted (attention maps), since SDPA does not
+    return them.
+    """
+    if not return_weights:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = F.dropout(weights, p=dropout_p) @ v
+    return out, weights.detach()
+
+
+def patch_layer(layer: Dinov2Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One DINOv2 layer over all tokens of each frame, returning its keys and values as well.
+
+    Equivalent to ``layer(x)`` (pre-norm attention + LayerScale, pre-norm MLP + LayerScale, drop path), with
+    the Q/K/V projections computed exactly once.
+
+    Args:
+        layer: the DINOv2 layer whose modules are used.
+        x: hidden states [n, N, D].
+
+    Returns:
+        (new hidden states [n, N, D], keys [n, h, N, hd], values [n, h, N, hd]).
+    """
+    attn = layer.attention
+    normed = layer.norm1(x)  # [n, N, D]
+    q = _split_heads(attn.q_proj(normed), attn.head_dim)  # [n, h, N, hd]
+    k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
+    v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
+    dropout_p = attn.attention_dropout if layer.training else 0.0
+    out, _ = _attend(q, k, v, attn.scaling, dropout_p, return_weights=False)
+    x = x + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, N, D]
+    x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))  # [n, N, D]
+    return x, k, v
+
+
+def query_layer(
+    layer: Dinov2Layer, h: Tensor, k: Tensor, v: Tensor, return_weights: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The query token through one DINOv2 layer, attending to that layer's cached keys/values only.
+
+    Args:
+        layer: the DINOv2 layer whose modules are used.
+        h: query hidden state [n, 1, D].
+        k: cached keys [n, h, N, hd].
+        v: cached values [n, h, N, hd].
+        return_weights: also return the attention weights [n, h, 1, N] (detached).
+    """
+    attn = layer.attention
+    q = _split_heads(attn.q_proj(layer.norm1(h)), attn.head_dim)  # [n, h, 1, hd]
+    dropout_p = attn.attention_dropout if layer.training else 0.0
+    out, weights = _attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights)  # [n, h, 1, hd]
+    h = h + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, 1, D]
+    h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))  # [n, 1, D]
+    return h, weights
+
+
+class FoveatedEncoder(nn.Module):
+    """DINOv2 with a per-layer K/V cache and a learned query that reads one token per frame."""
+
+    def __init__(self, dino: Dinov2Model, query_dim: int = 384, deep_query: bool = True) -> None:
+        """Wrap a DINOv2 backbone.
+
+        Args:
+            dino: a Hugging Face ``Dinov2Model`` (pretrained or random); its weights are used, not copied.
+            query_dim: width Dq of the incoming query vectors.
+            deep_query: True for the deep query pass through every layer; False for the shallow ablation.
+        """
+        super().__init__()
+        self.dino = dino
+        self.query_dim = query_dim
+        self.deep_query = deep_query
+        width = dino.config.hidden_size
+        # No bias: a bias would give every query a shared component that pulls all queries together.
+        self.query_input_proj = nn.Linear(query_dim, width, bias=False)
+        self.output_proj = nn.Linear(width, width)
+        self.patch_checkpointing = False
+
+    @property
+    def hidden_size(self) -> int:
+        """DINO width D (also the width of the output vectors)."""
+        return self.dino.config.hidden_size
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """DINOv2's transformer layers."""
+        return self.dino.encoder.layer
+
+    def encode_patches(self, frames: Tensor) -> PatchCache:
+        """Patch pass over real frames: final features and every layer's keys/values.
+
+        Args:
+            frames: ImageNet-normalised frames [n, 3, H, W] (n may be 0).
+        """
+        x = self.dino.embeddings(frames)  # [n, N, D]
+        keys, values = [], []
+        for layer in self.layers:
+            if self.patch_checkpointing and torch.is_grad_enabled():
+                x, k, v = checkpoint(patch_layer, layer, x, use_reentrant=False)
+            else:
+                x, k, v = patch_layer(layer, x)
+            keys.append(k)
+            values.append(v)
+        return PatchCache(features=self.dino.layernorm(x), keys=keys, values=values)
+
+    def query_attend(
+        self, queries: Tensor, cache: PatchCache, return_attention: bool = False
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """One foveated vector per frame: query i reads frame i of ``cache``.
+
+        Args:
+            queries: query vectors [n, Dq], one per cached frame.
+            cache: the patch pass of those n frames.
+            return_attention: also return the attention weights (detached): one [n, h, 1, N] per layer for the
+                deep pass, a single-element list for the shallow pass.
+
+        Returns:
+            (vectors [n, D], attention weights or None).
+        """
+        if queries.shape[0] != cache.num_frames:
+            raise ValueError(f"{queries.shape[0]} queries for {cache.num_frames} cached frames")
+        if self.deep_query:
+            return self._deep_query(queries, cache, return_attention)
+        return self._shallow_query(queries, cache, return_attention)
+
+    def _deep_query(self, queries: Tensor, cache: PatchCache, return_attention: bool):
+        """The query as an extra token through every DINO layer (see module docstring)."""
+        h = self.query_input_proj(queries).unsqueeze(1)  # [n, 1, D]
+        weights = []
+        for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
+            h, w = query_layer(layer, h, k, v, return_attention)
+            weights.append(w)
+        z = self.output_proj(self.dino.layernorm(h.squeeze(1)))  # [n, D]
+        return z, (weights if return_attention else None)
+
+    def _shallow_query(self, queries: Tensor, cache: PatchCache, return_attention: bool):
+        """One cross-attention of the projected query on the final features, as in the reference ablation."""
+        last = self.layers[-1]
+        attn = last.attention
+        normed = last.norm1(cache.features)  # [n, N, D]
+        k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
+        v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
+        q = _split_heads(self.query_input_proj(queries).unsqueeze(1), attn.head_dim)  # [n, h, 1, hd]
+        out, w = _attend(q.to(k.dtype), k, v, attn.scaling, 0.0, return_attention)  # [n, h, 1, hd]
+        z = self.output_proj(self.dino.layernorm(_merge_heads(out).squeeze(1)))  # [n, D]
+        return z, ([w] if return_attention else None)
