@@ -1,0 +1,49 @@
+"""Attention overlays: patch-grid reduction, entropy, and the PNG sheet."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fovlm.eval.attention import attention_entropy, overlay, patch_grid, save_attention_png
+
+
+def test_patch_grid_drops_cls_and_places_patches_row_major():
+    weights = torch.zeros(2, 3, 257)  # [L, H, K]
+    weights[-1, :, 1 + 5 * 16 + 7] = 1.0  # last layer: every head on row 5, column 7
+    weights[0, :, 0] = 1.0  # first layer: on CLS
+    grid = patch_grid(weights)
+    assert grid.shape == (16, 16) and grid[5, 7] == 1.0 and grid.sum() == pytest.approx(1.0)
+    assert patch_grid(weights, layer=None)[5, 7] == pytest.approx(1.0)  # CLS share renormalised away
+    with pytest.raises(ValueError, match="square"):
+        patch_grid(torch.ones(12))
+
+
+def test_entropy_uniform_and_peaked():
+    assert float(attention_entropy(torch.full((257,), 1 / 257))) == pytest.approx(math.log(257), abs=1e-4)
+    peaked = torch.zeros(257)
+    peaked[3] = 1
+    assert float(attention_entropy(peaked)) < 1e-6
+
+
+def test_overlay_highlights_the_attended_patch():
+    frame = torch.zeros(3, 224, 224)  # normalised zeros: a mid-grey frame
+    grid = torch.zeros(16, 16)
+    grid[2, 9] = 1.0
+    image = np.asarray(overlay(frame, grid)).astype(int)
+    hot = image[2 * 14 + 7, 9 * 14 + 7]
+    cold = image[12 * 14 + 7, 3 * 14 + 7]
+    assert hot.sum() > cold.sum() + 200
+
+
+def test_sheet_png_has_a_row_per_query_kind(tmp_path):
+    frames = [torch.randn(3, 224, 224) for _ in range(3)]
+    maps = {kind: torch.softmax(torch.randn(3, 2, 4, 257), -1) for kind in ("static", "fine", "autoregressive")}
+    path = save_attention_png(tmp_path / "a" / "maps.png", frames, maps, cell=64)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (110 + 3 * 64, 18 + 3 * (64 + 18))
+    with pytest.raises(ValueError, match="frames"):
+        save_attention_png(tmp_path / "b.png", frames[:2], maps)
