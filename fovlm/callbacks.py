@@ -1,0 +1,342 @@
+"""Training callbacks and the checkpoint writer: preemption, exact resume, smoothed loss, throughput, monitoring.
+
+- ``AtomicCheckpointIO``: every checkpoint is written to a temporary file in the target folder, fsynced and then
+  renamed over the target (``os.replace``), so a process killed at any moment, even with SIGKILL in the middle
+  of a write, leaves the previous checkpoint intact and loadable. (Lightning's own writer goes through an fsspec
+  transaction that stages the file in the system temp folder and moves it with ``shutil.move``, which is a
+  copy, not a rename, across file systems, and never fsyncs.)
+- ``Preemption``: SIGTERM and SIGUSR1 set a flag; at the next optimizer-step boundary every rank agrees to stop,
+  the ``last`` checkpoint is written (model, optimizer, schedule, loop and data-loader position, callback state
+  including the random generators) and the run ends cleanly with exit code 0. Stopping only on a step
+  boundary keeps a half-accumulated gradient out of the checkpoint, so the resumed run is the same run. Under
+  SLURM with auto-requeue, SIGUSR1 is left to Lightning's own handler (HPC checkpoint plus ``scontrol
+  requeue``).
+- ``RandomState``: the Python, NumPy and torch generators go into the checkpoint and are restored right before
+  the first resumed batch.
+- ``SmoothedLoss``: ``train/loss_smooth``, an exponential moving average of the per-step training loss (averaged
+  over ranks), the quantity the "best" checkpoint is chosen by when there is no validation set; never one
+  micro-batch.
+- ``Throughput``: samples/s, frames/s and text tokens/s over a window of recent batches measured in this process
+  only, so neither a resume nor a validation pause distorts it.
+- ``DataStats``, ``AttentionMonitor`` and ``SampleGeneration``: the data pipeline's skipped-sample counts, the
+  attention maps and entropies of the static and dynamic queries, and a generated answer for a fixed sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint writing
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically: temp file in the same folder, flush + fsync, ``os.replace``.
+
+    The rename is atomic on POSIX file systems, so ``path`` holds either the old or the new complete file. The
+    folder is fsynced after the rename so the new directory entry survives a crash too.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint writer whose saves are atomic (see :func:`atomic_torch_save`).
+
+    Temporary files left by a process killed mid-write (``.NAME.XXXX.tmp``) are ignored by ``--ckpt_path last``
+    (they do not match ``last*.ckpt``) and are removed by the next save into the same folder.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options; got {storage_options!r}")
+        path = Path(path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
+            stale.unlink(missing_ok=True)
+        atomic_torch_save(checkpoint, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption and exact resume
+
+
+def _last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The first ModelCheckpoint that keeps a ``last`` checkpoint (the one ``--ckpt_path last`` finds)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            return callback
+    return None
+
+
+class Preemption(Callback):
+    """Save the ``last`` checkpoint and stop cleanly when the job is asked to stop (SIGTERM, SIGUSR1).
+
+    The signal handler only sets a flag. After each optimizer step the ranks combine their flags (any rank that
+    was signalled stops them all, so a signal delivered to one process is enough); then the ``last`` checkpoint
+    of the run's ModelCheckpoint is written and ``trainer.should_stop`` ends the fit. Resume with
+    ``fovlm fit ... --ckpt_path last``.
+
+    Args:
+        signals: names of the signals that request a stop.
+    """
+
+    def __init__(self, signals: list[str] | None = None) -> None:
+        names = ["SIGTERM", "SIGUSR1"] if signals is None else signals
+        for name in names:
+            if not hasattr(signal, name):
+                raise ValueError(f"unknown signal {name!r}")
+        self.signals = names
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = -1
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        slurm_requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        for name in self.signals:
+            signum = getattr(signal, name)
+            # Lightning's SLURM handler saves an HPC checkpoint and requeues the job: leave it in charge.
+            if slurm_requeue and signum == (environment.requeue_signal or signal.SIGUSR1):
+                continue
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning registered its own handlers, so ours are the ones that run.
+        self.requested = None
+        self._install(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # inside a gradient accumulation: never stop with half-accumulated gradients
+        stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        if not stop:
+            return
+        callback = _last_checkpoint_callback(trainer)
+        if callback is None or callback.dirpath is None:
+            raise RuntimeError("a stop was requested but no ModelCheckpoint(save_last=True) is configured")
+        path = os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        # Tell ModelCheckpoint this step is saved so its own end-of-batch / end-of-fit saves do not repeat it.
+        callback._last_global_step_saved = trainer.global_step
+        callback._last_checkpoint_saved = True
+        callback.last_model_path = path
+        trainer.should_stop = True
+        rank_zero_info(
+            f"Stop requested ({self.requested or 'by another rank'}): saved {path} at step {trainer.global_step}; "
+            "resume with --ckpt_path last"
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+class RandomState(Callback):
+    """Keep the Python, NumPy and torch (CPU and CUDA) random generators in the checkpoint.
+
+    The states are those of global rank 0 at the moment of the save (every rank starts from the same seed).
+    On resume they are restored right before the first resumed training batch, the point at which the
+    uninterrupted run had the same states.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain tensors, ints and tuples only, so the checkpoint loads with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logged quantities
+
+
+def _training_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
+    """The micro-batch's training loss as the module computed it (undoing Lightning's division by accumulation)."""
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not isinstance(loss, torch.Tensor):
+        return None
+    loss = loss.detach().float()
+    if pl_module.automatic_optimization:
+        loss = loss * trainer.accumulate_grad_batches
+    return loss
+
+
+class SmoothedLoss(Callback):
+    """Log ``train/loss_smooth``: a bias-corrected exponential moving average of the per-step training loss.
+
+    Each optimizer step contributes the mean loss of its micro-batches, averaged over ranks, so every rank holds
+    the same value (ModelCheckpoint decides "best" identically everywhere). The average spans about ``window``
+    steps, so the "best" checkpoint is never chosen on one lucky micro-batch.
+
+    Args:
+        window: effective averaging span in optimizer steps (EMA weight ``2 / (window + 1)``).
+        name: the logged metric's name.
+    """
+
+    def __init__(self, window: int = 100, name: str = "train/loss_smooth") -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self.name = name
+        self.alpha = 2.0 / (window + 1)
+        self.ema = 0.0
+        self.weight = 0.0  # sum of the EMA weights so far (bias correction)
+        self._step_losses: list[torch.Tensor] = []
+        self._step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = _training_loss(trainer, pl_module, outputs)
+        if loss is not None:
+            self._step_losses.append(loss)
+        if trainer.global_step == self._step_at_batch_start or not self._step_losses:
+            return
+        step_loss = torch.stack(self._step_losses).mean()
+        self._step_losses = []
+        step_loss = trainer.strategy.reduce(step_loss.to(pl_module.device), reduce_op="mean")
+        value = float(step_loss)
+        if not np.isfinite(value):
+            return  # a non-finite step is the module's to report; it must not poison the average
+        self.ema = (1 - self.alpha) * self.ema + self.alpha * value
+        self.weight = (1 - self.alpha) * self.weight + self.alpha
+        pl_module.log(self.name, self.ema / self.weight, on_step=True, on_epoch=False, prog_bar=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "weight": self.weight}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema = float(state_dict["ema"])
+        self.weight = float(state_dict["weight"])
+
+
+def batch_counts(batch: Any) -> tuple[int, int, int]:
+    """(samples, frames, text tokens) of a caption/SFT or preference batch; tokens count every real text token."""
+    num_frames = batch["num_frames"]
+    samples = int(num_frames.numel())
+    frames = int(num_frames.sum())
+    if "attention_mask" in batch:
+        tokens = int(batch["attention_mask"].sum())
+    else:
+        tokens = int(batch["chosen_attention_mask"].sum()) + int(batch["rejected_attention_mask"].sum())
+    return samples, frames, tokens
+
+
+class Throughput(Callback):
+    """Log samples/s, frames/s and text tokens/s over the last ``window`` training batches (all ranks together).
+
+    Rates come from wall-clock time between batch ends in this process, so a resumed run starts measuring
+    afresh instead of dividing the checkpoint's sample count by the new process's age; the window is cleared
+    around validation so evaluation time does not count as training time.
+
+    Args:
+        window: number of recent batches the rates are measured over.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.window = window
+        self._marks: deque[tuple[float, int, int, int]] = deque(maxlen=window + 1)
+
+    def _reset(self) -> None:
+        self._marks.clear()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        samples, frames, tokens = batch_counts(batch)
+        self._marks.append((time.perf_counter(), samples, frames, tokens))
+        if len(self._marks) < 2:
+            return  # the first batch's time includes loader start-up: it only opens the window
+        elapsed = self._marks[-1][0] - self._marks[0][0]
+        if elapsed <= 0:
+            return
+        # The first mark only opens the window; the batches after it are the ones timed.
+        timed = list(self._marks)[1:]
+        world = trainer.world_size
+        rates = {
+            "perf/samples_per_s": world * sum(m[1] for m in timed) / elapsed,
+            "perf/frames_per_s": world * sum(m[2] for m in timed) / elapsed,
+            "perf/tokens_per_s": world * sum(m[3] for m in timed) / elapsed,
+        }
+        pl_module.log_dict(rates, on_step=True, on_epoch=False)
