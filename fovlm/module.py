@@ -1,0 +1,443 @@
+"""The LightningModule that trains FoveatedVLM in all three stages of the recipe.
+
+- The loss is a swappable head (``loss``: ``all_text`` for stage 1, ``answer_only`` for stage 2, ``dpo`` for
+  stage 3, see ``fovlm.losses``); the batches carry per-token roles and the head picks the scored tokens.
+- The model is built in ``configure_model`` (never in ``__init__``, which does no I/O), then the
+  ``init_from`` weights are loaded strictly: a missing or mismatched file is an error naming it.
+- Three parameter groups with their own LR: ``connector`` (every parameter that is neither DINOv2 nor the
+  LLM: query input/output projections, ``dino_to_llm``, ``llm_to_query``, ``q_static``, ``q_init``),
+  ``vision`` (DINOv2) and ``llm``. A group at LR 0 is frozen: ``requires_grad`` False and not in the
+  optimizer. No weight decay on 1-D parameters (biases, norm gains), embeddings and the two query vectors.
+- DPO reference: a frozen deep copy of the policy as the stage starts (the ``init_from`` weights). It is a
+  submodule (so it follows the policy's device and precision) but never in the optimizer, always in eval
+  mode, run without gradients, and NOT written into checkpoints: a checkpoint stores its fingerprint
+  instead; on resume the reference is rebuilt from ``init_from`` and must match that fingerprint.
+- Logged: ``train/loss``, ``train/loss/<source>``, ``train/lr/<group>``, ``train/grad_norm`` (before
+  clipping; clipping is the Trainer's ``gradient_clip_val``), ``train/empty_batches`` (cumulative count of
+  batches without a scored token), DPO metrics under TRL's names (``train/rewards/chosen`` ...), and
+  ``val/loss`` plus ``val/loss/<source>`` (token-weighted over the whole validation run, across ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fovlm.losses import build_loss_head
+from fovlm.schedules import lr_lambdas
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("connector", "vision", "llm")
+QUERY_VECTORS = ("q_static", "q_init")
+REFERENCE_PREFIX = "reference."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter bookkeeping (pure functions of a built FoveatedVLM)
+
+
+def _vision_backbone(model: nn.Module) -> nn.Module:
+    from transformers import Dinov2Model
+
+    backbones = [m for m in model.encoder.modules() if isinstance(m, Dinov2Model)]
+    if len(backbones) != 1:
+        raise ValueError(f"expected exactly one Dinov2Model inside model.encoder, found {len(backbones)}")
+    return backbones[0]
+
+
+def parameter_groups(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name of ``model`` (a FoveatedVLM) to ``connector``, ``vision`` or ``llm``.
+
+    Membership is decided by module identity, not by name patterns: parameters of ``model.llm`` are LLM,
+    those of the DINOv2 backbone inside ``model.encoder`` are vision, and every other parameter is new and
+    belongs to the connector (so ``encoder.output_proj`` cannot end up at a backbone LR by a name typo).
+    """
+    llm_ids = {id(p) for p in model.llm.parameters()}
+    vision_ids = {id(p) for p in _vision_backbone(model).parameters()}
+    groups = {}
+    for name, param in model.named_parameters():
+        if id(param) in llm_ids:
+            groups[name] = "llm"
+        elif id(param) in vision_ids:
+            groups[name] = "vision"
+        else:
+            groups[name] = "connector"
+    return groups
+
+
+def no_decay_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters trained without weight decay.
+
+    Exactly: every parameter with at most one dimension (biases, LayerNorm/RMSNorm gains, LayerScale), every
+    embedding (``nn.Embedding`` weights, which also covers a tied ``lm_head``; DINOv2's CLS token, mask token
+    and position embeddings, the parameters held directly by its embeddings module), and the query vectors
+    ``q_static`` / ``q_init``.
+    """
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+    embedding_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            embedding_ids.add(id(module.weight))
+        elif isinstance(module, Dinov2Embeddings):
+            embedding_ids.update(id(p) for p in module.parameters(recurse=False))
+    names = set()
+    for name, param in model.named_parameters():
+        if param.ndim <= 1 or id(param) in embedding_ids or name in QUERY_VECTORS:
+            names.add(name)
+    return names
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a module's state dict (sorted by name)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # [numel]
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights-only checkpoint into ``model`` strictly.
+
+    Accepts a Lightning checkpoint of this module (``state_dict`` with ``model.`` keys; other top-level keys
+    such as optimizer state are ignored), a plain ``torch.save`` state dict of the FoveatedVLM, or a
+    ``.safetensors`` file of it. Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is
+    missing, unreadable, or does not match the model (missing, unexpected or differently shaped tensors).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"init_from checkpoint {path} could not be read: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"init_from checkpoint {path} holds no state dict of tensors")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+            if items
+        ]
+        raise ValueError(f"init_from checkpoint {path} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class FoveatedModule(L.LightningModule):
+    """Trains a FoveatedVLM with a swappable loss head (all-text CE, answer-only CE, or DPO).
+
+    Args:
+        llm: the language model: ``"tiny"`` (random, for tests and demos), a Hugging Face id or a local folder.
+        vision: the vision backbone: ``"tiny"``, a Hugging Face id or a local folder of a DINOv2 model.
+        gguf_file: GGUF file name inside ``llm`` when the LLM weights come from a GGUF file.
+        query_dim: width of the foveation query vectors.
+        visual_scale: factor applied to the connector output (matches the LLM embedding scale).
+        deep_query: run the query through every DINO layer (True) or the shallow single-attention ablation.
+        loss: ``all_text`` (stage 1), ``answer_only`` (stage 2) or ``dpo`` (stage 3).
+        beta: DPO inverse temperature (only for ``loss: dpo``).
+        lr_connector: peak LR of the new parameters (connector, query head, projections, query vectors).
+        lr_vision: peak LR of DINOv2; 0 freezes it.
+        lr_llm: peak LR of the LLM; 0 freezes it.
+        weight_decay: AdamW weight decay of the decayed parameters (matrices).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        schedule: ``cosine`` (to ``min_lr_ratio`` x LR), ``constant`` or ``converging`` (to ``target_lr``).
+        warmup_ratio: fraction of the optimizer steps spent in linear warmup.
+        target_lr: the LR every group converges to under the ``converging`` schedule.
+        min_lr_ratio: floor of the cosine schedule as a fraction of each group's LR.
+        init_from: weights-only checkpoint of the previous stage (Lightning ``.ckpt``, ``torch.save`` state
+            dict, or ``.safetensors``); the DPO reference is a frozen copy of the model after loading it.
+        coarse_only: train with the static query only (ablation; one LLM pass); the query head and ``q_init``
+            are then unused and frozen.
+        lambda_coarse: weight of an auxiliary coarse-pass cross-entropy added to the fine loss (ablation).
+        gradient_checkpointing: recompute activations of the LLM decoder layers and of the DINO patch pass
+            in backward (less memory, about one more forward of compute).
+    """
+
+    def __init__(
+        self,
+        llm: str = "tiny",
+        vision: str = "tiny",
+        gguf_file: str | None = None,
+        query_dim: int = 384,
+        visual_scale: float = 0.14,
+        deep_query: bool = True,
+        loss: Literal["all_text", "answer_only", "dpo"] = "all_text",
+        beta: float = 0.1,
+        lr_connector: float = 1e-3,
+        lr_vision: float = 1e-5,
+        lr_llm: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        schedule: Literal["cosine", "constant", "converging"] = "cosine",
+        warmup_ratio: float = 0.03,
+        target_lr: float | None = None,
+        min_lr_ratio: float = 0.1,
+        init_from: str | None = None,
+        coarse_only: bool = False,
+        lambda_coarse: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, lr in (("lr_connector", lr_connector), ("lr_vision", lr_vision), ("lr_llm", lr_llm)):
+            if not lr >= 0:
+                raise ValueError(f"{name} must be >= 0, got {lr}")
+        if lambda_coarse < 0:
+            raise ValueError(f"lambda_coarse must be >= 0, got {lambda_coarse}")
+        if coarse_only and lambda_coarse > 0:
+            raise ValueError("lambda_coarse adds a coarse loss to the fine pass; it has no meaning with coarse_only")
+        if loss == "dpo" and (coarse_only or lambda_coarse > 0):
+            raise ValueError("the DPO loss trains the coarse_fine forward only (no coarse_only, no lambda_coarse)")
+        if schedule == "converging" and (target_lr is None or target_lr <= 0):
+            raise ValueError("the converging schedule needs a positive target_lr")
+        self.loss_head = build_loss_head(loss, beta)
+        self.mode = "coarse_only" if coarse_only else "coarse_fine"
+        self.lrs = {"connector": lr_connector, "vision": lr_vision, "llm": lr_llm}
+        self.model: nn.Module | None = None
+        self.reference: nn.Module | None = None
+        self.reference_fingerprint: str | None = None
+        self.empty_batches = 0
+        self._val_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    # -- model -----------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the policy (and the DPO reference) once; later calls are no-ops."""
+        if self.model is not None:
+            return
+        from fovlm.model.loading import build_vlm
+
+        hp = self.hparams
+        model = build_vlm(
+            hp.llm,
+            hp.vision,
+            gguf_file=hp.gguf_file,
+            query_dim=hp.query_dim,
+            visual_scale=hp.visual_scale,
+            deep_query=hp.deep_query,
+        )
+        if hp.init_from:
+            load_weights(model, hp.init_from)
+        if hp.loss == "dpo":
+            reference = copy.deepcopy(model).eval()
+            reference.requires_grad_(False)
+            self.reference_fingerprint = state_fingerprint(reference)
+            self.reference = reference
+        groups = parameter_groups(model)
+        for name, param in model.named_parameters():
+            if self.lrs[groups[name]] == 0:
+                param.requires_grad_(False)
+        # Parameters the training forward never reads are frozen, so no trainable parameter is left without a
+        # gradient (DDP would reject it): DINOv2's mask token (masked-image modelling only) and, when training
+        # coarse-only, the query head and q_init (the static query alone makes the visual tokens).
+        _vision_backbone(model).embeddings.mask_token.requires_grad_(False)
+        if hp.coarse_only:
+            model.llm_to_query.requires_grad_(False)
+            model.q_init.requires_grad_(False)
+        if hp.gradient_checkpointing:
+            # Non-reentrant: the reentrant variant gave NaN losses with torch.compile in the reference.
+            model.llm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+            model.encoder.patch_checkpointing = True
+        self.model = model
+
+    def train(self, mode: bool = True) -> FoveatedModule:
+        """Switch train/eval mode; the DPO reference always stays in eval mode."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: per trainable group a decayed and a no-decay half, tagged with ``group``."""
+        groups = parameter_groups(self.model)
+        no_decay = no_decay_parameters(self.model)
+        param_groups = []
+        for group in GROUPS:
+            if self.lrs[group] == 0:
+                continue
+            for decay in (True, False):
+                params = [
+                    p
+                    for n, p in self.model.named_parameters()
+                    if groups[n] == group and p.requires_grad and (n not in no_decay) == decay
+                ]
+                if params:
+                    param_groups.append(
+                        {
+                            "params": params,
+                            "lr": self.lrs[group],
+                            "weight_decay": self.hparams.weight_decay if decay else 0.0,
+                            "group": group,
+                        }
+                    )
+        if not param_groups:
+            raise ValueError("every learning rate is 0: nothing to train")
+        return param_groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fused on CUDA) with one LR lambda per parameter group, stepped every optimizer step."""
+        param_groups = self.optimizer_param_groups()
+        fused = all(p.is_cuda for g in param_groups for p in g["params"])
+        optimizer = torch.optim.AdamW(
+            param_groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("the LR schedule needs a finite run: set trainer.max_steps")
+        lambdas = lr_lambdas(
+            self.hparams.schedule,
+            [g["lr"] for g in param_groups],
+            int(total_steps),
+            warmup_ratio=self.hparams.warmup_ratio,
+            min_lr_ratio=self.hparams.min_lr_ratio,
+            target_lr=self.hparams.target_lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global gradient norm; Lightning calls this before it clips."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        out = self.loss_head(
+            self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse, reference=self.reference
+        )
+        sources = list(batch["source"])
+        batch_size = len(sources)
+        per_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for source, loss_sum, weight in zip(sources, out.sample_loss.tolist(), out.sample_weight.tolist()):
+            per_source[source][0] += loss_sum
+            per_source[source][1] += weight
+        if stage == "train":
+            self.empty_batches += int(out.num_scored == 0)
+            self.log("train/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True)
+            self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size, reduce_fx="max")
+            for source, (loss_sum, weight) in per_source.items():
+                if weight > 0:
+                    self.log(f"train/loss/{source}", loss_sum / weight, batch_size=batch_size)
+            for name, value in out.metrics.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
+            for group, lr in self._lr_per_group().items():
+                self.log(f"train/lr/{group}", lr, batch_size=batch_size)
+        else:
+            for source, (loss_sum, weight) in per_source.items():
+                self._val_sums[source][0] += loss_sum
+                self._val_sums[source][1] += weight
+            for name, value in out.metrics.items():
+                self.log(f"val/{name}", value, batch_size=batch_size, on_epoch=True, sync_dist=True)
+        return out.loss
+
+    def _lr_per_group(self) -> dict[str, float]:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        return {g["group"]: g["lr"] for g in optimizer.param_groups}
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log token-weighted (CE) or pair-averaged (DPO) validation losses, summed over every rank."""
+        sums = dict(self._val_sums)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[dict[str, list[float]]] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, sums)
+            sums = defaultdict(lambda: [0.0, 0.0])
+            for part in gathered:
+                for source, (loss_sum, weight) in part.items():
+                    sums[source][0] += loss_sum
+                    sums[source][1] += weight
+        total_loss = sum(v[0] for v in sums.values())
+        total_weight = sum(v[1] for v in sums.values())
+        if total_weight > 0:
+            self.log("val/loss", total_loss / total_weight, prog_bar=True)
+        for source, (loss_sum, weight) in sorted(sums.items()):
+            if weight > 0:
+                self.log(f"val/loss/{source}", loss_sum / weight)
+        self._val_sums.clear()
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the DPO reference out of the checkpoint; store its fingerprint and the counters instead."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+            del state[key]
+        checkpoint["fovlm"] = {
+            "reference_fingerprint": self.reference_fingerprint,
+            "init_from": self.hparams.init_from,
+            "empty_batches": self.empty_batches,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the rebuilt DPO reference against the stored fingerprint, then put its weights in place.
+
+        The reference's tensors are added to the loaded state dict from the rebuilt reference itself, so the
+        strict load of the policy stays strict and the reference keeps exactly the weights it was built with.
+        """
+        info = checkpoint.get("fovlm", {})
+        self.empty_batches = int(info.get("empty_batches", 0))
+        if self.hparams.init_from:
+            log.info(
+                "loading a checkpoint of this stage: its weights supersede init_from=%s for the trained model",
+                self.hparams.init_from,
+            )
+        if self.reference is None:
+            return
+        stored = info.get("reference_fingerprint")
+        if stored is None:
+            raise ValueError("the checkpoint has no DPO reference fingerprint: it was not written by a DPO run")
+        if stored != self.reference_fingerprint:
+            raise ValueError(
+                f"the DPO reference rebuilt from init_from={self.hparams.init_from!r} differs from the one this "
+                f"checkpoint was trained against (saved with init_from={info.get('init_from')!r})"
+            )
+        state = checkpoint["state_dict"]
+        for key, value in self.reference.state_dict().items():
+            state[REFERENCE_PREFIX + key] = value
