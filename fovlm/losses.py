@@ -282,14 +282,14 @@ class DPO:
         """Run policy and reference on a preference batch; ``reference`` runs without gradients."""
         if reference is None:
             raise ValueError("the DPO loss needs a reference model")
-        if mode != "coarse_fine" or lambda_coarse > 0:
-            raise ValueError("the DPO loss supports only the coarse_fine mode without a coarse auxiliary loss")
+        if lambda_coarse > 0:
+            raise ValueError("the DPO loss has no coarse auxiliary loss (lambda_coarse must be 0)")
         (chosen, rejected), (chosen_labels, rejected_labels) = self._sides(batch)
         batch_size = chosen_labels.shape[0]
 
         def logps(pair_model: Any) -> tuple[Tensor, Tensor]:
             chosen_logits, rejected_logits = pair_model.forward_pair(
-                batch["frames"], batch["num_frames"], chosen, rejected
+                batch["frames"], batch["num_frames"], chosen, rejected, mode=mode
             )
             result = []
             for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)):

