@@ -12,10 +12,12 @@
   submodule (so it follows the policy's device and precision) but never in the optimizer, always in eval
   mode, run without gradients, and NOT written into checkpoints: a checkpoint stores its fingerprint
   instead; on resume the reference is rebuilt from ``init_from`` and must match that fingerprint.
-- Logged: ``train/loss``, ``train/loss/<source>``, ``train/lr/<group>``, ``train/grad_norm`` (before
-  clipping; clipping is the Trainer's ``gradient_clip_val``), ``train/empty_batches`` (cumulative count of
-  batches without a scored token), DPO metrics under TRL's names (``train/rewards/chosen`` ...), and
-  ``val/loss`` plus ``val/loss/<source>`` (token-weighted over the whole validation run, across ranks).
+- Logged once per optimizer step: ``train/loss`` (mean over the step's micro-batches, not the last one),
+  ``train/loss/<source>`` (token-weighted over the step's micro-batches, this rank's samples),
+  ``train/lr/<group>``, ``train/grad_norm`` (before clipping; clipping is the Trainer's
+  ``gradient_clip_val``), ``train/empty_batches`` (cumulative count of micro-batches without a scored
+  token), DPO metrics under TRL's names (``train/rewards/chosen`` ...); per validation run ``val/loss`` and
+  ``val/loss/<source>`` (token-weighted for CE, pair-averaged for DPO, over the whole run and all ranks).
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ class FoveatedModule(L.LightningModule):
         self.reference_fingerprint: str | None = None
         self.empty_batches = 0
         self._val_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._step_sums: dict[str, list[Any]] = {}
+        self._synced_keys: set[str] = set()
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -330,7 +334,26 @@ class FoveatedModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global gradient norm; Lightning calls this before it clips."""
+        """Log once per optimizer step: the step's losses and metrics, LR per group, gradient norm.
+
+        Losses are averaged over the step's micro-batches (what the step minimises), not the last micro-batch
+        alone; per-source losses are token-weighted over them. Lightning calls this hook before it clips.
+        """
+        for key, (total, weight) in self._step_sums.items():
+            if weight > 0:
+                # Per-source keys can differ between ranks, so only the keys every rank logs are synchronised.
+                self.log(
+                    key,
+                    total / weight,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=key == "train/loss",
+                    sync_dist=key in self._synced_keys,
+                )
+        self._step_sums.clear()
+        self.log("train/empty_batches", float(self.empty_batches), on_step=True, on_epoch=False)
+        for group in optimizer.param_groups:
+            self.log(f"train/lr/{group['group']}", group["lr"], on_step=True, on_epoch=False)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
@@ -355,15 +378,11 @@ class FoveatedModule(L.LightningModule):
             per_source[source][1] += weight
         if stage == "train":
             self.empty_batches += int(out.num_scored == 0)
-            self.log("train/loss", out.loss.detach(), batch_size=batch_size, prog_bar=True)
-            self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size, reduce_fx="max")
-            for source, (loss_sum, weight) in per_source.items():
-                if weight > 0:
-                    self.log(f"train/loss/{source}", loss_sum / weight, batch_size=batch_size)
+            self._add_to_step("train/loss", out.loss.detach(), 1.0)
             for name, value in out.metrics.items():
-                self.log(f"train/{name}", value, batch_size=batch_size)
-            for group, lr in self._lr_per_group().items():
-                self.log(f"train/lr/{group}", lr, batch_size=batch_size)
+                self._add_to_step(f"train/{name}", value, 1.0)
+            for source, (loss_sum, weight) in per_source.items():
+                self._add_to_step(f"train/loss/{source}", loss_sum, weight, sync=False)
         else:
             for source, (loss_sum, weight) in per_source.items():
                 self._val_sums[source][0] += loss_sum
@@ -372,9 +391,13 @@ class FoveatedModule(L.LightningModule):
                 self.log(f"val/{name}", value, batch_size=batch_size, on_epoch=True, sync_dist=True)
         return out.loss
 
-    def _lr_per_group(self) -> dict[str, float]:
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        return {g["group"]: g["lr"] for g in optimizer.param_groups}
+    def _add_to_step(self, key: str, total: Tensor | float, weight: float, sync: bool = True) -> None:
+        """Add ``total`` (a sum over ``weight`` items) to ``key`` until the optimizer step logs the mean."""
+        entry = self._step_sums.setdefault(key, [0.0, 0.0])
+        entry[0] = entry[0] + total
+        entry[1] += weight
+        if sync:
+            self._synced_keys.add(key)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums.clear()

@@ -2,11 +2,13 @@
 init_from errors and the DPO reference's checkpoint handling. Tiny random models, hand-built batches, CPU."""
 
 import csv
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +39,8 @@ class SFTSet(Dataset):
     """Samples with ``num_frames`` random frames each and answers of ``answer_lens`` tokens."""
 
     def __init__(self, answer_lens, num_frames=2, sources=("caps", "vqa")):
-        self.answer_lens, self.num_frames, self.sources = list(answer_lens), num_frames, sources
+        self.answer_lens, self.sources = list(answer_lens), sources
+        self.num_frames = num_frames if isinstance(num_frames, list) else [num_frames] * len(self.answer_lens)
 
     def __len__(self):
         return len(self.answer_lens)
@@ -46,7 +49,7 @@ class SFTSet(Dataset):
         ids, roles = render(i, self.answer_lens[i])
         g = torch.Generator().manual_seed(1000 + i)
         return {
-            "frames": torch.randn(self.num_frames, 3, 224, 224, generator=g),
+            "frames": torch.randn(self.num_frames[i], 3, 224, 224, generator=g),
             "input_ids": ids,
             "roles": roles,
             "source": self.sources[i % len(self.sources)],
@@ -282,7 +285,8 @@ def test_stage1_all_text_converging_trains_every_parameter_and_logs(tmp_path):
     before = snapshot(module)
     grads = GradCapture()
     t = trainer(tmp_path, 4, callbacks=[grads], limit_val_batches=1, val_check_interval=2)
-    t.fit(module, loader(SFTSet([5, 5, 6, 6] * 2), 2), loader(SFTSet([5, 6]), 2))
+    train_set = SFTSet([5, 5, 6, 6] * 2, num_frames=[2, 0, 3, 1, 2, 2, 1, 2])  # sample 1 is text-only
+    t.fit(module, loader(train_set, 2), loader(SFTSet([5, 6]), 2))
 
     trainable = [f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad]
     frozen = [f"model.{n}" for n, p in module.model.named_parameters() if not p.requires_grad]
@@ -371,6 +375,9 @@ def test_stage3_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path):
     assert not reference.training  # Lightning put the module in train mode; the reference stayed in eval
     assert_unchanged(before, module, [k for k in before if k.startswith("reference.")])
     assert_changed(before, module, [f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad])
+    # the first step sees policy == reference: loss ln 2, no pair counted as won
+    assert logged_series(t, "train/loss")[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert logged_series(t, "train/rewards/accuracies")[0] == 0.0
     assert torch.isfinite(t.callback_metrics["train/loss"])
     columns = logged_columns(t)
     expected = {f"train/{k}" for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
@@ -425,12 +432,18 @@ def test_micro_batch_4_equals_2_x_accumulation_2(tmp_path):
     second.load_state_dict(first.state_dict())
     start = snapshot(first)
     data = SFTSet([5, 5, 5, 5])  # equal lengths: every micro-batch has the same number of scored tokens
-    runs = []
+    runs, logged = [], []
     for module, batch_size, accumulate in ((first, 4, 1), (second, 2, 2)):
         grads = GradCapture()
-        t = trainer(tmp_path, 1, callbacks=[grads], accumulate_grad_batches=accumulate, logger=False)
+        t = trainer(tmp_path, 1, callbacks=[grads], accumulate_grad_batches=accumulate,
+                    logger=CSVLogger(tmp_path, name=f"accumulate{accumulate}"))
         t.fit(module, loader(data, batch_size))
         runs.append((grads.steps[0], module.state_dict()))
+        logged.append([logged_series(t, key) for key in ("train/loss", "train/loss/caps", "train/loss/vqa")])
+    # the logged step loss covers the whole step (both micro-batches), per source too
+    for series_a, series_b in zip(*logged):
+        assert len(series_a) == len(series_b) == 1
+        assert series_a[0] == pytest.approx(series_b[0], abs=1e-5)
     (grads_a, state_a), (grads_b, state_b) = runs
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
@@ -455,3 +468,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         captured.append(grads.steps[0])
     for name, grad in captured[0].items():
         assert torch.allclose(grad, captured[1][name], atol=1e-6), name
+
+
+def test_validation_loss_is_token_weighted_over_the_whole_run_and_per_source(tmp_path):
+    module = FoveatedModule(**TINY, loss="answer_only")
+    data = SFTSet([3, 6, 4, 5, 2], num_frames=[1, 2, 0, 3, 2])  # uneven batches: a mean of batch means would differ
+    t = trainer(tmp_path, 1, logger=False)
+    metrics = t.validate(module, loader(data, 2), verbose=False)[0]
+
+    sums, counts = {}, {}
+    with torch.no_grad():
+        for i in range(len(data)):
+            sample = collate_sft([data[i]])
+            logits = module.model(sample["frames"], sample["num_frames"], sample["input_ids"],
+                                  sample["attention_mask"]).logits[0]  # [S, V], sample alone, every position
+            ids, roles = sample["input_ids"][0], sample["roles"][0]
+            for j in range(len(ids) - 1):
+                if roles[j + 1] == ROLE_ANSWER:
+                    source = sample["source"][0]
+                    sums[source] = sums.get(source, 0.0) + F.cross_entropy(logits[j], ids[j + 1]).item()
+                    counts[source] = counts.get(source, 0) + 1
+    assert metrics["val/loss"] == pytest.approx(sum(sums.values()) / sum(counts.values()), abs=1e-5)
+    for source in sums:
+        assert metrics[f"val/loss/{source}"] == pytest.approx(sums[source] / counts[source], abs=1e-5)
+
+
+def test_bf16_mixed_keeps_fp32_weights_and_trains(tmp_path):
+    module = built(loss="all_text")
+    before = snapshot(module)
+    t = trainer(tmp_path, 2, precision="bf16-mixed", logger=False)
+    t.fit(module, loader(SFTSet([4, 4, 4, 4]), 2))
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert not torch.equal(before["model.q_static"], module.model.q_static.detach())
