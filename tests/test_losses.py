@@ -287,3 +287,26 @@ def test_build_loss_head_by_name():
     assert build_loss_head("dpo", beta=0.25).beta == 0.25
     with pytest.raises(ValueError, match="text_ce_all"):
         build_loss_head("text_ce_all")
+
+
+@pytest.mark.real
+def test_heads_on_a_real_smollm2_rendering(tokenizer):
+    from fovlm.data.chat import render_chat
+
+    messages = [
+        {"role": "user", "content": "What colour is the ball?"},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And the box?"},
+        {"role": "assistant", "content": "Red, with a lid."},
+    ]
+    ids, roles = render_chat(tokenizer, messages)
+    ids_t, roles_t = torch.tensor([ids]), torch.tensor([roles])
+
+    answer = shift_labels(ids_t, AnswerOnlyCE().score_mask(roles_t))[0]
+    targets = answer[answer != IGNORE_INDEX].tolist()
+    # both answers with their closing <|im_end|>; nothing of the system or user turns or assistant headers
+    assert tokenizer.decode(targets) == "Blue.<|im_end|>Red, with a lid.<|im_end|>"
+
+    every = shift_labels(ids_t, AllTextCE().score_mask(roles_t))[0]
+    assert every[:-1].tolist() == ids[1:] and every[-1].item() == IGNORE_INDEX
+    assert tokenizer.decode(ids[:1]) == "<|im_start|>"  # token 0, never a target
