@@ -1,0 +1,163 @@
+"""Synthetic scenes: coloured shapes moving over textured backgrounds, rendered to RGB arrays and encoded to
+real ``.mp4`` files with PyAV.
+
+A :class:`Scene` is a plain description (background, shapes with colour, size, start position and
+direction of motion, duration); :func:`render_scene` turns it into frames and :func:`encode_mp4` into the
+bytes of an H.264 (or MPEG-4 part 2, where the PyAV build lacks libx264) video. Rendering is a pure function
+of the scene, so a seeded generator gives the same videos on every machine. The generated videos are then
+read back through the same decord path as any downloaded dataset (:mod:`data_prep.media`).
+
+Design for learnability: colours are far apart in hue and saturated, the background is a low-contrast
+texture (so it never competes with the object), and an object moves across a large part of the frame
+over the clip, so that 1 FPS sampling shows its direction of motion in every pair of consecutive frames.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 230),
+    "yellow": (240, 220, 20),
+    "purple": (150, 40, 200),
+    "orange": (250, 130, 10),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+DIRECTIONS: dict[str, tuple[float, float]] = {  # unit motion (dx, dy) in image coordinates (y points down)
+    "left": (-1.0, 0.0),
+    "right": (1.0, 0.0),
+    "up": (0.0, -1.0),
+    "down": (0.0, 1.0),
+}
+TEXTURES: tuple[str, ...] = ("stripes", "checks", "noise", "waves")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One moving shape. Positions and size are fractions of the frame height (``size``: radius / half side)
+    and of the frame (``x``, ``y``: centre at time 0); ``travel`` is the distance moved over the whole clip as
+    a fraction of the frame's width (horizontal motion) or height (vertical)."""
+
+    shape: str
+    colour: str
+    x: float
+    y: float
+    size: float
+    direction: str
+    travel: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A clip: ``duration`` seconds at ``fps`` frames per second, ``width x height`` pixels."""
+
+    shapes: tuple[Shape, ...]
+    texture: str
+    background: tuple[int, int, int]
+    duration: float
+    fps: int = 8
+    width: int = 160
+    height: int = 120
+    texture_seed: int = 0
+
+
+def _background(scene: Scene) -> np.ndarray:
+    """The static textured background, float32 [H, W, 3] in 0..255, contrast +-10 around the base colour."""
+    h, w = scene.height, scene.width
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)  # [H, W] each
+    rng = np.random.default_rng(scene.texture_seed)
+    # Smooth (band-limited) patterns: visible texture that JPEG stores cheaply and that never has edges as
+    # sharp as an object's.
+    if scene.texture == "stripes":
+        angle = rng.uniform(0, np.pi)
+        pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / rng.uniform(3.0, 6.0))
+    elif scene.texture == "checks":
+        cell = rng.uniform(6.0, 12.0)
+        pattern = np.sin(np.pi * xx / cell) * np.sin(np.pi * yy / cell)
+    elif scene.texture == "noise":
+        coarse = rng.uniform(-1, 1, size=(h // 16 + 2, w // 16 + 2)).astype(np.float32)
+        gy, gx = yy / 16.0, xx / 16.0  # bilinear upsampling of the coarse grid
+        y0, x0 = gy.astype(int), gx.astype(int)
+        fy, fx = gy - y0, gx - x0
+        top = coarse[y0, x0] * (1 - fx) + coarse[y0, x0 + 1] * fx
+        bottom = coarse[y0 + 1, x0] * (1 - fx) + coarse[y0 + 1, x0 + 1] * fx
+        pattern = top * (1 - fy) + bottom * fy
+    elif scene.texture == "waves":
+        pattern = np.sin(xx / rng.uniform(4, 9)) * np.cos(yy / rng.uniform(4, 9))
+    else:
+        raise ValueError(f"unknown texture {scene.texture!r}; expected one of {TEXTURES}")
+    base = np.asarray(scene.background, np.float32)
+    return base[None, None, :] + 10.0 * pattern[..., None]  # [H, W, 3]
+
+
+def shape_centre(shape: Shape, t: float, duration: float, width: int, height: int) -> tuple[float, float]:
+    """Pixel centre of ``shape`` at time ``t`` (linear motion over the clip)."""
+    dx, dy = DIRECTIONS[shape.direction]
+    frac = t / duration if duration > 0 else 0.0
+    cx = shape.x * width + dx * shape.travel * width * frac
+    cy = shape.y * height + dy * shape.travel * height * frac
+    return cx, cy
+
+
+def _shape_mask(shape: Shape, cx: float, cy: float, xx: np.ndarray, yy: np.ndarray, height: int) -> np.ndarray:
+    r = shape.size * height
+    if shape.shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if shape.shape == "square":
+        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    if shape.shape == "triangle":
+        # Apex up; the half-width grows linearly from the apex (cy - r) to the base (cy + r).
+        rel = (yy - (cy - r)) / (2 * r)
+        return (rel >= 0) & (rel <= 1) & (np.abs(xx - cx) <= rel * r)
+    raise ValueError(f"unknown shape {shape.shape!r}; expected one of {SHAPES}")
+
+
+def render_scene(scene: Scene) -> np.ndarray:
+    """All frames of ``scene`` as uint8 [N, H, W, 3], N = round(duration * fps) (at least 1)."""
+    n = max(1, round(scene.duration * scene.fps))
+    background = _background(scene)
+    yy, xx = np.mgrid[0 : scene.height, 0 : scene.width].astype(np.float32)  # [H, W]
+    frames = np.empty((n, scene.height, scene.width, 3), np.uint8)  # [N, H, W, 3]
+    for i in range(n):
+        t = (i + 0.5) / scene.fps
+        frame = background.copy()
+        for shape in scene.shapes:
+            cx, cy = shape_centre(shape, t, scene.duration, scene.width, scene.height)
+            frame[_shape_mask(shape, cx, cy, xx, yy, scene.height)] = COLOURS[shape.colour]
+        frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
+    return frames
+
+
+def video_codec() -> str:
+    """libx264 where the PyAV build has it (its wheels do), else the always-built-in MPEG-4 part 2."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None, crf: int = 23) -> bytes:
+    """Encode uint8 RGB frames [N, H, W, 3] (H and W even) to the bytes of an ``.mp4`` at ``fps``."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    n, h, w, _ = frames.shape
+    if n < 1 or h % 2 or w % 2:
+        raise ValueError(f"need at least one frame and even sizes for yuv420p, got {n} frames of {w}x{h}")
+    codec = codec or video_codec()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+        else:
+            stream.bit_rate = 400_000
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+    return buffer.getvalue()

@@ -1,0 +1,351 @@
+"""Shard writing: records -> samples (in N processes) -> webdataset shards + a manifest, resumable.
+
+Input items are cut into consecutive chunks of ``samples_per_shard``; chunk ``i`` becomes shard
+``{i:06d}.tar`` (fewer samples when items of it are skipped). Each shard is written by webdataset's
+``ShardWriter`` under a ``.partial`` name and renamed once complete, after its stats file
+(``{i:06d}.stats.json``: samples per source, skipped items with reasons, frame-count histogram and a
+fingerprint of the chunk's items and of the conversion options). A re-run skips every shard whose tar
+exists and whose stats carry the same fingerprint, so finished shards are never re-encoded, and a run
+killed half-way leaves only ``.partial`` files behind, which the next run overwrites.
+
+Sample keys are ``{shard:06d}_{position:04d}`` (no dots, stable across re-runs); the item's own id
+(video id, row number) goes into the manifest's lists and, where the source has one, the JSON.
+
+Building a sample (decoding, resizing, JPEG encoding) runs in a ``multiprocessing`` pool of ``workers``
+processes (0: in this process); results come back in input order and the main process writes them. An
+item whose worker dies or hangs is skipped after ``item_timeout`` seconds (counted as ``timeout``), and
+any exception while building one item skips that item (reason ``error``): one bad item never ends the
+run. The manifest (``manifest.json``) covers the whole shard set, reused shards included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_prep.media import SkipItem
+
+MANIFEST_NAME = "manifest.json"
+MAX_LISTED_SKIPS = 10_000  # the manifest lists at most this many skipped items (all are counted)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input item found bad while reading the annotations (e.g. a malformed row)."""
+
+    item: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Built:
+    """What building one item produced: tar members (suffix -> bytes, ``json`` included) or a skip."""
+
+    item: str
+    members: dict[str, bytes] | None = None
+    source: str | None = None
+    num_frames: int = 0
+    skip: Skip | None = None
+
+
+@dataclass
+class ShardStats:
+    """Counts of one shard (also the unit the manifest sums)."""
+
+    name: str
+    fingerprint: str
+    samples: int = 0
+    per_source: Counter = field(default_factory=Counter)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    frame_histogram: Counter = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "samples": self.samples,
+            "per_source": dict(self.per_source),
+            "skipped": self.skipped,
+            "frame_histogram": {str(k): v for k, v in sorted(self.frame_histogram.items())},
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ShardStats:
+        return cls(
+            name=obj["name"],
+            fingerprint=obj["fingerprint"],
+            samples=obj["samples"],
+            per_source=Counter(obj["per_source"]),
+            skipped=list(obj["skipped"]),
+            frame_histogram=Counter({int(k): v for k, v in obj["frame_histogram"].items()}),
+        )
+
+
+def item_id(record: Any) -> str:
+    """The id an item is listed under: ``record.item`` (every record type and :class:`Skip` has one)."""
+    return str(record.item)
+
+
+def fingerprint(items: Iterable[Any], options: Any) -> str:
+    """A hash of the items (their reprs: ids, texts, paths) and the conversion options."""
+    digest = hashlib.sha256(repr(options).encode())
+    for record in items:
+        digest.update(repr(record).encode())
+    return digest.hexdigest()[:16]
+
+
+# -- worker side ---------------------------------------------------------------------------------------
+
+_WORKER_BUILD: Callable[[str, Any], Built] | None = None
+
+
+def _init_worker(build: Callable[[str, Any], Built]) -> None:
+    global _WORKER_BUILD
+    _WORKER_BUILD = build
+    # Each worker decodes one video at a time; extra intra-op threads would only fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def safe_build(build: Callable[[str, Any], Built], key: str, record: Any) -> Built:
+    """Build one item; any failure becomes a skip of that item, never an exception."""
+    if isinstance(record, Skip):
+        return Built(record.item, skip=record)
+    try:
+        return build(key, record)
+    except SkipItem as err:
+        return Built(item_id(record), skip=Skip(item_id(record), err.reason, err.detail))
+    except Exception as err:  # a bug or an unexpected library error on this one item: count it, go on
+        return Built(item_id(record), skip=Skip(item_id(record), "error", f"{type(err).__name__}: {err}"))
+
+
+def _worker_build(task: tuple[str, Any]) -> Built:
+    assert _WORKER_BUILD is not None
+    return safe_build(_WORKER_BUILD, *task)
+
+
+# -- main side -----------------------------------------------------------------------------------------
+
+
+def _chunks(records: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(records)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def shard_key(shard: int, position: int) -> str:
+    return f"{shard:06d}_{position:04d}"
+
+
+def _load_stats(path: Path) -> ShardStats | None:
+    try:
+        return ShardStats.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork starts workers in milliseconds and shares the loaded modules; spawn where fork does not exist.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+class _Results:
+    """Ordered results of ``tasks``: in this process (workers=0) or from a pool with a bounded window."""
+
+    def __init__(self, build, workers: int, item_timeout: float):
+        self.build = build
+        self.workers = workers
+        self.item_timeout = item_timeout
+        self.pool = None
+        if workers > 0:
+            self.pool = _pool_context().Pool(workers, initializer=_init_worker, initargs=(build,))
+
+    def run(self, tasks: Iterator[tuple[str, Any]]) -> Iterator[Built]:
+        if self.pool is None:
+            for key, record in tasks:
+                yield safe_build(self.build, key, record)
+            return
+        window: deque = deque()
+        limit = 4 * self.workers
+        for task in tasks:
+            window.append((task, self.pool.apply_async(_worker_build, (task,))))
+            if len(window) >= limit:
+                yield self._collect(*window.popleft())
+        while window:
+            yield self._collect(*window.popleft())
+
+    def _collect(self, task: tuple[str, Any], result) -> Built:
+        record = task[1]
+        try:
+            return result.get(timeout=self.item_timeout)
+        except multiprocessing.TimeoutError:
+            detail = f"no result after {self.item_timeout:.0f} s (the worker hung or died)"
+            return Built(item_id(record), skip=Skip(item_id(record), "timeout", detail))
+        except Exception as err:  # e.g. a result that could not be pickled back
+            return Built(item_id(record), skip=Skip(item_id(record), "error", f"{type(err).__name__}: {err}"))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def write_shards(
+    records: Iterable[Any],
+    output: str | os.PathLike,
+    build: Callable[[str, Any], Built],
+    options: Any,
+    *,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    item_timeout: float = 600.0,
+    progress: bool = True,
+    description: str = "",
+    total: int | None = None,
+) -> dict[str, Any]:
+    """Convert ``records`` with ``build(key, record) -> Built`` into shards under ``output``.
+
+    Args:
+        records: items to convert (picklable; each has an ``item`` id), :class:`Skip` for bad rows.
+        output: folder of the shard set (created).
+        build: module-level function building one sample (runs in the worker processes).
+        options: the conversion options (their repr enters each shard's fingerprint).
+        samples_per_shard: input items per shard.
+        workers: processes building samples; 0 builds in this process.
+        item_timeout: seconds to wait for one item's result before skipping it.
+        progress: show a tqdm progress bar (stderr).
+        description: the progress bar's label.
+        total: number of items, for the progress bar (taken from ``len(records)`` when it has one).
+
+    Returns:
+        The manifest (also written to ``output/manifest.json``).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if total is None and hasattr(records, "__len__"):
+        total = len(records)  # type: ignore[arg-type]
+    all_stats: list[ShardStats] = []
+    reused: list[str] = []
+    pending: list[tuple[int, str, list[Any]]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=description or output.name, unit="item", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+
+    def chunk_tasks() -> Iterator[tuple[int, str, list[Any]]]:
+        for index, chunk in enumerate(_chunks(records, samples_per_shard)):
+            digest = fingerprint(chunk, options)
+            name = f"{index:06d}.tar"
+            stats = _load_stats(output / f"{index:06d}.stats.json")
+            if (output / name).is_file() and stats is not None and stats.fingerprint == digest:
+                all_stats.append(stats)
+                reused.append(name)
+                bar.update(len(chunk))
+                continue
+            yield index, digest, chunk
+
+    def tasks() -> Iterator[tuple[str, Any]]:
+        for index, digest, chunk in chunk_tasks():
+            pending.append((index, digest, chunk))
+            for position, record in enumerate(chunk):
+                yield shard_key(index, position), record
+
+    results = _Results(build, workers, item_timeout)
+    written = 0
+    frames_written = 0
+    videos_written = 0
+    try:
+        stream = results.run(tasks())
+        while True:
+            try:
+                first = next(stream)
+            except StopIteration:
+                break
+            index, digest, chunk = pending.pop(0)
+            stats = ShardStats(f"{index:06d}.tar", digest)
+            partial = output / f"{index:06d}.tar.partial"
+            writer = wds.ShardWriter(str(output / "%06d.tar.partial"), maxcount=len(chunk) + 1, start_shard=index,
+                                     verbose=0, mtime=0.0)
+            try:
+                for position in range(len(chunk)):
+                    built = first if position == 0 else next(stream)
+                    bar.update(1)
+                    if built.skip is not None:
+                        if len(stats.skipped) < MAX_LISTED_SKIPS:
+                            stats.skipped.append({"item": built.skip.item, "reason": built.skip.reason,
+                                                  "detail": built.skip.detail[:500]})
+                        continue
+                    assert built.members is not None
+                    writer.write({"__key__": shard_key(index, position), **built.members})
+                    stats.samples += 1
+                    stats.per_source[built.source or "unknown"] += 1
+                    stats.frame_histogram[built.num_frames] += 1
+                    frames_written += built.num_frames
+                    videos_written += built.num_frames > 0
+            finally:
+                writer.close()
+            # Stats first, tar last: a tar under its final name always has its stats beside it.
+            stats_path = output / f"{index:06d}.stats.json"
+            stats_path.write_text(json.dumps(stats.to_json(), indent=1))
+            partial.replace(output / stats.name)
+            all_stats.append(stats)
+            written += 1
+    finally:
+        results.close()
+        bar.close()
+    seconds = time.perf_counter() - started
+    manifest = _manifest(all_stats, reused, written, seconds, videos_written, frames_written, options)
+    (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _manifest(stats: list[ShardStats], reused: list[str], written: int, seconds: float, media_samples: int,
+              frames: int, options: Any) -> dict[str, Any]:
+    stats = sorted(stats, key=lambda s: s.name)
+    per_source: Counter = Counter()
+    reasons: Counter = Counter()
+    histogram: Counter = Counter()
+    skipped: list[dict[str, str]] = []
+    for s in stats:
+        per_source.update(s.per_source)
+        histogram.update(s.frame_histogram)
+        for item in s.skipped:
+            reasons[item["reason"]] += 1
+        skipped.extend(s.skipped)
+    return {
+        "shards": [{"name": s.name, "samples": s.samples} for s in stats],
+        "samples": sum(s.samples for s in stats),
+        "samples_per_source": dict(sorted(per_source.items())),
+        "skipped": dict(sorted(reasons.items())),
+        "skipped_items": skipped[:MAX_LISTED_SKIPS],
+        "frame_histogram": {str(k): v for k, v in sorted(histogram.items())},
+        "run": {
+            "shards_written": written,
+            "shards_reused": reused,
+            "seconds": round(seconds, 3),
+            "samples_with_frames_written": media_samples,
+            "frames_written": frames,
+        },
+        "options": repr(options),
+    }
