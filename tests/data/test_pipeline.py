@@ -1,0 +1,190 @@
+"""Streaming shards: patterns, the shard index, exact-once coverage over ranks x workers, equal batch counts,
+resume, text retention, frame budgets and damaged shards."""
+
+from collections import Counter
+
+import pytest
+from shardkit import caption_sample, text_sample, write_shard
+
+from fovlm.data.collate import Collator, SampleEncoder
+from fovlm.data.pipeline import (
+    EpochPlanner,
+    PlanConfig,
+    ShardGroup,
+    ShardLoader,
+    ShardReadError,
+    ShardStream,
+    build_index,
+    expand_shards,
+    group_counts,
+    iter_tar_samples,
+)
+
+SIZES = [5, 1, 9, 3, 12, 7, 2]  # 39 samples in 7 shards of uneven sizes
+
+
+def _video_shards(root, sizes=SIZES):
+    paths = []
+    for s, n in enumerate(sizes):
+        samples = [caption_sample(f"v{s}_{i:02d}", f"clip {s} {i}", frames=1 + (s + i) % 3, size=(8, 8))
+                   for i in range(n)]
+        paths.append(str(write_shard(root / f"video-{s:03d}.tar", samples)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return _video_shards(root), root
+
+
+def _stream(paths, index, tokenizer, rank=0, world=1, *, batch_size=4, budget=None, shuffle=True, buffer=8,
+            text=None, text_ratio=0.0, seed=0):
+    groups = [ShardGroup("video", tuple(paths))]
+    totals = [sum(index[p].num_samples for p in paths)]
+    flags = [False]
+    if text:
+        groups.append(ShardGroup("text", tuple(text)))
+        totals.append(sum(index[p].num_samples for p in text))
+        flags.append(True)
+    counts = group_counts(totals, [None] * len(groups), flags, text_ratio)
+    planner = EpochPlanner(groups, index, counts, PlanConfig(batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                                             shuffle_buffer=buffer, max_frames_per_batch=budget))
+    encoder = SampleEncoder(tokenizer, max_length=128, frame_size=16, image_frames=8)
+    return ShardStream(planner, encoder, Collator(tokenizer.pad_token_id, 16), rank=rank, world_size=world)
+
+
+def test_expand_shards(shards, tmp_path):
+    paths, root = shards
+    assert expand_shards(str(root / "video-{000..006}.tar")) == paths
+    assert expand_shards([str(root / "video-00[0-2].tar"), str(root / "video-00{5,6}.tar")]) == (
+        paths[:3] + paths[5:])
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        expand_shards([str(root / "video-000.tar"), str(root / "nothing-*.tar")])
+    with pytest.raises(FileNotFoundError, match="video-007.tar"):
+        expand_shards(str(root / "video-{005..009}.tar"))
+
+
+def test_index_counts_and_frames(shards, tmp_path):
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+    assert [index[p].num_samples for p in paths] == SIZES
+    assert index[paths[0]].frame_codes.tolist() == [1 + i % 3 for i in range(5)]
+    # The cache answers the second time (same result).
+    again = build_index(paths, tmp_path / "cache")
+    assert all((again[p].frame_codes == index[p].frame_codes).all() for p in paths)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == len(paths)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "workers"), [(1, 1), (1, 3), (2, 2), (3, 2)])
+@pytest.mark.parametrize("budget", [None, 5])
+def test_every_sample_once_and_equal_batch_counts(shards, tokenizer, tmp_path, world, workers, budget):
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+    keys, batches_per_rank = [], []
+    for rank in range(world):
+        loader = ShardLoader(_stream(paths, index, tokenizer, rank, world, budget=budget), num_workers=workers)
+        batches = list(loader)
+        batches_per_rank.append(len(batches))
+        keys += [k for b in batches for k in b["key"]]
+        if budget is not None:
+            assert all(b["num_frames"].sum() <= budget or len(b["key"]) == 1 for b in batches)
+        else:
+            assert len(loader) == len(batches)
+        assert loader.counts.get("padded", 0) == 0
+    assert Counter(keys).most_common(1)[0][1] == 1  # no duplicate
+    assert sorted(keys) == sorted(f"v{s}_{i:02d}" for s, n in enumerate(SIZES) for i in range(n))
+    assert len(set(batches_per_rank)) == 1, batches_per_rank
+
+
+def test_epochs_reshuffle_and_seed_matters(shards, tokenizer, tmp_path):
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+    loader = ShardLoader(_stream(paths, index, tokenizer), num_workers=0)
+    first = [k for b in loader for k in b["key"]]
+    second = [k for b in loader for k in b["key"]]
+    other_seed = [k for b in ShardLoader(_stream(paths, index, tokenizer, seed=1)) for k in b["key"]]
+    assert sorted(first) == sorted(second) == sorted(other_seed)
+    assert first != second and first != other_seed
+    unshuffled = [k for b in ShardLoader(_stream(paths, index, tokenizer, shuffle=False)) for k in b["key"]]
+    assert unshuffled == [f"v{s}_{i:02d}" for s, n in enumerate(SIZES) for i in range(n)]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(shards, tokenizer, tmp_path):
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+
+    def loader():
+        return ShardLoader(_stream(paths, index, tokenizer, batch_size=3, buffer=6), num_workers=2)
+
+    reference = loader()
+    epoch0 = [b for b in reference]
+    epoch1 = [b for b in reference]
+    for k in (1, 5):
+        interrupted = loader()
+        it = iter(interrupted)
+        seen = [next(it) for _ in range(k)]
+        state = interrupted.state_dict()
+        del it
+        resumed = loader()
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+        assert [b["key"] for b in seen + rest] == [b["key"] for b in epoch0]
+        for got, want in zip(rest, epoch0[k:], strict=True):
+            assert got["input_ids"].equal(want["input_ids"]) and got["frames"].equal(want["frames"])
+    # A state saved at the end of an epoch resumes with the next epoch.
+    finished = loader()
+    list(finished)
+    resumed = loader()
+    resumed.load_state_dict(finished.state_dict())
+    assert [b["key"] for b in resumed] == [b["key"] for b in epoch1]
+
+
+def test_text_retention_share(tmp_path, tokenizer):
+    video = [str(write_shard(tmp_path / f"v{s}.tar", [caption_sample(f"v{s}_{i:03d}", "c", frames=1, size=(8, 8))
+                                                       for i in range(430)])) for s in range(4)]
+    text = [str(write_shard(tmp_path / f"t{s}.tar", [text_sample(f"t{s}_{i:03d}", "a") for i in range(150)]))
+            for s in range(2)]
+    index = build_index(video + text, tmp_path / "cache")
+    stream = _stream(video, index, tokenizer, batch_size=8, text=text, text_ratio=0.14, buffer=50)
+    batches = list(ShardLoader(stream, num_workers=0))
+    keys = [k for b in batches for k in b["key"]]
+    is_text = [k.startswith("t") for k in keys]
+    assert len(keys) == 2000
+    assert abs(sum(is_text) / len(keys) - 0.14) <= 0.03
+    for b in batches:
+        for key, n in zip(b["key"], b["num_frames"].tolist(), strict=True):
+            assert (n == 0) == key.startswith("t")  # text samples carry no visual token
+    # Spread through the epoch, not bunched: every quarter of the stream holds text.
+    quarter = len(is_text) // 4
+    assert all(0.07 < sum(is_text[q * quarter:(q + 1) * quarter]) / quarter < 0.21 for q in range(4))
+
+
+def test_group_counts():
+    assert group_counts([100, 50], [None, None], [False, False], 0.0) == [100, 50]
+    assert group_counts([100, 50, 40], [None, None, None], [False, False, True], 0.25) == [100, 50, 50]
+    assert group_counts([100, 50, 10], [55, 30, 15], [False] * 3, 0.0) == [88, 48, 24]
+    with pytest.raises(ValueError, match="every shard group"):
+        group_counts([1, 2], [1.0, None], [False, False], 0.0)
+
+
+def test_damaged_shards(tmp_path):
+    good = write_shard(tmp_path / "good.tar", [text_sample(f"k{i}", "a") for i in range(6)])
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 100)
+    got = []
+    with pytest.raises(ShardReadError, match="truncated"):
+        for index, key, _ in iter_tar_samples(str(truncated)):
+            got.append(key)
+    assert 0 < len(got) < 6
+    index = build_index([str(truncated), str(garbage)], tmp_path / "cache")
+    assert index[str(truncated)].num_samples == len(got) and "truncated" in index[str(truncated)].error
+    assert index[str(garbage)].num_samples == 0 and index[str(garbage)].error
+    # Reading a range skips earlier samples without loading them.
+    loaded = [(i, m is not None) for i, _, m in iter_tar_samples(str(good), 2, 5, load=lambda i: i != 3)]
+    assert loaded == [(2, True), (3, False), (4, True)]
