@@ -415,11 +415,12 @@ class FoveatedModule(L.LightningModule):
                     sums[source][1] += weight
         total_loss = sum(v[0] for v in sums.values())
         total_weight = sum(v[1] for v in sums.values())
+        # Every rank now holds the same totals and the same keys, so synchronising is safe (and a no-op).
         if total_weight > 0:
-            self.log("val/loss", total_loss / total_weight, prog_bar=True)
+            self.log("val/loss", total_loss / total_weight, prog_bar=True, sync_dist=True)
         for source, (loss_sum, weight) in sorted(sums.items()):
             if weight > 0:
-                self.log(f"val/loss/{source}", loss_sum / weight)
+                self.log(f"val/loss/{source}", loss_sum / weight, sync_dist=True)
         self._val_sums.clear()
 
     # -- checkpoints -----------------------------------------------------------------------------------------

@@ -120,6 +120,13 @@ class GradCapture(Callback):
         )
 
 
+class ReferenceModeCheck(Callback):
+    """Fails the fit if the DPO reference is ever in train mode while the policy trains."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        assert pl_module.model.training and not pl_module.reference.training
+
+
 def trainer(tmp_path, max_steps, **kwargs):
     kwargs.setdefault("logger", CSVLogger(tmp_path, name="logs"))
     kwargs.setdefault("enable_checkpointing", False)
@@ -366,7 +373,7 @@ def test_stage3_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path):
     assert all(not p.requires_grad for p in reference.parameters())
     before = snapshot(module)
     assert any(k.startswith("reference.") for k in before)
-    t = trainer(tmp_path, 3, limit_val_batches=1, val_check_interval=3)
+    t = trainer(tmp_path, 3, limit_val_batches=1, val_check_interval=2, callbacks=[ReferenceModeCheck()])
     pairs = PreferenceSet([3, 4, 3, 4, 3, 4])
     t.fit(module, loader(pairs, 2, collate_preference), loader(pairs, 2, collate_preference))
 
