@@ -6,6 +6,10 @@ token: ``ROLE_ANSWER``, targets from :func:`fovlm.losses.shift_labels`); the low
 system turn, question) runs once and leaves an LLM KV cache; :func:`score_on_prefix` then expands that cache
 to one row per option and runs only each option's own tokens. Any Hugging Face causal LM (or image-text
 model, for the baseline) that takes ``input_ids`` with ``past_key_values`` works here.
+
+For :class:`fovlm.model.vlm.FoveatedVLM`, :func:`score_question` also shares the DINO patch pass between
+every option and every mode (one patch pass per question); :func:`score_question_naive` is the reference's
+way (every option and mode with its own patch pass and full sequence), kept to check and measure against.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from fovlm.eval.questions import OptionTokens
-from fovlm.losses import IGNORE_INDEX, per_sample_sums, token_nll
+from fovlm.losses import IGNORE_INDEX, per_sample_sums, selected_targets, token_nll
+from fovlm.model.vlm import MODES, shift_queries
 
 # step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values) -> logits [n, L, V]
 StepFn = Callable[..., Tensor]
@@ -77,3 +83,109 @@ def nll_from_full_logits(logits: Tensor, labels: Tensor) -> Tensor:
     nll = token_nll(logits[scored], labels[scored])  # [N]
     sums = per_sample_sums(nll, scored.nonzero()[:, 0], labels.shape[0])  # [n]
     return sums / scored.sum(dim=1).clamp_min(1).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FoveatedVLM: one patch pass per question, one prefix per mode, options against the prefix cache
+
+
+def _vlm_step(model) -> StepFn:
+    """Option tokens through the FoveatedVLM's LLM on a prefix cache -> logits [n, L, V]."""
+
+    def step(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values) -> Tensor:
+        hidden = model.llm_hidden(model.embed_text(input_ids), attention_mask, position_ids, past_key_values)
+        return model.lm_head(hidden)
+
+    return step
+
+
+def _prefix_on_tokens(model, tokens: Tensor, prefix_ids: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
+    """LLM over [visual tokens ; prefix text] for one question, with a fresh cache.
+
+    Returns:
+        (cache, hidden states at the visual positions [T, Dl], logits at the last prefix position [V]).
+    """
+    visual = tokens.shape[0]
+    text = model.embed_text(prefix_ids)[0]  # [P, Dl]
+    embeds = torch.cat([tokens.to(text.dtype), text])[None]  # [1, T + P, Dl]
+    length = embeds.shape[1]
+    cache = DynamicCache(config=model.llm.get_decoder().config)
+    positions = torch.arange(length, device=embeds.device)[None]  # [1, T + P]
+    mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
+    hidden = model.llm_hidden(embeds, mask, positions, cache)[0]  # [T + P, Dl]
+    return cache, hidden[:visual], model.lm_head(hidden[-1])
+
+
+@torch.no_grad()
+def score_question(model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES) -> dict[str, Tensor]:
+    """Mean answer-token NLL of every option in every mode, sharing all the work the modes and options share.
+
+    The DINO patch pass runs once for the question. ``coarse_only`` and ``coarse_fine`` share the static-query
+    tokens, and the coarse prefix pass ([coarse tokens ; prompt], one LLM call) gives both the coarse_only
+    prefix cache and, at its visual positions, the hidden states the fine queries come from (causal attention:
+    they equal a pass over the visual tokens alone). ``coarse_fine`` then runs [fine tokens ; prompt] and
+    ``autoregressive`` its frame-by-frame pass followed by the prompt; in each mode only the options' own tokens
+    run per option, against the expanded prefix cache.
+
+    Args:
+        model: a FoveatedVLM in eval mode.
+        frames: ImageNet-normalised frames [T, 3, H, W] of the question (on the model's device).
+        options: the question's option layout (:func:`fovlm.eval.questions.render_options`).
+        modes: any of "coarse_only", "coarse_fine", "autoregressive".
+
+    Returns:
+        mode -> float32 [n] mean NLL per option.
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; expected some of {MODES}")
+    device = frames.device
+    num_frames = torch.tensor([frames.shape[0]], device=device)
+    prefix_ids = options.prefix_ids.to(device)[None]  # [1, P]
+    step = _vlm_step(model)
+    patches = model.encode_patches(frames)  # the question's only patch pass
+    results: dict[str, Tensor] = {}
+    if "coarse_only" in modes or "coarse_fine" in modes:
+        coarse, _ = model.read_frames(model.q_static.expand(frames.shape[0], -1), patches)  # [T, Dl]
+        cache, visual_hidden, last = _prefix_on_tokens(model, coarse, prefix_ids)
+        if "coarse_only" in modes:
+            results["coarse_only"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
+        if "coarse_fine" in modes:
+            queries = shift_queries(model.query_head(visual_hidden), num_frames, model.q_init)  # [T, Dq]
+            fine, _ = model.read_frames(queries, patches)  # [T, Dl]
+            cache, _, last = _prefix_on_tokens(model, fine, prefix_ids)
+            results["coarse_fine"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
+    if "autoregressive" in modes:
+        prefix = model.autoregressive_prefix(patches, num_frames)
+        hidden = model.continue_text(prefix, prefix_ids, torch.ones_like(prefix_ids))  # [1, P, Dl]
+        cache = prefix.past_key_values
+        results["autoregressive"] = score_on_prefix(
+            step, cache, cache.get_seq_length(), model.lm_head(hidden[0, -1]), options
+        )
+    return {mode: results[mode] for mode in modes}
+
+
+@torch.no_grad()
+def score_question_naive(
+    model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES
+) -> dict[str, Tensor]:
+    """The reference's way (REFERENCE.md 6.1), kept as the yardstick for :func:`score_question`.
+
+    Per mode, every option runs as a full sequence in one batch with its own copy of the frames, so the patch
+    pass runs once per option and mode and the prompt is recomputed for every option.
+    """
+    n = options.num_options
+    device = frames.device
+    input_ids = options.full_ids.to(device)  # [n, S]
+    attention_mask = (options.full_roles != 0).long().to(device)  # [n, S]
+    labels = options.full_labels.to(device)  # [n, S]
+    logits_mask, targets, sample_index = selected_targets(labels)
+    counts = logits_mask.sum(dim=1).float()  # [n]
+    results = {}
+    for mode in modes:
+        out = model(
+            frames.repeat(n, 1, 1, 1), torch.full((n,), frames.shape[0], device=device),
+            input_ids, attention_mask, mode=mode, logits_mask=logits_mask,
+        )
+        results[mode] = per_sample_sums(token_nll(out.logits, targets), sample_index, n) / counts
+    return results

@@ -1,0 +1,165 @@
+"""Benchmark adapters: multiple-choice shards -> :class:`fovlm.eval.questions.Question` records.
+
+Every benchmark (MVBench, Video-MME, MLVU, ScienceQA-style image questions, the synthetic demo split) is
+converted by ``data_prep`` into shards of the one format (ARCHITECTURE.md section 3) whose JSON carries
+``question``, ``options``, ``answer`` and optionally ``category``. This module reads such shards in order
+(no shuffling: results must be reproducible), validates each sample with :mod:`fovlm.data.schema`, decodes
+its frames with :mod:`fovlm.data.frames` (1 FPS, at most 64 spread uniformly; single images replicated to
+``image_frames``) and yields one question per sample.
+
+A sample that is not a valid multiple-choice sample, or whose frames cannot be decoded, is skipped and
+counted per reason (:attr:`BenchmarkReader.skipped`): a score over fewer questions is reported as such,
+never hidden.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import webdataset as wds
+
+from fovlm.data.frames import FrameDecodeError, sample_frames, select_frame_indices
+from fovlm.data.schema import SampleError, parse_sample
+from fovlm.eval.questions import Question
+
+log = logging.getLogger(__name__)
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths from a folder, a glob, a brace pattern (``data/{000000..000003}.tar``) or a list of them."""
+    specs = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
+    paths: list[str] = []
+    for item in specs:
+        item = str(item)
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+        elif any(c in item for c in "*?["):
+            found = sorted(glob.glob(item))
+        else:
+            found = list(wds.shardlists.expand_urls(item)) if "{" in item else [item]
+        missing = [p for p in found if not os.path.isfile(p)]
+        if not found or missing:
+            raise FileNotFoundError(f"no shard found for {item!r}" + (f": missing {missing[:3]}" if missing else ""))
+        paths.extend(found)
+    return paths
+
+
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) per sample of one tar, grouped as webdataset groups (key = name up to the
+    basename's first dot; members of one sample are consecutive)."""
+    with tarfile.open(path) as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, dot, suffix = base.partition(".")
+            if not dot:
+                continue
+            this_key = f"{folder}/{stem}" if folder else stem
+            if this_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = this_key, {}
+            members[suffix] = tar.extractfile(info).read()
+        if key is not None:
+            yield key, members
+
+
+class BenchmarkReader:
+    """Iterates the questions of one benchmark's shards.
+
+    Args:
+        name: benchmark name (results are filed under it).
+        shards: folder, glob, brace pattern or list of shard paths.
+        image_frames: frames an image question is replicated to.
+        max_frames: most frames per video (spread uniformly beyond).
+        frame_size: square frame side in pixels.
+        limit: stop after this many questions (None: all).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shards: str | Sequence[str],
+        image_frames: int = 8,
+        max_frames: int = 64,
+        frame_size: int = 224,
+        limit: int | None = None,
+    ) -> None:
+        self.name = name
+        self.shards = shards
+        self.image_frames = image_frames
+        self.max_frames = max_frames
+        self.frame_size = frame_size
+        self.limit = limit
+        self.skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[Question]:
+        count = 0
+        for path in expand_shards(self.shards):
+            for key, members in _tar_samples(path):
+                if self.limit is not None and count >= self.limit:
+                    return
+                question = self._question(path, key, members)
+                if question is not None:
+                    count += 1
+                    yield question
+
+    def _question(self, path: str, key: str, members: dict[str, bytes]) -> Question | None:
+        if "json" not in members:
+            self._skip("missing_json", path, key, "no KEY.json member")
+            return None
+        try:
+            sample = parse_sample(members["json"], key.rsplit("/", 1)[-1], members.keys(), members.get("txt"))
+        except SampleError as err:
+            self._skip(err.reason, path, key, str(err))
+            return None
+        if sample.choice is None:
+            self._skip("not_multiple_choice", path, key, "no question/options/answer")
+            return None
+        if sample.media == "text":
+            self._skip("no_frames", path, key, "a text-only question")
+            return None
+        try:
+            frames = sample_frames(members, sample.media, size=self.frame_size, max_frames=self.max_frames,
+                                   image_frames=self.image_frames)
+        except FrameDecodeError as err:
+            self._skip(err.reason, path, key, str(err))
+            return None
+        choice = sample.choice
+        return Question(
+            key=key, benchmark=self.name, question=choice.question, options=choice.options, answer=choice.answer,
+            category=choice.category, frames=frames, media=sample.media,
+            times=_frame_times(members, sample.media, frames.shape[0], self.max_frames, sample.duration),
+        )
+
+    def _skip(self, reason: str, path: str, key: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        log.warning("%s: skipping sample %r of %s (%s): %s", self.name, key, Path(path).name, reason, detail)
+
+
+def _frame_times(
+    members: dict[str, bytes], media: str, count: int, max_frames: int, duration: float | None
+) -> tuple[float, ...] | None:
+    """Timestamps (s) of the kept frames where the sample tells them, else None.
+
+    Numbered frames were sampled at 1 FPS, frame i at i + 0.5 s; an mp4's frames follow
+    :func:`fovlm.data.frames.select_frame_times` over its ``duration``."""
+    from fovlm.data.frames import select_frame_times
+    from fovlm.data.schema import frame_fields
+
+    if media != "video":
+        return None
+    if "mp4" in members:
+        times = select_frame_times(duration, 1.0, max_frames) if duration else []
+        return tuple(times) if len(times) == count else None
+    numbered = frame_fields(list(members))
+    times = [i + 0.5 for i in select_frame_indices(len(numbered), max_frames)]
+    return tuple(times) if len(times) == count else None

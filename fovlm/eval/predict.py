@@ -1,0 +1,150 @@
+"""Ask a model about a video, an image or a folder of frames: ``fovlm predict MEDIA --model M --prompt P``.
+
+    fovlm predict clip.mp4 --model exported/fovlm-135m --prompt "What happens in this video?"
+    fovlm predict photo.png --model runs/stage2/checkpoints/last.ckpt --prompt "Describe this." --temperature 0.7
+
+Frames are chosen as in training (:mod:`fovlm.data.frames`): 1 FPS, at most 64 spread uniformly over longer
+videos, resized to cover 224 px and centre-cropped; a single image is replicated to 8 frames; a folder is
+taken as frames already sampled at 1 FPS, in name order. The answer comes from
+:func:`fovlm.model.generate.generate` (autoregressive visual pass, then greedy or sampled decoding until
+``<|im_end|>``). A file that cannot be decoded ends the command with a message naming it and exit code 1.
+
+``fovlm predict --config ...`` (options first) stays LightningCLI's batch prediction; a media path as the first
+argument selects this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fovlm.data.chat import SYSTEM_PROMPT
+from fovlm.data.frames import (
+    DEFAULT_FRAME_SIZE,
+    DEFAULT_IMAGE_FRAMES,
+    FrameDecodeError,
+    decode_image,
+    decode_images,
+    decode_video,
+    normalize,
+    replicate_image,
+    select_frame_indices,
+)
+from fovlm.model.generate import generate
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+END_OF_TURN = "<|im_end|>"
+
+
+class MediaError(ValueError):
+    """A media path that cannot be used; the message names it."""
+
+
+def load_media(
+    path: str | Path,
+    fps: float = 1.0,
+    max_frames: int = 64,
+    image_frames: int = DEFAULT_IMAGE_FRAMES,
+    size: int = DEFAULT_FRAME_SIZE,
+) -> tuple[Tensor, str]:
+    """Frames of a video file, an image file or a folder of frames -> (uint8 [T, 3, size, size], media kind)."""
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"{path} does not exist")
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise MediaError(f"folder {path} holds no frame image ({', '.join(IMAGE_SUFFIXES)})")
+            keep = select_frame_indices(len(files), max_frames)
+            return decode_images([files[i].read_bytes() for i in keep], size), "video"
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return replicate_image(decode_image(path.read_bytes(), size)[None], image_frames), "image"
+        if suffix in VIDEO_SUFFIXES:
+            return decode_video(path.read_bytes(), size, fps, max_frames), "video"
+    except FrameDecodeError as err:
+        raise MediaError(f"{path}: {err}") from err
+    raise MediaError(f"{path}: unsupported file type {path.suffix!r} (video: {', '.join(VIDEO_SUFFIXES)}; "
+                     f"image: {', '.join(IMAGE_SUFFIXES)}; or a folder of frames)")
+
+
+def prompt_ids(tokenizer, prompt: str, system_prompt: str = SYSTEM_PROMPT) -> Tensor:
+    """The chat up to the assistant's turn (system, user, ``<|im_start|>assistant\\n``) as long [P]."""
+    turns = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Tokens that end an answer: ``<|im_end|>`` (and the tokenizer's EOS when it is another token)."""
+    ids = {tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def answer(
+    model,
+    tokenizer,
+    media: str | Path | Tensor,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> str:
+    """The model's answer to ``prompt`` about ``media`` (a path, or uint8 frames [T, 3, H, W])."""
+    frames = media if isinstance(media, Tensor) else load_media(media)[0]
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    result = generate(
+        model, normalize(frames).to(device), prompt_ids(tokenizer, prompt), stop_ids(tokenizer),
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+    )
+    return tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fovlm predict", description="Answer a prompt about a video or image.")
+    parser.add_argument("media", help="video file (.mp4 ...), image file (.png/.jpg ...) or folder of frames")
+    parser.add_argument("--model", required=True, help="exported folder or Lightning checkpoint (.ckpt)")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for sampling")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        parser.error("need --temperature >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fovlm predict MEDIA --model M --prompt P``; prints the answer, returns the exit code."""
+    from fovlm.export import ExportError, load_any
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        frames, _ = load_media(args.media)  # before the model loads: a bad file fails fast
+        model, tokenizer = load_any(args.model, args.device, args.tokenizer)
+        text = answer(model, tokenizer, frames, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                      args.seed)
+    except (MediaError, ExportError, FileNotFoundError) as err:
+        print(f"fovlm predict: error: {err}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

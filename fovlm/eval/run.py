@@ -1,0 +1,158 @@
+"""Run evaluations: benchmarks in the three modes, validation loss per source and mode, baselines; ``fovlm eval``.
+
+    fovlm eval --model exported/fovlm-135m --benchmark mvbench=data/mvbench --benchmark demo=data/demo/mcq \
+        [--modes coarse_only coarse_fine autoregressive] [--limit 200] [--out results.json] \
+        [--tensorboard runs/eval] [--baseline HuggingFaceTB/SmolVLM2-256M-Video-Instruct]
+
+``fovlm eval`` is a command of its own rather than ``fovlm test --config``: a benchmark question is scored by
+several forward passes that share a patch pass and KV caches (:func:`fovlm.eval.scoring.score_question`), which
+does not fit a per-batch ``test_step``; and evaluation must run on an exported folder without Lightning. Results
+go to a JSON file, a printed table and TensorBoard (``eval/<benchmark>/<mode>/accuracy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from fovlm.data.frames import normalize
+from fovlm.eval.benchmarks import BenchmarkReader
+from fovlm.eval.questions import Question, render_options
+from fovlm.eval.report import MultipleChoiceReport
+from fovlm.eval.scoring import score_question
+from fovlm.losses import AnswerOnlyCE
+from fovlm.model.vlm import MODES
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    benchmarks: Mapping[str, Iterable[Question]],
+    modes: tuple[str, ...] = MODES,
+    report: MultipleChoiceReport | None = None,
+) -> MultipleChoiceReport:
+    """Score every question of every benchmark in ``modes``; returns the (updated) report.
+
+    Args:
+        model: FoveatedVLM (put in eval mode here).
+        tokenizer: its tokenizer.
+        benchmarks: benchmark name -> questions (e.g. :class:`fovlm.eval.benchmarks.BenchmarkReader`).
+        modes: the modes to score.
+        report: a report to add to (a new one by default).
+    """
+    report = report or MultipleChoiceReport()
+    model.eval()
+    device = next(model.parameters()).device
+    for name, questions in benchmarks.items():
+        start, count = time.perf_counter(), 0
+        for question in questions:
+            options = render_options(tokenizer, question.question, question.options)
+            scores = score_question(model, normalize(question.frames).to(device), options, modes)
+            for mode, nll in scores.items():
+                report.update(name, mode, question.category, int(nll.argmin()), question.answer)
+            count += 1
+        elapsed = time.perf_counter() - start
+        log.info("%s: %d questions in %.1f s (%.2f s/question)", name, count, elapsed, elapsed / max(count, 1))
+    return report
+
+
+@torch.no_grad()
+def evaluate_baseline(
+    scorer, benchmarks: Mapping[str, Iterable[Question]], report: MultipleChoiceReport, label: str = "smolvlm2"
+) -> MultipleChoiceReport:
+    """Score a baseline (e.g. :class:`fovlm.eval.baseline.SmolVLMScorer`) under the same protocol; its results
+    are filed as the mode ``label`` of each benchmark."""
+    for name, questions in benchmarks.items():
+        for question in questions:
+            nll = scorer.score(question)
+            report.update(name, label, question.category, int(nll.argmin()), question.answer)
+    return report
+
+
+@torch.no_grad()
+def validation_losses(
+    model, batches: Iterable[dict], modes: tuple[str, ...] = MODES, report: MultipleChoiceReport | None = None
+) -> MultipleChoiceReport:
+    """Answer-only token cross-entropy per source in each mode, over SFT-format batches (``collate_sft``).
+
+    Sums token NLLs and counts per source, so each source's loss is its token mean over the whole set.
+    """
+    report = report or MultipleChoiceReport()
+    head = AnswerOnlyCE()
+    model.eval()
+    device = next(model.parameters()).device
+    for batch in batches:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for mode in modes:
+            out = head(model, batch, mode=mode)
+            for source, loss, weight in zip(batch["source"], out.sample_loss.tolist(), out.sample_weight.tolist()):
+                if weight > 0:
+                    report.update_loss(mode, source, loss, weight)
+    return report
+
+
+def _benchmark_arg(value: str) -> tuple[str, str]:
+    name, sep, shards = value.partition("=")
+    if not sep or not name or not shards:
+        raise argparse.ArgumentTypeError(f"expected NAME=SHARDS (folder, glob or brace pattern), got {value!r}")
+    return name, shards
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fovlm eval", description="Multiple-choice evaluation in three modes.")
+    parser.add_argument("--model", required=True, help="exported folder or Lightning checkpoint (.ckpt)")
+    parser.add_argument("--benchmark", type=_benchmark_arg, action="append", required=True, metavar="NAME=SHARDS",
+                        help="a benchmark's multiple-choice shards (repeatable)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--limit", type=int, help="at most this many questions per benchmark")
+    parser.add_argument("--image-frames", type=int, default=8, help="frames a single image is replicated to")
+    parser.add_argument("--out", default="results.json", help="results JSON path")
+    parser.add_argument("--tensorboard", help="also log the results to this TensorBoard folder")
+    parser.add_argument("--per-category", action="store_true", help="print one table row per category")
+    parser.add_argument("--baseline", help="also score this SmolVLM2 model (hub id or folder) on the same questions")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fovlm eval``; returns the exit code."""
+    from fovlm.export import ExportError, load_any
+
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    readers = {name: BenchmarkReader(name, shards, image_frames=args.image_frames, limit=args.limit)
+               for name, shards in args.benchmark}
+    try:
+        model, tokenizer = load_any(args.model, args.device, args.tokenizer)
+        report = evaluate(model, tokenizer, readers, tuple(args.modes))
+        if args.baseline:
+            from fovlm.eval.baseline import SmolVLMScorer
+
+            evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), readers, report)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"fovlm eval: error: {err}", file=sys.stderr)
+        return 1
+    for reader in readers.values():
+        if reader.skipped:
+            print(f"{reader.name}: skipped samples {dict(reader.skipped)}", file=sys.stderr)
+    print(report.table(per_category=args.per_category))
+    print(f"results written to {report.write_json(args.out)}")
+    if args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(args.tensorboard) as writer:
+            report.log_to(writer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

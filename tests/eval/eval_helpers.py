@@ -1,0 +1,62 @@
+"""Helpers shared by the evaluation tests: tiny random FoveatedVLMs and a small multiple-choice shard."""
+
+import io
+import json
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from transformers import Dinov2Model, LlamaForCausalLM
+
+from fovlm.model.loading import tiny_llm_config, tiny_vision_config
+from fovlm.model.vlm import FoveatedVLM
+
+
+def make_tiny_vlm(seed: int = 0) -> FoveatedVLM:
+    """Hidden 64, 2 layers on both sides, query width 32, eval mode."""
+    torch.manual_seed(seed)
+    return FoveatedVLM(Dinov2Model(tiny_vision_config()), LlamaForCausalLM(tiny_llm_config()), query_dim=32).eval()
+
+
+def png_bytes(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_mcq_shard(path) -> str:
+    """A shard with an image question, a 3-frame video question and a sample whose frame is corrupt."""
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "img0", "json": json.dumps({
+            "source": "toy", "media": "image", "question": "What colour is it?", "options": ["red", "blue"],
+            "answer": 0, "category": "colour"}).encode(), "png": png_bytes((255, 0, 0))})
+        video = {"__key__": "vid0", "json": json.dumps({
+            "source": "toy", "media": "video", "question": "Which way?", "options": ["left", "right", "up"],
+            "answer": 2, "category": "motion"}).encode()}
+        for t in range(3):
+            video[f"{t:03d}.png"] = png_bytes((0, 80 * t, 0))
+        sink.write(video)
+        sink.write({"__key__": "bad0", "json": json.dumps({
+            "source": "toy", "media": "image", "question": "Broken?", "options": ["yes", "no"],
+            "answer": 1}).encode(), "jpg": b"not a jpeg"})
+    return str(path)
+
+
+def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48)) -> bytes:
+    """An H.264 mp4 whose frame i has a green level of 20 * i."""
+    import av
+
+    w, h = size
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(num_frames):
+            array = np.zeros((h, w, 3), dtype=np.uint8)
+            array[..., 1] = min(255, 20 * i)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -1,0 +1,82 @@
+"""``fovlm predict`` on an mp4, a png and a folder of frames; clear errors on bad files."""
+
+import pytest
+import torch
+from eval_helpers import make_tiny_vlm, mp4_bytes, png_bytes
+
+from fovlm.data.chat import render_chat
+from fovlm.eval.predict import answer, load_media, main
+from fovlm.export import export_model, load_exported_tokenizer, load_pretrained
+from fovlm.losses import AnswerOnlyCE
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    """A tiny model taught to answer "red" to any question about any clip (LLM side only, a few steps)."""
+    model = make_tiny_vlm(seed=4)
+    ids, roles = render_chat(tokenizer, [{"role": "user", "content": "What is shown?"},
+                                         {"role": "assistant", "content": "red"}])
+    batch = {"frames": torch.randn(1, 3, 224, 224), "num_frames": torch.tensor([1]),
+             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "roles": torch.tensor([roles])}
+    model.encoder.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(12):
+        loss = AnswerOnlyCE()(model, batch, mode="coarse_fine").loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("exported")
+    export_model(model.eval(), tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "clip.mp4").write_bytes(mp4_bytes(12, fps=4))  # 3 s -> 3 frames at 1 FPS
+    (folder / "photo.png").write_bytes(png_bytes((200, 40, 40)))
+    frames = folder / "frames"
+    frames.mkdir()
+    for t in range(5):
+        (frames / f"{t:03d}.png").write_bytes(png_bytes((0, 40 * t, 0)))
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "notes.txt").write_text("hello")
+    return folder
+
+
+def test_frames_follow_the_training_rules(media):
+    clip, kind = load_media(media / "clip.mp4")
+    assert kind == "video" and clip.shape == (3, 3, 224, 224) and clip.dtype == torch.uint8
+    assert clip[0, 1].float().mean() < clip[2, 1].float().mean()  # temporal order kept
+    photo, kind = load_media(media / "photo.png")
+    assert kind == "image" and photo.shape == (8, 3, 224, 224)
+    folder, kind = load_media(media / "frames")
+    assert kind == "video" and folder.shape[0] == 5
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "photo.png", "frames"])
+def test_predict_prints_the_models_answer(exported, media, capsys, name):
+    code = main([str(media / name), "--model", str(exported), "--prompt", "What is shown?", "--max-new-tokens", "6"])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == "red"  # what the model was taught, then <|im_end|> stopped it
+
+
+def test_sampling_is_reproducible_with_a_seed(exported, media):
+    model, tokenizer = load_pretrained(exported), load_exported_tokenizer(exported)
+    kwargs = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    first = answer(model, tokenizer, media / "photo.png", "Describe it.", seed=7, **kwargs)
+    assert answer(model, tokenizer, media / "photo.png", "Describe it.", seed=7, **kwargs) == first
+
+
+@pytest.mark.parametrize("name,message", [
+    ("broken.mp4", "cannot decode video"), ("broken.png", "cannot decode image"),
+    ("notes.txt", "unsupported file type"), ("missing.mp4", "does not exist"),
+])
+def test_bad_media_gives_a_clear_error_and_a_nonzero_exit(exported, media, capsys, name, message):
+    code = main([str(media / name), "--model", str(exported), "--prompt", "What is shown?"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("fovlm predict: error:") and name in err and message in err
+
