@@ -151,3 +151,32 @@ def save_attention_png(
     path.parent.mkdir(parents=True, exist_ok=True)
     attention_sheet(frames, maps, layer=layer, cell=cell).save(path, format="PNG")
     return path
+
+
+@torch.no_grad()
+def query_attention_maps(model, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The attention of the static, fine and autoregressive queries of one clip, per frame.
+
+    One patch pass serves all three. "static" is ``q_static`` (coarse tokens), "fine" the shifted queries of the
+    coarse -> fine training pass, "autoregressive" the queries of true frame-by-frame inference.
+
+    Args:
+        model: a :class:`fovlm.model.vlm.FoveatedVLM`.
+        frames: ImageNet-normalised frames [T, 3, H, W] on the model's device.
+
+    Returns:
+        kind -> weights [T, L, h, K] (L DINO layers, h heads, K = 1 + 16*16 keys at 224 px), on the CPU.
+    """
+    num_frames = torch.tensor([frames.shape[0]], device=frames.device)
+    patches = model.encode_patches(frames)
+    visual = model.visual_tokens(patches, num_frames, "coarse_fine", return_attention=True)
+    prefix = model.autoregressive_prefix(patches, num_frames, return_attention=True)
+
+    def stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([w[:, :, 0] for w in per_layer], dim=1).float().cpu()  # [T, L, h, K]
+
+    return {
+        "static": stack(visual.coarse_attention),
+        "fine": stack(visual.fine_attention),
+        "autoregressive": stack(prefix.attention),
+    }

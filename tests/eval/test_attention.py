@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fovlm.eval.attention import attention_entropy, overlay, patch_grid, save_attention_png
+from fovlm.eval.attention import (
+    attention_entropy,
+    overlay,
+    patch_grid,
+    query_attention_maps,
+    save_attention_png,
+)
 
 
 def test_patch_grid_drops_cls_and_places_patches_row_major():
@@ -47,3 +53,16 @@ def test_sheet_png_has_a_row_per_query_kind(tmp_path):
         assert image.size == (110 + 3 * 64, 18 + 3 * (64 + 18))
     with pytest.raises(ValueError, match="frames"):
         save_attention_png(tmp_path / "b.png", frames[:2], maps)
+
+
+def test_query_maps_of_a_model_have_one_row_per_frame(tiny_vlm, tmp_path):
+    frames = torch.randn(3, 3, 224, 224)
+    maps = query_attention_maps(tiny_vlm, frames)
+    assert list(maps) == ["static", "fine", "autoregressive"]
+    for weights in maps.values():
+        assert weights.shape == (3, 2, 4, 257)  # frames, tiny DINO layers, heads, keys
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, 4))
+    # the static query is the same vector on every frame, the others differ from it after frame 0
+    assert not torch.allclose(maps["static"][1], maps["fine"][1])
+    save_attention_png(tmp_path / "maps.png", list(frames), maps, cell=48)
+    assert (tmp_path / "maps.png").stat().st_size > 0
