@@ -139,7 +139,26 @@ def video_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None, crf: int = 23) -> bytes:
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> the planar yuv420p layout PyAV takes ([H * 3 / 2, W]: Y, then U, then V), by the
+    BT.601 limited-range matrix that decoders assume for untagged H.264.
+
+    Done here rather than by libswscale, whose SIMD paths depend on the buffer's memory alignment and so
+    gave different bytes for the same frames from run to run."""
+    h, w, _ = rgb.shape
+    f = rgb.astype(np.float32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0  # [H, W]
+    u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+    # 2x2 chroma averaging: [H/2, W/2] each.
+    u = u.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    v = v.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    planes = np.concatenate([y.reshape(-1), u.reshape(-1), v.reshape(-1)])
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)  # [H * 3/2, W]
+
+
+def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None, crf: int = 27) -> bytes:
     """Encode uint8 RGB frames [N, H, W, 3] (H and W even) to the bytes of an ``.mp4`` at ``fps``."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 frames [N, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
@@ -151,12 +170,18 @@ def encode_mp4(frames: np.ndarray, fps: int, codec: str | None = None, crf: int 
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        # A seeded dataset must be the same bytes on every run: one encoder thread (the shard writers
+        # parallelise across videos anyway) and no rate-control lookahead, whose macroblock-tree pass gave
+        # run-to-run differences for some clips even single-threaded.
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "rc-lookahead": "0"}
         else:
             stream.bit_rate = 400_000
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(array), format="yuv420p")
+            frame.pts = i  # explicit timestamps in the stream's 1/fps time base
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed frames
             container.mux(packet)

@@ -14,6 +14,7 @@ sample ``"{scene_title}: {content}"`` (the reference's text), with the per-sourc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,21 @@ def _clips(row: dict[str, Any]) -> list[dict[str, Any]]:
     return [row]
 
 
+def _load(path: Path) -> dict[str, Any] | Skip:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        return Skip(path.name, "bad_row", f"not JSON ({err})")
+    return obj if isinstance(obj, dict) else Skip(path.name, "bad_row", "not a JSON object")
+
+
 def records(input: Path, media: Path | None = None) -> Iterator[Record | Skip]:
     files = annotation_files(input, "*caption*")
     index = MediaIndex(media or (input if input.is_dir() else input.parent) / "clips")
     for path in files:
-        for number, row in enumerate(read_rows(path)):
+        # A per-video caption file is one object ({"meta", "data"}); a .jsonl holds one object per line.
+        rows = [_load(path)] if path.suffix == ".json" else read_rows(path)
+        for number, row in enumerate(rows):
             if isinstance(row, Skip):
                 yield row
                 continue
