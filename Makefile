@@ -29,3 +29,8 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache
+
+# Synthetic demo shards (moving coloured shapes, a few MB) under data/synthetic; a re-run reuses finished shards.
+.PHONY: data-synthetic
+data-synthetic: install
+	$(PY) -m data_prep synthetic --output data/synthetic --workers 2
