@@ -231,6 +231,17 @@ class FoveatedVLM(nn.Module):
         self.q_static = nn.Parameter(torch.randn(1, query_dim))
         self.q_init = nn.Parameter(torch.randn(1, query_dim))
 
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> FoveatedVLM:
+        """Load a folder written by ``fovlm export`` (safetensors weights + config), in eval mode.
+
+        Rebuilds the LLM and DINOv2 from the configs stored in the folder (no hub access, no Lightning) and
+        loads the weights strictly; nothing is unpickled. See :func:`fovlm.export.load_pretrained`.
+        """
+        from fovlm.export import load_pretrained  # the export format lives with the exporter
+
+        return load_pretrained(path, device)
+
     # ---------------------------------------------------------------------------------------- building blocks
 
     def set_gradient_checkpointing(self, llm: bool = True, vision: bool = True) -> None:
