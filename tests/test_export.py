@@ -92,3 +92,14 @@ def test_push_to_hub_arguments(checkpoint, tmp_path, capsys):
     code = main([str(path), str(tmp_path / "pushed"), "--push-to-hub", "someone/fovlm-tiny"])
     assert code == 3 and (tmp_path / "pushed" / "model.safetensors").is_file()
     assert "upload to someone/fovlm-tiny failed" in capsys.readouterr().err
+
+
+def test_foveated_vlm_from_pretrained(checkpoint, tmp_path):
+    from fovlm.model.vlm import FoveatedVLM
+
+    path, original = checkpoint
+    assert main([str(path), str(tmp_path / "out")]) == 0
+    loaded = FoveatedVLM.from_pretrained(str(tmp_path / "out"))
+    assert not loaded.training
+    for (name, a), (_, b) in zip(sorted(original.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert torch.equal(a, b), name
