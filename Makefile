@@ -34,3 +34,9 @@ clean:
 .PHONY: data-synthetic
 data-synthetic: install
 	$(PY) -m data_prep synthetic --output data/synthetic --workers 2
+
+# Execute notebooks/quickstart.ipynb headless (real Jupyter kernel) on the demo model (FOVLM_MODEL overrides it);
+# the executed copy, with its outputs, goes to runs/notebooks.
+.PHONY: notebooks
+notebooks: install
+	$(PY) notebooks/run.py notebooks/quickstart.ipynb --out runs/notebooks
