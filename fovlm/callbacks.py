@@ -102,6 +102,56 @@ def _last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
     return None
 
 
+class StageCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose "best" metric follows the stage's data: ``val/loss`` when a validation set is
+    configured (the DataModule has ``val_shards`` and ``trainer.limit_val_batches`` is not 0), else the smoothed
+    training loss ``train/loss_smooth`` (see :class:`SmoothedLoss`), never one micro-batch's loss.
+
+    With a validation metric the best checkpoint is also reconsidered right after every validation run, so it
+    never waits a whole checkpoint interval for the newest validation loss. All other arguments are
+    ModelCheckpoint's; with ``filename: best``, ``save_top_k: 1`` and ``enable_version_counter: false`` the
+    selected checkpoint is always ``<dirpath>/best.ckpt`` next to ``last.ckpt``.
+
+    Args:
+        monitor: ``auto`` (the rule above) or an explicit metric name.
+        val_monitor: the metric chosen by ``auto`` when there is a validation set.
+        train_monitor: the metric chosen by ``auto`` otherwise.
+        kwargs: ModelCheckpoint's arguments.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "auto",
+        val_monitor: str = "val/loss",
+        train_monitor: str = "train/loss_smooth",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(monitor=None if monitor == "auto" else monitor, **kwargs)
+        self.auto_monitor = monitor == "auto"
+        self.val_monitor = val_monitor
+        self.train_monitor = train_monitor
+
+    @staticmethod
+    def has_validation(trainer: pl.Trainer) -> bool:
+        """Whether this run validates: a DataModule with validation shards and validation batches allowed."""
+        datamodule = trainer.datamodule
+        return getattr(datamodule, "val_shards", None) is not None and trainer.limit_val_batches != 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.auto_monitor:
+            self.monitor = self.val_monitor if self.has_validation(trainer) else self.train_monitor
+            rank_zero_info(f"best checkpoint selected by {self.monitor}")
+        super().setup(trainer, pl_module, stage)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self.monitor != self.val_monitor or trainer.sanity_checking or self.save_top_k == 0:
+            return
+        candidates = self._monitor_candidates(trainer)
+        if candidates.get(self.monitor) is not None and not trainer.fast_dev_run:
+            self._save_topk_checkpoint(trainer, candidates)
+
+
 class Preemption(Callback):
     """Save the ``last`` checkpoint and stop cleanly when the job is asked to stop (SIGTERM, SIGUSR1).
 
@@ -340,3 +390,265 @@ class Throughput(Callback):
             "perf/tokens_per_s": world * sum(m[3] for m in timed) / elapsed,
         }
         pl_module.log_dict(rates, on_step=True, on_epoch=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Monitoring: data pipeline counts, attention maps, sample generations
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any | None:
+    """The SummaryWriter of the run's TensorBoardLogger (rank 0 only), or None."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs the current batch's metrics at (its count of stepped batches before this one), so
+    values written directly line up with ``self.log`` values of the same optimizer step."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def _log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Write scalars straight to the loggers at the current step (not subject to log_every_n_steps)."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=_logger_step(trainer))
+
+
+# Counted by the pipeline but not skipped: truncated texts and samples repeated to even out ranks' batch counts.
+NOT_SKIPPED = ("truncated", "padded")
+
+
+class DataStats(Callback):
+    """Log the data pipeline's counts of skipped (and truncated / padded) samples, by reason, as ``data/<reason>``,
+    and their sum over the skip reasons as ``data/skipped``.
+
+    The counts come from ``trainer.datamodule.skip_counts()`` (summed over the loader workers of this process)
+    and are cumulative over the whole run: the totals at a checkpoint are carried into the resumed run.
+
+    Args:
+        every_n_steps: log every this many optimizer steps.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.base: dict[str, int] = {}
+
+    def totals(self, trainer: pl.Trainer) -> dict[str, int]:
+        """Run-wide counts so far: those carried from the checkpoint plus this process's."""
+        datamodule = trainer.datamodule
+        current = datamodule.skip_counts() if hasattr(datamodule, "skip_counts") else {}
+        keys = set(self.base) | set(current)
+        return {k: int(self.base.get(k, 0)) + int(current.get(k, 0)) for k in sorted(keys)}
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            counts = self.totals(trainer)
+            metrics = {f"data/{reason}": float(n) for reason, n in counts.items()}
+            # Always present (0 on clean data), so a dashboard shows that skipping is being watched.
+            metrics["data/skipped"] = float(sum(n for r, n in counts.items() if r not in NOT_SKIPPED))
+            _log_scalars(trainer, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        return {"counts": self.totals(trainer) if trainer is not None else dict(self.base)}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base = {k: int(v) for k, v in state_dict.get("counts", {}).items()}
+
+
+class _RandomStatesKept:
+    """Context manager: whatever runs inside leaves the Python, NumPy and torch CPU generators as it found them
+    (building a loader iterator draws a seed from torch's generator, which would change the training run)."""
+
+    def __enter__(self) -> _RandomStatesKept:
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+
+
+def _single_sample(batch: dict[str, Any], index: int) -> dict[str, Any]:
+    """Sample ``index`` of a caption/SFT or preference batch: its frames [T, 3, H, W] and its text rows (CPU)."""
+    num_frames = batch["num_frames"].cpu()
+    start = int(num_frames[:index].sum())
+    count = int(num_frames[index])
+    sample = {"frames": batch["frames"][start : start + count].detach().cpu()}  # [T, 3, H, W]
+    prefix = "chosen_" if "chosen_input_ids" in batch else ""
+    mask = batch[f"{prefix}attention_mask"][index].bool().cpu()
+    sample["input_ids"] = batch[f"{prefix}input_ids"][index].cpu()[mask]  # [S]
+    sample["roles"] = batch[f"{prefix}roles"][index].cpu()[mask]  # [S]
+    return sample
+
+
+def _first_video_sample(batch: Any) -> dict[str, Any] | None:
+    """The first sample with frames in a batch, or None."""
+    if not isinstance(batch, dict) or "num_frames" not in batch:
+        return None
+    with_frames = (batch["num_frames"] > 0).nonzero()
+    return _single_sample(batch, int(with_frames[0])) if len(with_frames) else None
+
+
+class _FixedSample(Callback):
+    """Base of the callbacks that look at one fixed sample: the first video sample of the validation set when
+    there is one, else the first video sample this process trains on. Fetching it leaves the random
+    generators untouched, so monitoring never changes what is trained."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.sample: dict[str, Any] | None = None
+        self._looked_at_val = False
+        self._step_at_batch_start = -1
+
+    def _val_sample(self, trainer: pl.Trainer) -> dict[str, Any] | None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return None
+        with _RandomStatesKept():
+            loader = datamodule.val_dataloader()
+            if not loader:
+                return None
+            for batch in loader:
+                sample = _first_video_sample(batch)
+                if sample is not None:
+                    return sample
+        return None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stepped = trainer.global_step != self._step_at_batch_start
+        if not stepped or trainer.global_step % self.every_n_steps != 0:
+            if self.sample is None and self._looked_at_val:
+                self.sample = _first_video_sample(batch)
+            return
+        if self.sample is None and not self._looked_at_val:
+            self._looked_at_val = True
+            self.sample = self._val_sample(trainer)
+        if self.sample is None:
+            self.sample = _first_video_sample(batch)
+        if self.sample is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), _RandomStatesKept():
+                self.observe(trainer, pl_module, self.sample)
+        finally:
+            pl_module.train(was_training)
+
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sample: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class AttentionMonitor(_FixedSample):
+    """Every ``every_n_steps`` steps: where the static and the dynamic (LLM-written) queries look, on a fixed
+    sample, as a TensorBoard image ``attention/maps`` (one row per query kind, one column per frame, heads and
+    layers averaged), and the mean attention entropy of each kind (``attention/entropy_static``,
+    ``attention/entropy_dynamic``, nats over the CLS token and the patches; uniform attention is ln(keys)).
+
+    Args:
+        every_n_steps: optimizer steps between two looks.
+        num_frames: frames drawn (the first ones of the sample).
+    """
+
+    def __init__(self, every_n_steps: int = 500, num_frames: int = 4) -> None:
+        super().__init__(every_n_steps)
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.num_frames = num_frames
+
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sample: dict[str, Any]) -> None:
+        from fovlm.eval.attention import attention_entropy, attention_sheet
+
+        model = pl_module.model
+        device = next(model.parameters()).device
+        frames = sample["frames"].to(device)  # [T, 3, H, W]
+        num_frames = torch.tensor([len(frames)], device=device)
+        visual = model.visual_tokens(model.encode_patches(frames), num_frames, "coarse_fine", return_attention=True)
+        maps = {
+            # per layer [T, h, 1, K] -> [T, L, h, K]
+            "static": torch.stack(visual.coarse_attention, dim=1).squeeze(3).float().cpu(),
+            "dynamic": torch.stack(visual.fine_attention, dim=1).squeeze(3).float().cpu(),
+        }
+        _log_scalars(
+            trainer,
+            {f"attention/entropy_{kind}": float(attention_entropy(w).mean()) for kind, w in maps.items()},
+        )
+        writer = _tensorboard(trainer)
+        if writer is not None:
+            shown = min(self.num_frames, len(frames))
+            sheet = attention_sheet(
+                list(sample["frames"][:shown]), {k: w[:shown] for k, w in maps.items()}, layer=None, cell=128
+            )
+            writer.add_image("attention/maps", np.asarray(sheet), _logger_step(trainer), dataformats="HWC")
+
+
+class SampleGeneration(_FixedSample):
+    """Every ``every_n_steps`` steps: a greedy answer to a fixed sample's first question, generated with the
+    autoregressive visual pass (``fovlm.model.generate.generate``), as TensorBoard text ``samples/generation``
+    together with the prompt and the reference answer.
+
+    Args:
+        every_n_steps: optimizer steps between two generations.
+        max_new_tokens: most tokens generated.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, max_new_tokens: int = 48) -> None:
+        super().__init__(every_n_steps)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
+
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sample: dict[str, Any]) -> None:
+        from fovlm.losses import ROLE_ANSWER
+        from fovlm.model.generate import generate
+
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        answer = (sample["roles"] == ROLE_ANSWER).nonzero()
+        if tokenizer is None or not len(answer):
+            return
+        start = int(answer[0])
+        end = start
+        while end < len(sample["roles"]) and int(sample["roles"][end]) == ROLE_ANSWER:
+            end += 1
+        prompt_ids = sample["input_ids"][:start]  # [P]: up to and including "<|im_start|>assistant\n"
+        reference = sample["input_ids"][start:end]  # the answer and its <|im_end|>
+        model = pl_module.model
+        device = next(model.parameters()).device
+        stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        result = generate(
+            model, sample["frames"].to(device), prompt_ids.to(device), stop_ids, max_new_tokens=self.max_new_tokens
+        )
+        writer = _tensorboard(trainer)
+        if writer is None:
+            return
+        prompt = tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=False)
+        text = (
+            f"**frames:** {len(sample['frames'])}  \n"
+            f"**prompt:** `{prompt.strip()}`  \n"
+            f"**reference:** {tokenizer.decode(reference.tolist(), skip_special_tokens=True).strip()}  \n"
+            f"**generated:** {tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()}"
+        )
+        writer.add_text("samples/generation", text, _logger_step(trainer))

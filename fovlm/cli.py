@@ -8,8 +8,8 @@
 Configs compose (later ``--config`` files override earlier ones) and name the LightningModule and DataModule
 with ``class_path`` / ``init_args``. Design choices:
 
-- Values that must agree are given once and linked (``link_arguments``): the DataModule's tokenizer, its GGUF
-  file and its maximum text length flow into the model, so the tokenizer always matches the LLM.
+- Values that must agree are given once and linked (``link_arguments``): the model's ``llm`` (and its
+  ``gguf_file``) decide the DataModule's tokenizer, so the tokenizer always matches the LLM.
 - A bad config fails before the first step with a message that names the key or the path and a non-zero
   exit code: unknown keys and wrong types are rejected by the parser; a ``init_from`` file or a shard pattern
   that does not exist is rejected by :meth:`FovlmCLI.before_instantiate_classes`.
@@ -26,7 +26,6 @@ with ``class_path`` / ``init_args``. Design choices:
 
 from __future__ import annotations
 
-import glob
 import importlib
 import logging
 import os
@@ -43,6 +42,8 @@ from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from fovlm.callbacks import AtomicCheckpointIO  # noqa: E402
+from fovlm.data.pipeline import expand_shards  # noqa: E402
+from fovlm.model.loading import SMOLLM2_FOLDER  # noqa: E402
 from fovlm.module import FoveatedModule  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,20 @@ log = logging.getLogger(__name__)
 # Commands outside LightningCLI's fit/validate/test/predict: name -> "module:function"; the function takes the
 # remaining arguments (list[str]) and returns an exit code (or None for 0).
 EXTRA_COMMANDS: dict[str, str] = {}
+
+# Where `make smollm2` (fovlm.model.loading.prepare_smollm2 with its default cache) puts SmolLM2-135M-Instruct.
+TINY_LLM_TOKENIZER = str(Path(".cache") / SMOLLM2_FOLDER)
+
+
+def tokenizer_for(llm: str) -> str:
+    """The tokenizer of an LLM: the LLM's own id or folder; for the random ``tiny`` LLM (shaped like SmolLM2,
+    same vocabulary) the real SmolLM2 tokenizer from the folder ``make smollm2`` prepares."""
+    return TINY_LLM_TOKENIZER if llm == "tiny" else llm
+
+
+def gguf_for(llm: str, gguf_file: str | None) -> str | None:
+    """The GGUF file the tokenizer is read from: the LLM's own, none for the ``tiny`` LLM."""
+    return None if llm == "tiny" else gguf_file
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -69,13 +84,6 @@ class SaveRunConfig(SaveConfigCallback):
             # Every rank must agree on the name; rank 0's view of the folder decides.
             self.config_filename = trainer.strategy.broadcast(name)
         super().setup(trainer, pl_module, stage)
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    """Files matched by one shard pattern: a glob, a brace range (``{000..009}``), or a plain path."""
-    import braceexpand
-
-    return sorted({path for part in braceexpand.braceexpand(pattern) for path in glob.glob(part)})
 
 
 def _patterns(value: Any) -> list[str]:
@@ -107,8 +115,10 @@ def config_problems(config: Any) -> list[str]:
         if "shards" not in key:
             continue
         for pattern in _patterns(value.as_dict() if hasattr(value, "as_dict") else value):
-            if not _expand_pattern(pattern):
-                problems.append(f"data.init_args.{key}: shard pattern {pattern!r} matches no file")
+            try:
+                expand_shards(pattern)
+            except FileNotFoundError as error:
+                problems.append(f"data.init_args.{key}: {error}")
     return problems
 
 
@@ -133,7 +143,11 @@ class FovlmCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        pass
+        # The LLM decides the tokenizer: the DataModule's tokenizer and GGUF file are never given separately.
+        parser.link_arguments("model.init_args.llm", "data.init_args.tokenizer", compute_fn=tokenizer_for)
+        parser.link_arguments(
+            ("model.init_args.llm", "model.init_args.gguf_file"), "data.init_args.gguf_file", compute_fn=gguf_for
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -1,0 +1,108 @@
+"""Callbacks: what a short fit writes to TensorBoard, the smoothed loss, throughput windows, the atomic writer."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from fitkit import fit_args, read_events, synthetic_data
+
+from fovlm.callbacks import AtomicCheckpointIO, SmoothedLoss, atomic_torch_save, batch_counts
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
+
+
+def test_tensorboard_holds_scalars_images_and_text(data, tmp_path):
+    """A short stage-1 fit logs losses, smoothed loss, LR, throughput, data counts, attention entropies and maps,
+    and a generated answer; the events are read back from the files."""
+    from fovlm.cli import main
+
+    out = tmp_path / "runs"
+    main(fit_args(1, data, out, steps=8, every=4, extra=["--trainer.val_check_interval", "4"]))
+    run = out / "stage1"
+    events = read_events(run)
+    scalars = events["scalars"]
+    for tag in ("train/loss", "train/loss_smooth", "train/grad_norm", "val/loss", "perf/samples_per_s",
+                "perf/frames_per_s", "perf/tokens_per_s", "data/skipped", "attention/entropy_static",
+                "attention/entropy_dynamic"):
+        assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
+    assert any(tag.startswith("lr-") for tag in scalars), sorted(scalars)
+    assert sorted(scalars["train/loss"]) == list(range(8))  # one value per optimizer step
+    # Directly written values share Lightning's step axis: after steps 4 and 8 -> logged at 3 and 7.
+    assert sorted(scalars["attention/entropy_static"]) == [3, 7]
+    # Entropy over 1 CLS + 4x4 patches: positive and at most uniform.
+    for kind in ("static", "dynamic"):
+        values = list(scalars[f"attention/entropy_{kind}"].values())
+        assert values and all(0 < v <= math.log(17) + 1e-4 for v in values)
+    for tag in ("perf/samples_per_s", "perf/frames_per_s", "perf/tokens_per_s"):
+        assert all(v > 0 for v in scalars[tag].values())
+    assert "attention/maps" in events["images"]
+    assert any(t.startswith("samples/generation") for t in events["texts"]), events["texts"]
+    # The resolved config of the run and its checkpoints.
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8
+
+
+def test_smoothed_loss_is_a_bias_corrected_ema():
+    callback = SmoothedLoss(window=3)  # alpha = 0.5
+    values = [4.0, 2.0, 1.0]
+    ema = weight = 0.0
+    for v in values:
+        callback.ema = (1 - callback.alpha) * callback.ema + callback.alpha * v
+        callback.weight = (1 - callback.alpha) * callback.weight + callback.alpha
+        ema = 0.5 * ema + 0.5 * v
+        weight = 0.5 * weight + 0.5
+    # By hand: ema = 0.5*1 + 0.25*2 + 0.125*4 = 1.5, weight = 0.875 -> 1.714...
+    assert callback.ema / callback.weight == pytest.approx(1.5 / 0.875)
+    assert ema / weight == pytest.approx(1.5 / 0.875)
+    with pytest.raises(ValueError):
+        SmoothedLoss(window=0)
+
+
+def test_batch_counts_caption_and_preference():
+    caption = {"num_frames": torch.tensor([3, 0, 2]), "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])}
+    assert batch_counts(caption) == (3, 5, 6)
+    pair = {"num_frames": torch.tensor([1, 1]), "chosen_attention_mask": torch.ones(2, 4),
+            "rejected_attention_mask": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])}
+    assert batch_counts(pair) == (2, 2, 11)
+
+
+def test_atomic_save_replaces_and_cleans(tmp_path):
+    path = tmp_path / "ck" / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+    (path.parent / ".last.ckpt.stale.tmp").write_bytes(b"half")
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_killed_mid_write_leaves_previous_checkpoint(tmp_path):
+    """SIGKILL while the new checkpoint is half written: the previous file is intact and loads."""
+    path = tmp_path / "last.ckpt"
+    script = f"""
+import os, signal, io, torch
+from fovlm.callbacks import AtomicCheckpointIO
+io_ = AtomicCheckpointIO()
+io_.save_checkpoint({{"step": 1, "w": torch.arange(1000)}}, {str(path)!r})
+real_save = torch.save
+def dying_save(obj, f, *a, **k):
+    buf = io.BytesIO(); real_save(obj, buf, *a, **k)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+io_.save_checkpoint({{"step": 2, "w": torch.arange(1000)}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # the half-written file, never renamed
+
