@@ -40,3 +40,12 @@ data-synthetic: install
 .PHONY: notebooks
 notebooks: install
 	$(PY) notebooks/run.py notebooks/quickstart.ipynb --out runs/notebooks
+
+# Benchmarks: `make bench` on the CPU (about 10 minutes on 2 cores; table on stdout, bench/results/cpu.json),
+# `make bench-gpu` on one CUDA device (at most about 8 minutes; bench/results/gpu.json).
+.PHONY: bench bench-gpu
+bench: install
+	$(PY) -m fovlm.bench
+
+bench-gpu: install
+	$(PY) -m fovlm.bench.gpu
