@@ -1,0 +1,52 @@
+"""``python -m fovlm.bench``: the CPU benchmark behind ``make bench`` (table on stdout, JSON under bench/results).
+
+What it measures is described in :mod:`fovlm.bench.runner`; the matmul rates the achieved FLOP/s are compared
+with are measured first, in the same process, with large square ``torch.matmul`` calls in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fovlm.bench import runner, suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fovlm.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,real", help="comma-separated: tiny, real")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--out", default="bench/results/cpu.json", help="JSON report path")
+    parser.add_argument("--no-data", action="store_true", help="skip the DataModule section")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul for the peak rate")
+    parser.add_argument("--dry-run", action="store_true", help="tiny size, minimal repeats: checks the code paths")
+    args = parser.parse_args(argv)
+    sizes = ["tiny"] if args.dry_run else [s for s in args.sizes.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+    for name in sizes:
+        if name not in suite.SIZES:
+            parser.error(f"unknown size {name!r}; expected tiny or real")
+    for name in precisions:
+        if name not in ("fp32", "bf16"):
+            parser.error(f"unknown precision {name!r}; expected fp32 or bf16")
+    started = time.time()
+    results = {"meta": runner.meta(args.dry_run)}
+    cpu = suite.Env(torch.device("cpu"), "fp32")
+    runner.log("matmul peak")
+    seconds, size = (0.3, 256) if args.dry_run else (3.0, args.matmul_size)
+    results["matmul"] = {"fp32": suite.matmul_rate(cpu, torch.float32, size, seconds),
+                         "bf16": suite.matmul_rate(cpu, torch.bfloat16, size, seconds)}
+    for name in sizes:
+        results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"))
+    if not args.no_data:
+        results["data"] = runner.data_section(args.dry_run, (0, 2))
+    runner.finish(results, Path(args.out), started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

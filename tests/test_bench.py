@@ -1,0 +1,133 @@
+"""The benchmark: analytic FLOPs against PyTorch's FLOP counter, the naive variants against the model, dry runs."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fovlm.bench import flops, naive, suite
+from fovlm.model.loading import build_vlm
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_vlm("tiny", "tiny").eval()
+
+
+def counted(fn) -> int:
+    """FLOPs counted by PyTorch; the math SDPA backend, so attention runs as matmuls the counter sees."""
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_patch_and_query_pass_flops_match_the_counter(model):
+    shape = flops.ModelShape.of(model)
+    frames = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        assert counted(lambda: model.encode_patches(frames)) == 3 * flops.patch_pass(shape)
+        cache = model.encode_patches(frames)
+        queries = torch.randn(3, model.query_dim)
+        assert counted(lambda: model.read_frames(queries, cache)) == 3 * flops.query_pass(shape)
+
+
+def test_llm_and_head_flops_match_the_counter(model):
+    shape = flops.ModelShape.of(model)
+    embeds = torch.randn(2, 11, shape.llm_width)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    positions = torch.arange(11)[None].expand(2, -1)
+    with torch.no_grad():
+        assert counted(lambda: model.llm_hidden(embeds, mask, positions)) == 2 * flops.llm_pass(shape, 11)
+        hidden = torch.randn(5, shape.llm_width)
+        assert counted(lambda: model.lm_head(hidden)) == flops.lm_head(shape, 5)
+        assert counted(lambda: model.query_head(hidden)) == flops.query_head(shape, 5)
+
+
+def test_forward_flops_of_a_coarse_fine_batch_match_the_counter(model):
+    shape = flops.ModelShape.of(model)
+    batch = suite.sft_batch([3, 5], 24, 224, shape.vocab)
+    from fovlm.losses import answer_only_mask, selected_targets, shift_labels
+
+    logits_mask, _, _ = selected_targets(shift_labels(batch["input_ids"], answer_only_mask(batch["roles"])))
+    measured = counted(lambda: model(batch["frames"], batch["num_frames"], batch["input_ids"],
+                                     batch["attention_mask"], logits_mask=logits_mask))
+    # The model runs the coarse LLM pass and [visual ; text] with every row padded to the batch's widest sample;
+    # the analytic count covers each sample's real tokens only, so it is a lower bound that padding widens.
+    analytic = flops.train_step(shape, [3, 5], [24, 24], int(logits_mask.sum())) / 3
+    assert analytic <= measured < 1.05 * analytic
+
+
+def test_kv_twice_gives_the_same_cache(model):
+    frames = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        once = model.encode_patches(frames)
+        twice = naive.patch_pass_kv_twice(model.encoder, frames)
+    torch.testing.assert_close(twice.features, once.features)
+    for a, b in zip(once.keys + once.values, twice.keys + twice.values, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_padded_layout_equals_per_sample_when_nothing_is_padded(model):
+    batch = suite.sft_batch([4, 4], 24, 224, 49152)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                     logits_mask=mask).logits
+        for encode_padding in (False, True):
+            padded = naive.padded_coarse_fine_logits(model, batch["frames"], batch["num_frames"],
+                                                     batch["input_ids"], mask, encode_padding)
+            torch.testing.assert_close(padded, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_layout_leaks_padding_into_shorter_samples(model):
+    batch = suite.sft_batch([2, 5], 24, 224, 49152)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        ours = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                     logits_mask=mask).logits
+        padded = naive.padded_coarse_fine_logits(model, batch["frames"], batch["num_frames"], batch["input_ids"], mask)
+    rows = mask.sum(1).tolist()
+    torch.testing.assert_close(padded[rows[0]:], ours[rows[0]:], atol=1e-4, rtol=1e-4)  # the longest clip
+    assert not torch.allclose(padded[: rows[0]], ours[: rows[0]], atol=1e-3)  # the padded one differs
+
+
+@pytest.mark.parametrize("recompute_llm", [False, True])
+def test_naive_autoregressive_gives_the_same_tokens(model, recompute_llm):
+    frames = torch.randn(5, 3, 224, 224)
+    with torch.no_grad():
+        cache = model.encode_patches(frames)
+        ours = model.autoregressive_prefix(cache, torch.tensor([5])).tokens
+        theirs = naive.autoregressive_naive(model, cache, recompute_llm)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_script_without_cuda_says_so(monkeypatch, capsys):
+    from fovlm.bench import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main(["--out", "unused.json"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_dry_run_writes_every_figure(tmp_path):
+    from fovlm.bench import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--no-data", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    bf16 = result["tiny"]["bf16"]
+    for key in ("sft8", "mixed", "dpo", "mixed_padded", "sft8_full_lm_head"):
+        assert bf16[key]["samples_per_s"] > 0 and bf16[key]["model_flop_per_step"] > 0
+    assert set(bf16["autoregressive"]["fovlm"]) == {"2", "4"}
+    assert bf16["scoring"]["ratio"] > 0 and bf16["kv"]["ratio_forward"] > 0
+    assert set(result["memory"]) == {"stage1_135m", "stage1_135m_checkpointing", "shape_1p7b_checkpointing"}
+
+
+def test_data_figures_read_every_sample(tmp_path, smollm2_dir):
+    result = suite.data_figures(tmp_path, str(smollm2_dir), samples=4, frames=2, source_size=64, batch_size=2,
+                                workers=(0,))
+    assert result["datamodule"]["0"]["samples"] == 4
+    assert result["raw_decode_frames_per_s"] > 0
