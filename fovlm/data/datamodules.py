@@ -149,7 +149,7 @@ class ShardDataModule(L.LightningDataModule):
     # -- set-up ---------------------------------------------------------------------------------------------
 
     def _distributed(self) -> tuple[int, int]:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -163,8 +163,6 @@ class ShardDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer, expand and index the shards, build the epoch plans (idempotent)."""
-        if self.tokenizer is None:
-            self.tokenizer = self.load_tokenizer()
         if self._train_planner is None and stage in (None, "fit"):
             main = _groups(self.train_shards, "train")
             if not main:
@@ -184,6 +182,8 @@ class ShardDataModule(L.LightningDataModule):
             val = _groups(self.val_shards, "val")
             self._val_planner = self._planner(val, [None] * len(val), [False] * len(val), shuffle=False,
                                               batch_size=self.val_batch_size)
+        if self.tokenizer is None:
+            self.tokenizer = self.load_tokenizer()
 
     def _planner(self, groups: Sequence[tuple[str, list[str]]], weights: list[float | None], text: list[bool],
                  shuffle: bool, batch_size: int) -> EpochPlanner:
@@ -191,7 +191,7 @@ class ShardDataModule(L.LightningDataModule):
         index = build_index(paths, self.index_cache)
         for info in index.values():
             if info.error is not None:
-                self._counts["unreadable_shard"] += 1
+                self._counts["damaged_shard"] += 1
                 log.warning("%s (its %d readable samples are kept)", info.error, info.num_samples)
         totals = [sum(index[p].num_samples for p in shards) for _, shards in groups]
         counts = group_counts(totals, weights, text, self.text_ratio if shuffle else 0.0,
@@ -219,13 +219,13 @@ class ShardDataModule(L.LightningDataModule):
         return kwargs
 
     def _trainer_epoch(self) -> int:
-        return self._trainer.current_epoch if self._trainer is not None else 0
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> ShardLoader:
         if self._train_planner is None:
             self.setup("fit")
         assert self._train_planner is not None
-        epoch_fn = self._trainer_epoch if self._trainer is not None else None
+        epoch_fn = self._trainer_epoch if self.trainer is not None else None
         return ShardLoader(self._stream(self._train_planner), epoch_fn=epoch_fn, counts=self._counts,
                            **self._loader_kwargs(self.num_workers))
 

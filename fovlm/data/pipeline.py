@@ -547,6 +547,10 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+def _fresh_position(epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "batches": 0, "nominal": 0, "owed": 0, "queue": []}
+
+
 class ShardStream(IterableDataset):
     """Batches from shards following :class:`EpochPlanner`'s plan; resumable (``state_dict``).
 
@@ -567,8 +571,8 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None
-        self._position = (0, 0)  # (epoch, batches yielded) of the running iterator
+        self._resume: dict[str, Any] | None = None
+        self._position: dict[str, Any] = _fresh_position(0)  # where the running iterator stands
         self._num_workers = 1
 
     def set_epoch(self, epoch: int) -> None:
@@ -585,70 +589,112 @@ class ShardStream(IterableDataset):
             raise TypeError("the number of batches varies per epoch under a frame budget")
         return self.planner.batches_per_rank(self.epoch, self.world_size, self._num_workers)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._position[0], "batches": self._position[1]}
+    def state_dict(self) -> dict[str, Any]:
+        """The running iterator's position: epoch, batches yielded, next planned batch to read, and the
+        samples read but not yet yielded (by plan position, re-read on restore)."""
+        return {k: (list(map(list, v)) if k == "queue" else v) for k, v in self._position.items()}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-        self._position = self._resume
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
+                        "nominal": int(state.get("nominal", state["batches"])), "owed": int(state.get("owed", 0)),
+                        "queue": [[list(map(int, positions)), int(k)] for positions, k in state.get("queue", [])]}
+        self._position = dict(self._resume)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start = self.epoch, 0
-        if self._resume is not None and self._resume[0] == epoch:
-            start = self._resume[1]
+        epoch = self.epoch
+        position = self._resume if self._resume is not None and self._resume["epoch"] == epoch else None
         self._resume = None
         plan = self.planner.worker_plan(epoch, self.rank, self.world_size, worker, num_workers)
-        self._position = (epoch, start)
-        return self._batches(plan, epoch, start)
+        self._position = position or _fresh_position(epoch)
+        return self._batches(plan, dict(self._position))
 
-    def _batches(self, plan: SlotPlan, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        # On resume, the samples of the batches already yielded are passed over without reading their data.
-        done = set(plan.order[:plan.bounds[start]]) if 0 < start < len(plan.bounds) else set()
+    def _batches(self, plan: SlotPlan, position: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Batches of the plan. A planned batch whose samples all fail still yields a batch: the previous
+        good batch (if it has a sample to spare) or else the next one is split to cover it, so the batch count
+        stays the plan's and no sample is repeated unless a worker has fewer good samples than batches.
+        To decide, one good batch is held back until the next planned batch has been read."""
+        epoch, nominal, owed = position["epoch"], position["nominal"], position["owed"]
+        batches = position["batches"]
+        queue_positions = [(list(positions), k) for positions, k in position["queue"]]
+        carried = {pos for positions, _ in queue_positions for pos in positions}
+        # On resume, samples of the batches already yielded are passed over without reading their data.
+        done = set(plan.order[:plan.bounds[nominal]]) - carried if nominal < len(plan.bounds) else set(plan.order)
         samples = self._read(plan, needed=lambda pos: pos not in done)
         pending: dict[int, tuple[str, Any]] = {}  # read, not yet emitted: at most the shuffle buffer
         counts: Counter[str] = Counter()
         examples: dict[str, str] = {}
-        if start == 0 and plan.padded:
+        if batches == 0 and plan.padded:
             counts["padded"] += plan.padded
-        last_good: list[dict[str, Any]] | None = None
-        owed = 0  # batches whose samples all failed before any sample succeeded
-        for b in range(start, plan.num_batches):
+
+        def fetch(pos: int) -> tuple[str, Any]:
+            while pos not in pending:
+                got, outcome = next(samples)
+                if got not in done:
+                    pending[got] = outcome
+            return pending.pop(pos)
+
+        # queue: [[(position, sample), ...], number of batches to make of them]
+        queue: list[list[Any]] = []
+        for positions, k in queue_positions:
+            group = [(pos, value) for pos in positions for status, value in [fetch(pos)] if status == "ok"]
+            queue.append([group, k])
+        last: dict[str, Any] | None = None
+
+        def emit() -> dict[str, Any]:
+            nonlocal batches, last
+            group = queue[0]
+            samples_left, k = group
+            take = math.ceil(len(samples_left) / k)
+            part, group[0] = samples_left[:take], samples_left[take:]
+            group[1] = k - 1
+            if group[1] == 0:
+                queue.pop(0)
+            if not part:  # fewer good samples than batches: repeat one (counted)
+                part = [(-1, last)]
+                counts["padded"] += 1
+            last = part[-1][1]
+            batch = self.collate([sample for _, sample in part])
+            batch[COUNTS_KEY] = dict(counts)
+            batch[EXAMPLES_KEY] = dict(examples)
+            counts.clear()
+            examples.clear()
+            batches += 1
+            self._position = {"epoch": epoch, "batches": batches, "nominal": nominal, "owed": owed,
+                              "queue": [[[pos for pos, _ in g], n] for g, n in queue]}
+            return batch
+
+        while nominal < plan.num_batches:
             good = []
-            for pos in plan.order[plan.bounds[b]:plan.bounds[b + 1]]:
-                while pos not in pending:
-                    got, outcome = next(samples)
-                    if got not in done:
-                        pending[got] = outcome
-                status, value = pending.pop(pos)
+            for pos in plan.order[plan.bounds[nominal]:plan.bounds[nominal + 1]]:
+                status, value = fetch(pos)
                 if status == "ok":
-                    good.append(value)
+                    good.append((pos, value))
                     if value.get("truncated"):
                         counts["truncated"] += 1
                 else:
                     reason, message = value
                     counts[reason] += 1
                     examples.setdefault(reason, message)
+            nominal += 1
             if not good:
-                # Every rank must yield the same number of batches: stand in with the previous batch's last
-                # sample (counted), or, before any sample succeeded, with the next good batch.
-                if last_good is None:
+                # Cover the failed batch by splitting the held good batch if it can give a sample, else by
+                # splitting the next good batch.
+                if queue and len(queue[-1][0]) > queue[-1][1]:
+                    queue[-1][1] += 1
+                else:
                     owed += 1
-                    continue
-                good = last_good[-1:]
-                counts["padded"] += 1
-            last_good = good
-            counts["padded"] += owed * len(good)
-            for _ in range(owed + 1):
-                batch = self.collate(good)
-                batch[COUNTS_KEY] = dict(counts)
-                batch[EXAMPLES_KEY] = dict(examples)
-                counts.clear()
-                examples.clear()
-                self._position = (epoch, self._position[1] + 1)
-                yield batch
+                continue
+            queue.append([good, 1 + owed])
             owed = 0
+            while len(queue) > 1:
+                yield emit()
+        if queue and owed:
+            queue[-1][1] += owed  # no good batch followed: the last one covers the rest (repeats if needed)
+            owed = 0
+        while queue:
+            yield emit()
         if owed:
             log.warning("rank %d: a worker had no usable sample this epoch and yields %d batches fewer than "
                         "planned (under DDP the ranks' batch counts now differ)", self.rank, owed)
@@ -772,7 +818,7 @@ class ShardLoader(StatefulDataLoader):
     def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
         counts = batch.pop(COUNTS_KEY, None) or {}
         examples = batch.pop(EXAMPLES_KEY, None) or {}
-        self.counts.update(counts)
+        self.counts.update({reason: n for reason, n in counts.items() if n})
         for reason, n in counts.items():
             if n and reason not in self._warned and reason != "truncated":
                 self._warned.add(reason)

@@ -179,7 +179,7 @@ def test_damaged_shards(tmp_path):
     garbage.write_bytes(b"this is not a tar file" * 100)
     got = []
     with pytest.raises(ShardReadError, match="truncated"):
-        for index, key, _ in iter_tar_samples(str(truncated)):
+        for _, key, _ in iter_tar_samples(str(truncated)):
             got.append(key)
     assert 0 < len(got) < 6
     index = build_index([str(truncated), str(garbage)], tmp_path / "cache")
@@ -188,3 +188,37 @@ def test_damaged_shards(tmp_path):
     # Reading a range skips earlier samples without loading them.
     loaded = [(i, m is not None) for i, _, m in iter_tar_samples(str(good), 2, 5, load=lambda i: i != 3)]
     assert loaded == [(2, True), (3, False), (4, True)]
+
+
+@pytest.mark.slow
+def test_resume_with_failing_samples(tmp_path, tokenizer):
+    from shardkit import image_bytes
+
+    samples = []
+    bad = {0, 1, 11, 12, 13}  # planned batches [0 1] and [12 13] fail entirely: neighbours are split to cover them
+    for i in range(16):
+        sample = caption_sample(f"s{i:02d}", f"clip {i}", frames=1, size=(8, 8))
+        if i in bad:
+            sample["000.jpg"] = image_bytes()[:50]
+        samples.append(sample)
+    paths = [str(write_shard(tmp_path / "mixed.tar", samples))]
+    index = build_index(paths, tmp_path / "cache")
+
+    def loader():
+        return ShardLoader(_stream(paths, index, tokenizer, batch_size=2, shuffle=False), num_workers=2)
+
+    reference = loader()
+    full = [b["key"] for b in reference]
+    kept = sorted(k for b in full for k in b)
+    assert kept == sorted(f"s{i:02d}" for i in range(16) if i not in bad)  # nothing repeated
+    assert len(full) == len(reference) == 8  # the planned batch count, though whole batches failed
+    assert reference.counts == {"bad_image": 5}
+    for k in range(1, len(full)):
+        interrupted = loader()
+        it = iter(interrupted)
+        seen = [next(it)["key"] for _ in range(k)]
+        state = interrupted.state_dict()
+        del it
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert seen + [b["key"] for b in resumed] == full, k
