@@ -14,62 +14,17 @@ never hidden.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import webdataset as wds
-
 from fovlm.data.frames import FrameDecodeError, sample_frames, select_frame_indices
+from fovlm.data.pipeline import ShardReadError, expand_shards, iter_tar_samples
 from fovlm.data.schema import SampleError, parse_sample
 from fovlm.eval.questions import Question
 
 log = logging.getLogger(__name__)
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths from a folder, a glob, a brace pattern (``data/{000000..000003}.tar``) or a list of them."""
-    specs = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
-    paths: list[str] = []
-    for item in specs:
-        item = str(item)
-        if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.tar")))
-        elif any(c in item for c in "*?["):
-            found = sorted(glob.glob(item))
-        else:
-            found = list(wds.shardlists.expand_urls(item)) if "{" in item else [item]
-        missing = [p for p in found if not os.path.isfile(p)]
-        if not found or missing:
-            raise FileNotFoundError(f"no shard found for {item!r}" + (f": missing {missing[:3]}" if missing else ""))
-        paths.extend(found)
-    return paths
-
-
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per sample of one tar, grouped as webdataset groups (key = name up to the
-    basename's first dot; members of one sample are consecutive)."""
-    with tarfile.open(path) as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, base = info.name.rpartition("/")
-            stem, dot, suffix = base.partition(".")
-            if not dot:
-                continue
-            this_key = f"{folder}/{stem}" if folder else stem
-            if this_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = this_key, {}
-            members[suffix] = tar.extractfile(info).read()
-        if key is not None:
-            yield key, members
 
 
 class BenchmarkReader:
@@ -77,7 +32,7 @@ class BenchmarkReader:
 
     Args:
         name: benchmark name (results are filed under it).
-        shards: folder, glob, brace pattern or list of shard paths.
+        shards: glob or brace pattern (``data/mvbench/*.tar``), a folder of ``*.tar``, or a list of them.
         image_frames: frames an image question is replicated to.
         max_frames: most frames per video (spread uniformly beyond).
         frame_size: square frame side in pixels.
@@ -103,14 +58,17 @@ class BenchmarkReader:
 
     def __iter__(self) -> Iterator[Question]:
         count = 0
-        for path in expand_shards(self.shards):
-            for key, members in _tar_samples(path):
-                if self.limit is not None and count >= self.limit:
-                    return
-                question = self._question(path, key, members)
-                if question is not None:
-                    count += 1
-                    yield question
+        for path in expand_shards(_folder_to_glob(self.shards)):
+            try:
+                for _, key, members in iter_tar_samples(path):
+                    if self.limit is not None and count >= self.limit:
+                        return
+                    question = self._question(path, key, members)
+                    if question is not None:
+                        count += 1
+                        yield question
+            except ShardReadError as err:
+                self._skip("bad_shard", path, "-", str(err))
 
     def _question(self, path: str, key: str, members: dict[str, bytes]) -> Question | None:
         if "json" not in members:
@@ -143,6 +101,12 @@ class BenchmarkReader:
     def _skip(self, reason: str, path: str, key: str, detail: str) -> None:
         self.skipped[reason] += 1
         log.warning("%s: skipping sample %r of %s (%s): %s", self.name, key, Path(path).name, reason, detail)
+
+
+def _folder_to_glob(shards: str | Sequence[str]) -> list[str]:
+    """Shard patterns with each folder replaced by the glob of its ``*.tar`` files."""
+    patterns = [shards] if isinstance(shards, str | Path) else list(shards)
+    return [str(Path(p) / "*.tar") if Path(p).is_dir() else str(p) for p in patterns]
 
 
 def _frame_times(
