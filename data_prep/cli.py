@@ -78,6 +78,20 @@ def _options(args: argparse.Namespace) -> MediaOptions:
                         max_frames=args.max_frames, image_fit=args.image_fit, multi_image=args.multi_image)
 
 
+def _arg_docs(doc: str) -> dict[str, str]:
+    """``{name: text}`` from the ``Args:`` section of a docstring (the config's documentation is the help)."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        stripped = line.strip()
+        head, sep, text = stripped.partition(": ")
+        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            name, docs[head] = head, text
+        elif name and stripped:
+            docs[name] += " " + stripped
+    return docs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="SOURCE")
@@ -95,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn = commands.add_parser("synthetic", help="the seeded synthetic demo dataset (moving shapes)",
                               description=(sys.modules["data_prep.synthetic"].__doc__ or "").strip(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = SyntheticConfig()
-    for name, value in vars(defaults).items():
-        syn.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default {value})")
+    helps = _arg_docs(SyntheticConfig.__doc__ or "")
+    for name, value in vars(SyntheticConfig()).items():
+        syn.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                         help=f"{helps.get(name, '')} (default {value})")
     syn.add_argument("--raw-dir", type=Path, default=None, help="keep the generated .mp4 files here")
     # The demo set keeps its .mp4s by default: a few MB instead of ~15 MB of JPEG frames.
     _media_arguments(syn, keep_mp4=True)

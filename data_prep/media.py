@@ -101,6 +101,8 @@ class Converted:
 def read_file(path: str | os.PathLike) -> bytes:
     """The bytes of a media file; missing and empty files are skipped with their own reasons."""
     path = Path(path)
+    if path.is_dir():
+        raise SkipItem("unsupported_media", f"{path} is a folder (of frames?), not a video or image file")
     if not path.is_file():
         raise SkipItem("missing_file", f"{path} does not exist")
     data = path.read_bytes()

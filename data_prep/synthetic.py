@@ -54,10 +54,14 @@ class SyntheticConfig:
 
     Args:
         seed: seed of every random stream (same seed, same dataset).
-        caption_train: stage-1 caption samples (training split); ``caption_val`` for validation.
-        sft_train: stage-2 question-answer samples; ``sft_val`` for validation.
-        text_train: text-only chat samples; ``text_val`` for validation.
-        preference_train: stage-3 preference pairs; ``preference_val`` for validation.
+        caption_train: stage-1 caption samples (training split).
+        caption_val: stage-1 caption samples (validation split).
+        sft_train: stage-2 question-answer samples (training split).
+        sft_val: stage-2 question-answer samples (validation split).
+        text_train: text-only chat samples (training split).
+        text_val: text-only chat samples (validation split).
+        preference_train: stage-3 preference pairs (training split).
+        preference_val: stage-3 preference pairs (validation split).
         mcq: multiple-choice evaluation questions.
         min_seconds: shortest clip (whole seconds, so a clip of n seconds gives n frames at 1 FPS).
         max_seconds: longest clip.

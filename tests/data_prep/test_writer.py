@@ -118,3 +118,22 @@ def test_a_dying_worker_or_an_exception_costs_one_item(tmp_path):
     assert manifest["samples"] == 3
     assert manifest["skipped"] == {"bad_row": 1, "error": 1, "timeout": 1}
     assert [s["item"] for s in manifest["skipped_items"]] == ["die", "raise", "row 7"]
+
+
+def test_command_line_converts_and_reports(tmp_path, capsys):
+    import json
+
+    from data_prep.cli import main
+
+    csv_path = openvid_set(tmp_path / "in", n_good=2)
+    (tmp_path / "in" / "video" / "frames_dir.mp4").mkdir()  # a folder where a video file should be
+    with csv_path.open("a", newline="") as f:
+        f.write("frames_dir.mp4,a folder,\n")
+    code = main(["openvid", "--input", str(csv_path), "--output", str(tmp_path / "out"), "--workers", "0",
+                 "--size", "64", "--jpeg-quality", "70", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == 2 and printed["samples_per_source"] == {"openvid": 2}
+    assert printed["skipped"] == {"bad_row": 1, "empty_file": 1, "missing_file": 1, "unreadable_video": 1,
+                                  "unsupported_media": 1}
+    assert all(s["frames"].shape[-1] == 224 for s in read_shards(tmp_path / "out"))
