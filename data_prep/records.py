@@ -83,42 +83,58 @@ def build_record(key: str, record: Record, options: MediaOptions) -> Built:
 
 def read_rows(path: str | os.PathLike) -> Iterator[dict[str, Any] | Skip]:
     """Rows of an annotation file as dicts: ``.jsonl``, ``.json`` (a list of objects, or an object of
-    objects keyed by id), ``.csv`` or ``.parquet`` (needs ``pyarrow``). A line that is not a JSON object
-    becomes a :class:`Skip` (reason ``bad_row``) naming the file and line."""
+    objects keyed by id), ``.csv`` or ``.parquet`` (needs ``pyarrow``).
+
+    A row that is not a JSON object or not UTF-8 becomes a :class:`Skip` (``bad_row``) naming the file and
+    line; a whole file that cannot be parsed becomes one :class:`Skip` (``bad_file``): one broken file of a
+    dataset's many does not end the run."""
     path = Path(path)
     name = path.name
     if name.endswith(".jsonl"):
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield Skip(f"{name}:{number}", "bad_row", f"not JSON ({err})")
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    yield Skip(f"{name}:{number}", "bad_row", f"not UTF-8 JSON ({err})")
                     continue
                 if not isinstance(row, dict):
                     yield Skip(f"{name}:{number}", "bad_row", f"expected an object, got {type(row).__name__}")
                     continue
                 yield row
     elif name.endswith(".json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data.values() if isinstance(data, dict) else data
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            yield Skip(name, "bad_file", f"not UTF-8 JSON ({err})")
+            return
+        rows = data.values() if isinstance(data, dict) else data if isinstance(data, list) else [data]
         for number, row in enumerate(rows):
             if isinstance(row, dict):
                 yield row
             else:
                 yield Skip(f"{name}[{number}]", "bad_row", f"expected an object, got {type(row).__name__}")
     elif name.endswith(".csv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f)
+        # surrogateescape keeps a non-UTF-8 row readable, so that it alone is skipped.
+        with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                if any(isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v) for v in row.values()):
+                    yield Skip(f"{name}:{reader.line_num}", "bad_row", "not UTF-8")
+                    continue
+                yield row
     elif name.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise SystemExit(f"reading {path} needs pyarrow (pip install pyarrow), or export it to .jsonl") from err
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+                yield from batch.to_pylist()
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+            yield Skip(name, "bad_file", f"unreadable parquet ({err})")
     else:
         raise ValueError(f"{path}: unknown annotation format (expected .jsonl, .json, .csv or .parquet)")
 

@@ -3,6 +3,8 @@ loader's schema and frame decoding) with the right counts, texts and frame count
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from prepkit import read_shards
 from sourcekit import FIXTURES, sample_text
@@ -29,3 +31,29 @@ def test_source_fixture_to_shards(source, tmp_path):
         assert (s["frames"] is None) == (s["sample"].media == "text")
         if s["frames"] is not None:
             assert tuple(s["frames"].shape[1:]) == (3, 224, 224)
+
+
+def test_broken_annotation_files_and_rows_are_skipped(tmp_path):
+    from prepkit import write_clip
+
+    from data_prep.records import read_rows
+
+    root = tmp_path / "vista"
+    write_clip(root / "v.mp4", 2)
+    (root / "good.json").write_text(json.dumps([{"id": "a", "video": "v.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A clip."}]}]))
+    (root / "broken.json").write_text('[{"id": "b", "video": ')
+    manifest = convert("vista", root, tmp_path / "out", workers=0, progress=False)
+    assert manifest["samples"] == 1 and manifest["skipped"] == {"bad_file": 1}
+
+    lines = tmp_path / "rows.jsonl"
+    lines.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n[1, 2]\n{"a": 2}\n')
+    rows = list(read_rows(lines))
+    assert [r["a"] for r in rows if isinstance(r, dict)] == [1, 2]
+    assert [(r.item, r.reason) for r in rows if not isinstance(r, dict)] == [("rows.jsonl:2", "bad_row"),
+                                                                               ("rows.jsonl:3", "bad_row")]
+    table = tmp_path / "rows.csv"
+    table.write_bytes(b"video,caption\na.mp4,fine\nb.mp4,caf\xe9\nc.mp4,also fine\n")
+    rows = list(read_rows(table))
+    assert [r["video"] for r in rows if isinstance(r, dict)] == ["a.mp4", "c.mp4"]
+    assert [(r.item, r.reason) for r in rows if not isinstance(r, dict)] == [("rows.csv:3", "bad_row")]
