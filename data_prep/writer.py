@@ -5,8 +5,10 @@ Input items are cut into consecutive chunks of ``samples_per_shard``; chunk ``i`
 ``ShardWriter`` under a ``.partial`` name and renamed once complete, after its stats file
 (``{i:06d}.stats.json``: samples per source, skipped items with reasons, frame-count histogram and a
 fingerprint of the chunk's items and of the conversion options). A re-run skips every shard whose tar
-exists and whose stats carry the same fingerprint, so finished shards are never re-encoded, and a run
-killed half-way leaves only ``.partial`` files behind, which the next run overwrites.
+exists and whose stats carry the same fingerprint, so finished shards are never re-encoded; a run killed
+half-way leaves only ``.partial`` files behind, which the next run overwrites; shards numbered beyond the
+current input (from an earlier, longer run) are deleted, so the folder holds exactly what the manifest
+describes.
 
 Sample keys are ``{shard:06d}_{position:04d}`` (no dots, stable across re-runs); the item's own id
 (video id, row number) goes into the manifest's lists and, where the source has one, the JSON.
@@ -24,6 +26,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections import Counter, deque
@@ -39,6 +42,7 @@ from tqdm import tqdm
 from data_prep.media import SkipItem
 
 MANIFEST_NAME = "manifest.json"
+_SHARD_FILE = re.compile(r"(\d{6})\.(tar|stats\.json|tar\.partial)")
 MAX_LISTED_SKIPS = 10_000  # the manifest lists at most this many skipped items (all are counted)
 
 
@@ -253,8 +257,12 @@ def write_shards(
     bar = tqdm(total=total, desc=description or output.name, unit="item", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
 
+    chunk_count = 0
+
     def chunk_tasks() -> Iterator[tuple[int, str, list[Any]]]:
+        nonlocal chunk_count
         for index, chunk in enumerate(_chunks(records, samples_per_shard)):
+            chunk_count = index + 1
             digest = fingerprint(chunk, options)
             name = f"{index:06d}.tar"
             stats = _load_stats(output / f"{index:06d}.stats.json")
@@ -284,6 +292,8 @@ def write_shards(
                 break
             index, digest, chunk = pending.pop(0)
             stats = ShardStats(f"{index:06d}.tar", digest)
+            # An out-of-date tar goes first, so that the new stats can never sit beside old samples.
+            (output / stats.name).unlink(missing_ok=True)
             partial = output / f"{index:06d}.tar.partial"
             writer = wds.ShardWriter(str(output / "%06d.tar.partial"), maxcount=len(chunk) + 1, start_shard=index,
                                      verbose=0, mtime=0.0)
@@ -314,10 +324,24 @@ def write_shards(
     finally:
         results.close()
         bar.close()
+    removed = _remove_stale(output, chunk_count)
     seconds = time.perf_counter() - started
     manifest = _manifest(all_stats, reused, written, seconds, videos_written, frames_written, options)
+    manifest["run"]["shards_removed"] = removed
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _remove_stale(output: Path, count: int) -> list[str]:
+    """Delete the shards (and stats) numbered ``count`` and above, left by an earlier run over more input:
+    the folder holds exactly the shard set its manifest describes."""
+    removed = []
+    for path in sorted(output.iterdir()):
+        match = _SHARD_FILE.fullmatch(path.name)
+        if match and int(match.group(1)) >= count:
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def _manifest(stats: list[ShardStats], reused: list[str], written: int, seconds: float, media_samples: int,

@@ -83,6 +83,10 @@ def test_rerun_skips_finished_shards_without_decoding(tmp_path, monkeypatch):
                      progress=False)
     assert fourth["run"]["shards_written"] == 3
     assert read_shards(out)[0]["frames"].shape[-1] == 224  # the loader resizes; stored frames are 112 px
+    # A shorter input leaves no stale shard behind.
+    fifth = convert("openvid", csv_path, out, workers=0, samples_per_shard=2, limit=2, progress=False)
+    assert fifth["run"]["shards_removed"] == ["000001.stats.json", "000001.tar", "000002.stats.json", "000002.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar"] and len(read_shards(out)) == 2
 
 
 @pytest.mark.slow
