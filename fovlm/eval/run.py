@@ -2,7 +2,8 @@
 
     fovlm eval --model exported/fovlm-135m --benchmark mvbench=data/mvbench --benchmark demo=data/demo/mcq \
         [--modes coarse_only coarse_fine autoregressive] [--limit 200] [--out results.json] \
-        [--tensorboard runs/eval] [--baseline HuggingFaceTB/SmolVLM2-256M-Video-Instruct]
+        [--tensorboard runs/eval] [--baseline HuggingFaceTB/SmolVLM2-256M-Video-Instruct] \
+        [--val data/synthetic/sft/val/*.tar]
 
 ``fovlm eval`` is a command of its own rather than ``fovlm test --config``: a benchmark question is scored by
 several forward passes that share a patch pass and KV caches (:func:`fovlm.eval.scoring.score_question`), which
@@ -118,6 +119,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tensorboard", help="also log the results to this TensorBoard folder")
     parser.add_argument("--per-category", action="store_true", help="print one table row per category")
     parser.add_argument("--baseline", help="also score this SmolVLM2 model (hub id or folder) on the same questions")
+    parser.add_argument("--val", nargs="+", metavar="SHARDS",
+                        help="SFT-format shards: also report the answer-only loss per source in each mode")
+    parser.add_argument("--val-batch-size", type=int, default=4)
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -134,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_any(args.model, args.device, args.tokenizer)
         report = evaluate(model, tokenizer, readers, tuple(args.modes))
+        if args.val:
+            from fovlm.data.datamodules import SFTDataModule
+
+            data = SFTDataModule(train_shards=args.val, val_shards=args.val, tokenizer=tokenizer.name_or_path,
+                                 batch_size=args.val_batch_size, image_frames=args.image_frames, num_workers=0)
+            data.setup("validate")
+            validation_losses(model, data.val_dataloader(), tuple(args.modes), report)
         if args.baseline:
             from fovlm.eval.baseline import SmolVLMScorer
 

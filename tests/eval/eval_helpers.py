@@ -60,3 +60,18 @@ def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48)) -
         for packet in stream.encode():
             container.mux(packet)
     return buffer.getvalue()
+
+
+def write_sft_shard(path) -> str:
+    """Two question-answer samples from two sources (an image and a 2-frame video)."""
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "s0", "json": json.dumps({
+            "source": "alpha", "media": "image", "messages": [
+                {"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "Red."}]}).encode(),
+            "png": png_bytes((255, 0, 0))})
+        sink.write({"__key__": "s1", "json": json.dumps({
+            "source": "beta", "media": "video", "messages": [
+                {"role": "user", "content": "Which way does it move?"},
+                {"role": "assistant", "content": "To the left."}]}).encode(),
+            "000.png": png_bytes((0, 0, 255)), "001.png": png_bytes((0, 0, 128))})
+    return str(path)
