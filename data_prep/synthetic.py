@@ -27,6 +27,7 @@ import json
 import random
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -253,14 +254,21 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
     rng = random.Random(f"{config.seed}/{kind}/{split}")
     items: list[SyntheticItem] = []
     single = ["colour", "shape", "direction"]
+    seen: Counter = Counter()  # questions per category so far: balances each category's answers
+
+    def balanced(category: str) -> Scene:
+        seen[category] += 1
+        return _balanced_scene(rng, config, category, seen[category] - 1)
+
     for i in range(n):
         name = f"{kind}_{split}_{i:05d}"
         if kind == "caption":
             scene = make_scene(rng, config)
             items.append(_video_item(name, scene, {"caption": caption(scene)}, video_dir))
         elif kind == "sft":
-            category = (single + ["count"])[i % 4] if rng.random() < config.multi_share else single[i % 3]
-            scene = _balanced_scene(rng, config, category, i // 4 if category == "count" else i // 3)
+            # Count questions on the multi-object share of scenes; the others cycle through the categories.
+            category = "count" if rng.random() < config.multi_share else single[i % 3]
+            scene = balanced(category)
             asked = [category] if category == "count" else [category] + rng.sample(
                 [c for c in single if c != category], rng.randint(0, 2))
             messages = []
@@ -270,7 +278,7 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
             items.append(_video_item(name, scene, {"messages": messages}, video_dir))
         elif kind == "preference":
             category = single[i % 3]
-            scene = _balanced_scene(rng, config, category, i // 3)
+            scene = balanced(category)
             right = answer(scene, category)
             wrong = rng.choice([a for a in alternatives(category) if a != right])
             text = {"messages": [{"role": "user", "content": QUESTIONS[category]}], "chosen": right,
@@ -278,7 +286,7 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
             items.append(_video_item(name, scene, text, video_dir))
         elif kind == "mcq":
             category = (single + ["count"])[i % 4]
-            scene = _balanced_scene(rng, config, category, i // 4)
+            scene = balanced(category)
             options = alternatives(category)
             rng.shuffle(options)
             if len(options) > 4:  # keep 4 options: the right one and 3 wrong ones

@@ -160,3 +160,26 @@ def test_encoding_is_deterministic():
 
     frames = render_scene(make_scene(random.Random(1), SyntheticConfig()))
     assert len({encode_mp4(frames, 8) for _ in range(12)}) == 1
+
+
+def test_answers_are_balanced_within_each_category():
+    from collections import Counter
+
+    from data_prep.synthetic import set_items
+
+    for kind in ("sft", "preference", "mcq"):
+        answers: dict[str, Counter] = {}
+        for item in set_items(kind, "train", 240, SyntheticConfig(seed=1)):
+            text = item.record.text
+            if kind == "mcq":
+                pairs = [(text["question"], text["options"][text["answer"]])]
+            elif kind == "preference":
+                pairs = [(text["messages"][0]["content"], text["chosen"])]
+            else:
+                pairs = [(text["messages"][0]["content"], text["messages"][1]["content"])]
+            for question, answer in pairs:
+                answers.setdefault(question, Counter())[answer] += 1
+        for question, counts in answers.items():
+            category = next(c for c, q in QUESTIONS.items() if q == question)
+            assert set(counts) == set(alternatives(category)), (kind, question)
+            assert max(counts.values()) - min(counts.values()) <= 1, (kind, question, counts)
