@@ -58,8 +58,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name, so the file object knows its path
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp_name, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -142,6 +143,35 @@ class StageCheckpoint(ModelCheckpoint):
             self.monitor = self.val_monitor if self.has_validation(trainer) else self.train_monitor
             rank_zero_info(f"best checkpoint selected by {self.monitor}")
         super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say which weights the run starts from: a resumed checkpoint, the init_from weights, or neither."""
+        init_from = pl_module.hparams.get("init_from") if hasattr(pl_module, "hparams") else None
+        if trainer.ckpt_path:
+            message = f"Resumed the full training state at step {trainer.global_step} from {trainer.ckpt_path}"
+            if init_from:
+                message += (
+                    f"; it supersedes init_from={init_from} for the trained model"
+                    " (a DPO reference still comes from init_from)"
+                )
+        elif init_from:
+            message = f"Started from the weights of init_from={init_from}"
+        else:
+            message = "Started from the configured backbone weights (no init_from, no checkpoint to resume)"
+        rank_zero_info(message)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        # Before the first validation the monitored value does not exist yet. ModelCheckpoint would then put off
+        # last.ckpt too until a validation has run; a preemptible run needs it every N steps regardless.
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, candidates)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

@@ -39,7 +39,6 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from lightning.pytorch import LightningDataModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from fovlm.callbacks import AtomicCheckpointIO  # noqa: E402
 from fovlm.data.pipeline import expand_shards  # noqa: E402
@@ -163,17 +162,6 @@ class FovlmCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
-
-    def before_fit(self) -> None:
-        ckpt_path = self._get(self.config_init, "ckpt_path")
-        init_from = getattr(self.model, "hparams", {}).get("init_from")
-        if ckpt_path:
-            rank_zero_info(
-                f"Resuming the full training state from ckpt_path={ckpt_path!r} (resolved when fit starts)"
-                + (f"; it supersedes init_from={init_from!r} for the trained model" if init_from else "")
-            )
-        elif init_from:
-            rank_zero_info(f"Starting from the weights of init_from={init_from!r}")
 
 
 def _run_extra(name: str, argv: list[str]) -> int:
