@@ -7,7 +7,8 @@ The folder holds:
 
 - ``model.safetensors``: every tensor of the model (tied LLM embeddings stored once);
 - ``config.json``: the FoveatedVLM hyperparameters plus the full LLM and DINOv2 configs, so the model rebuilds
-  offline with no hub access and no training code path (no Lightning, no data pipeline);
+  offline with no hub access and no training code path (no Lightning, no data pipeline), and the frame settings
+  it was trained with (frame size, most frames, image replication: ``data``);
 - the tokenizer (with its chat template);
 - ``README.md``: a model card generated from the config, with the multiple-choice table when results are given.
 
@@ -34,6 +35,11 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 FORMAT = "fovlm"
 FORMAT_VERSION = 1
+
+
+# How frames reach the model (fovlm.data.frames); exported with the model so inference reads frames the way training
+# did. A checkpoint's DataModule hyperparameters supply them; these are the recipe's values otherwise.
+DATA_DEFAULTS: dict[str, Any] = {"frame_size": 224, "max_frames": 64, "image_frames": 8}
 
 
 class ExportError(ValueError):
@@ -63,6 +69,7 @@ def export_model(
     out_dir: str | Path,
     results: dict | None = None,
     source: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as an exported folder (see the module docstring); returns the folder.
 
@@ -72,11 +79,13 @@ def export_model(
         out_dir: target folder (created; existing files of the same names are replaced).
         results: multiple-choice results (:meth:`fovlm.eval.report.MultipleChoiceReport.compute`) for the card.
         source: provenance recorded in the config (checkpoint path, LLM/vision names).
+        data: frame settings (``frame_size``, ``max_frames``, ``image_frames``); :data:`DATA_DEFAULTS` fill gaps.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     config["source"] = source or {}
+    config["data"] = {**DATA_DEFAULTS, **(data or {})}
     save_model(model, str(out / WEIGHTS_NAME))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     tokenizer.save_pretrained(out)
@@ -112,6 +121,8 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         f"{vision.get('patch_size')}, {vision.get('image_size')} px |",
         f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'} |",
         f"| visual scale | {config['visual_scale']} |",
+        "| frames | 1 FPS, at most {max_frames}, {frame_size} px (cover + centre crop); images x{image_frames} |".format(
+            **{**DATA_DEFAULTS, **config.get("data", {})}),
         "",
     ]
     source = config.get("source") or {}
@@ -216,11 +227,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[FoveatedVLM, dict[str, Any]]:
-    """Rebuild the FoveatedVLM of a FoveatedModule checkpoint and load its weights; returns (model, hparams)."""
+def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> FoveatedVLM:
+    """Rebuild the FoveatedVLM of a FoveatedModule checkpoint (:func:`read_checkpoint`) and load its weights."""
     from fovlm.model.loading import build_vlm
 
-    checkpoint = read_checkpoint(path)
     hp = checkpoint.get("hyper_parameters") or {}
     if "llm" not in hp or "vision" not in hp:
         raise ExportError(f"checkpoint {path} has no model hyperparameters (llm, vision)")
@@ -235,29 +245,42 @@ def model_from_checkpoint(path: str | Path) -> tuple[FoveatedVLM, dict[str, Any]
             f"checkpoint {path} does not match the model its hyperparameters describe: missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
-    return model.eval(), hp
+    return model.eval()
 
 
-def tokenizer_for(hparams: dict[str, Any], explicit: str | None = None):
-    """The tokenizer of a checkpoint's LLM: ``explicit`` if given, the real SmolLM2 one for "tiny"/"smollm2"
-    (the tiny LLM is shaped like SmolLM2), else the LLM's own folder or id."""
+def data_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Frame settings of a checkpoint's DataModule (its saved hyperparameters), else :data:`DATA_DEFAULTS`."""
+    data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    return {key: data_hp.get(key, default) for key, default in DATA_DEFAULTS.items()}
+
+
+def tokenizer_for(checkpoint: dict[str, Any], explicit: str | None = None):
+    """The tokenizer of a checkpoint: ``explicit`` if given, else its DataModule's, else its LLM's own (the real
+    SmolLM2 one for "tiny"/"smollm2": the tiny LLM is shaped like SmolLM2)."""
     from fovlm.model.loading import SMOLLM2, TINY, load_tokenizer, prepare_smollm2
 
     if explicit:
         return load_tokenizer(explicit)
-    llm = hparams.get("llm", TINY)
+    data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    if data_hp.get("tokenizer"):
+        return load_tokenizer(str(data_hp["tokenizer"]), gguf_file=data_hp.get("gguf_file"))
+    hp = checkpoint.get("hyper_parameters") or {}
+    llm = hp.get("llm", TINY)
     if llm in (TINY, SMOLLM2):
         return load_tokenizer(str(prepare_smollm2()))
-    return load_tokenizer(llm, gguf_file=hparams.get("gguf_file"))
+    return load_tokenizer(llm, gguf_file=hp.get("gguf_file"))
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | None = None):
-    """(model, tokenizer) from an exported folder or a Lightning checkpoint file."""
+    """(model, tokenizer, frame settings) from an exported folder or a Lightning checkpoint file."""
     path = Path(path)
     if path.is_dir():
-        return load_pretrained(path, device), load_exported_tokenizer(tokenizer or path)
-    model, hp = model_from_checkpoint(path)
-    return model.to(device), tokenizer_for(hp, tokenizer)
+        model = load_pretrained(path, device)
+        config = json.loads((path / CONFIG_NAME).read_text())
+        return model, load_exported_tokenizer(tokenizer or path), {**DATA_DEFAULTS, **config.get("data", {})}
+    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(checkpoint, path).to(device), tokenizer_for(checkpoint, tokenizer), data_settings(
+        checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +304,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of a FoveatedModule")
     parser.add_argument("out_dir", help="folder to write (created)")
-    parser.add_argument("--tokenizer", help="tokenizer folder or id (default: the checkpoint's LLM)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or id (default: the checkpoint's DataModule's)")
     parser.add_argument("--results", help="results.json of `fovlm eval` to put in the model card")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -299,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     """``fovlm export CKPT OUT_DIR [--results JSON] [--tokenizer DIR] [--push-to-hub REPO [--private]]``."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        model, hp = model_from_checkpoint(args.checkpoint)
-        tokenizer = tokenizer_for(hp, args.tokenizer)
+        checkpoint = read_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(checkpoint, args.checkpoint)
+        tokenizer = tokenizer_for(checkpoint, args.tokenizer)
         results = json.loads(Path(args.results).read_text()) if args.results else None
+        hp = checkpoint.get("hyper_parameters") or {}
         source = {"checkpoint": str(args.checkpoint), "llm": hp.get("llm"), "vision": hp.get("vision")}
-        out = export_model(model, tokenizer, args.out_dir, results=results, source=source)
+        out = export_model(model, tokenizer, args.out_dir, results=results, source=source,
+                           data=data_settings(checkpoint))
     except (ExportError, OSError, ValueError) as err:
         print(f"fovlm export: error: {err}", file=sys.stderr)
         return 2

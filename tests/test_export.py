@@ -54,6 +54,7 @@ def test_export_round_trip_gives_the_checkpoint_logits(checkpoint, tmp_path, cap
     config = json.loads((out / "config.json").read_text())
     assert config["query_dim"] == 32 and config["llm_config"]["hidden_size"] == 64
     assert config["vision_config"]["num_hidden_layers"] == 2
+    assert config["data"] == {"frame_size": 224, "max_frames": 64, "image_frames": 8}
     assert "| toy | 75.0 |" in (out / "README.md").read_text()
 
     loaded = load_pretrained(out)

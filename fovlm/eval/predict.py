@@ -5,7 +5,8 @@
 
 Frames are chosen as in training (:mod:`fovlm.data.frames`): 1 FPS, at most 64 spread uniformly over longer
 videos, resized to cover 224 px and centre-cropped; a single image is replicated to 8 frames; a folder is
-taken as frames already sampled at 1 FPS, in name order. The answer comes from
+taken as frames already sampled at 1 FPS, in name order. Frame size, frame cap and image replication default
+to the values the model was trained with (stored by ``fovlm export``, or the checkpoint's DataModule). The answer comes from
 :func:`fovlm.model.generate.generate` (autoregressive visual pass, then greedy or sampled decoding until
 ``<|im_end|>``). A file that cannot be decoded ends the command with a message naming it and exit code 1.
 
@@ -122,6 +123,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass for sampling")
     parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
+    parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
+    parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
@@ -135,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        frames, _ = load_media(args.media)  # before the model loads: a bad file fails fast
-        model, tokenizer = load_any(args.model, args.device, args.tokenizer)
+        model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
+        frames, _ = load_media(
+            args.media, max_frames=args.max_frames or data["max_frames"],
+            image_frames=args.image_frames or data["image_frames"], size=args.frame_size or data["frame_size"],
+        )
         text = answer(model, tokenizer, frames, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                       args.seed)
     except (MediaError, ExportError, FileNotFoundError) as err:

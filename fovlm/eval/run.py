@@ -114,7 +114,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a benchmark's multiple-choice shards (repeatable)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--limit", type=int, help="at most this many questions per benchmark")
-    parser.add_argument("--image-frames", type=int, default=8, help="frames a single image is replicated to")
+    parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
+    parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
+    parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
     parser.add_argument("--out", default="results.json", help="results JSON path")
     parser.add_argument("--tensorboard", help="also log the results to this TensorBoard folder")
     parser.add_argument("--per-category", action="store_true", help="print one table row per category")
@@ -133,18 +135,19 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    readers = {name: BenchmarkReader(name, shards, image_frames=args.image_frames, limit=args.limit)
-               for name, shards in args.benchmark}
     try:
-        model, tokenizer = load_any(args.model, args.device, args.tokenizer)
+        model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
+        frames = {"image_frames": args.image_frames or data["image_frames"],
+                  "frame_size": args.frame_size or data["frame_size"], "max_frames": args.max_frames or data["max_frames"]}
+        readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
         report = evaluate(model, tokenizer, readers, tuple(args.modes))
         if args.val:
             from fovlm.data.datamodules import SFTDataModule
 
-            data = SFTDataModule(train_shards=args.val, val_shards=args.val, tokenizer=tokenizer.name_or_path,
-                                 batch_size=args.val_batch_size, image_frames=args.image_frames, num_workers=0)
-            data.setup("validate")
-            validation_losses(model, data.val_dataloader(), tuple(args.modes), report)
+            val_data = SFTDataModule(train_shards=args.val, val_shards=args.val, tokenizer=tokenizer.name_or_path,
+                                     batch_size=args.val_batch_size, num_workers=0, **frames)
+            val_data.setup("validate")
+            validation_losses(model, val_data.val_dataloader(), tuple(args.modes), report)
         if args.baseline:
             from fovlm.eval.baseline import SmolVLMScorer
 
