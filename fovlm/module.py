@@ -313,9 +313,11 @@ class FoveatedModule(L.LightningModule):
         return param_groups
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (fused on CUDA) with one LR lambda per parameter group, stepped every optimizer step."""
+        """AdamW (fused kernel on CUDA and CPU) with one LR lambda per parameter group, stepped every optimizer step."""
         param_groups = self.optimizer_param_groups()
-        fused = all(p.is_cuda for g in param_groups for p in g["params"])
+        # The fused kernel exists for CUDA and CPU tensors; on the CPU it is several times faster than the
+        # foreach default (135M model: about 0.4 s instead of 2.5 s of CPU time per step, `make bench`).
+        fused = all(p.device.type in ("cuda", "cpu") for g in param_groups for p in g["params"])
         optimizer = torch.optim.AdamW(
             param_groups, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused or None
         )
