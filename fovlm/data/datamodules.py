@@ -24,7 +24,7 @@ import lightning as L
 import torch
 
 from fovlm.data.chat import SYSTEM_PROMPT
-from fovlm.data.collate import Collator, SampleEncoder
+from fovlm.data.collate import Collator, SampleEncoder, normalize_frames
 from fovlm.data.pipeline import (
     EpochPlanner,
     PlanConfig,
@@ -208,12 +208,16 @@ class ShardDataModule(L.LightningDataModule):
         encoder = SampleEncoder(self.tokenizer, self.max_length, preference=self.preference,
                                 frame_size=self.frame_size, max_frames=self.max_frames,
                                 image_frames=self.image_frames, system_prompt=self.system_prompt)
-        collator = Collator(self.tokenizer.pad_token_id, self.frame_size, preference=self.preference)
+        collator = Collator(self.tokenizer.pad_token_id, self.frame_size, preference=self.preference,
+                            normalize=False)
         rank, world_size = self._distributed()
         return ShardStream(planner, encoder, collator, rank=rank, world_size=world_size)
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": self.pin_memory}
+        # Frames leave the workers as uint8; under a Trainer they are normalised on the device
+        # (on_after_batch_transfer), otherwise by the loader in this process.
+        kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": self.pin_memory,
+                                  "finalize": None if self.trainer is not None else normalize_frames}
         if num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
         return kwargs
@@ -238,6 +242,10 @@ class ShardDataModule(L.LightningDataModule):
         # Validation reads the same order every time: epoch 0 of an unshuffled plan.
         return ShardLoader(self._stream(self._val_planner), epoch_fn=lambda: 0, counts=self._counts,
                            **self._loader_kwargs(self.val_num_workers))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the uint8 frames on the device they were moved to (4x less host-to-device traffic)."""
+        return normalize_frames(batch) if isinstance(batch, dict) else batch
 
     def skip_counts(self) -> dict[str, int]:
         """Samples skipped so far by reason (and ``truncated`` / ``padded`` samples), over all loader workers."""

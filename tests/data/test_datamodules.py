@@ -210,6 +210,7 @@ class _KeyRecorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append(list(batch["key"]))
+        assert batch["frames"].dtype == torch.float32  # normalised after the transfer (on_after_batch_transfer)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         return (self.embed(batch["input_ids"]) * mask).pow(2).mean() + batch["frames"].mean() * 0
 
