@@ -222,3 +222,22 @@ def test_resume_with_failing_samples(tmp_path, tokenizer):
         resumed = loader()
         resumed.load_state_dict(state)
         assert seen + [b["key"] for b in resumed] == full, k
+
+
+def test_weighted_groups_cycle_through_passes(tmp_path):
+    a = [str(write_shard(tmp_path / f"a{s}.tar", [text_sample(f"a{s}_{i}", "x") for i in range(5)])) for s in range(2)]
+    b = [str(write_shard(tmp_path / f"b{s}.tar", [text_sample(f"b{s}_{i}", "x") for i in range(5)])) for s in range(2)]
+    index = build_index(a + b, tmp_path / "cache")
+    counts = group_counts([10, 10], [3.0, 1.0], [False, False], 0.0)
+    assert counts == [15, 5]
+    planner = EpochPlanner([ShardGroup("a", tuple(a)), ShardGroup("b", tuple(b))], index, counts,
+                           PlanConfig(batch_size=4, shuffle_buffer=4))
+    epochs = [[(r.group, r.shard, r.index) for w in range(2) for r in planner.slot_plan(e, w, 2).inputs]
+              for e in range(2)]
+    for refs in epochs:
+        assert sum(g == 0 for g, _, _ in refs) == 15 and sum(g == 1 for g, _, _ in refs) == 5
+    # Group b (5 per epoch) reads each of its 10 samples once over two epochs; group a (15 per epoch) reads
+    # its 10 samples in passes: 30 reads over two epochs, each sample exactly 3 times.
+    both = Counter(epochs[0] + epochs[1])
+    assert {k: v for k, v in both.items() if k[0] == 1} == {(1, s, i): 1 for s in range(2) for i in range(5)}
+    assert {v for k, v in both.items() if k[0] == 0} == {3}
