@@ -51,10 +51,11 @@ def _llava(*texts: str) -> list[dict]:
 def fx_openvid(root):
     write_clip(root / "video" / "a.mp4", 3)
     write_clip(root / "video" / "sub" / "b.mp4", 5)
-    path = _csv(root / "OpenVid-1M.csv", [
+    # The published layout: the CSV under data/train/, the extracted clips under video/; input is the folder.
+    _csv(root / "data" / "train" / "OpenVid-1M.csv", [
         {"video": "a.mp4", "caption": "A dog runs.", "aesthetic score": "5.1", "seconds": "3"},
         {"video": "b.mp4", "caption": "Waves roll in.", "aesthetic score": "4.9", "seconds": "5"}])
-    return path, None, {"A dog runs.": 3, "Waves roll in.": 5}, {}
+    return root, None, {"A dog runs.": 3, "Waves roll in.": 5}, {}
 
 
 def fx_webvid(root):
