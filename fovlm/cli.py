@@ -4,6 +4,9 @@
     fovlm fit --config configs/stage1.yaml --ckpt_path last       # resume it after an interruption
     fovlm fit --config configs/stage2.yaml --model.init_args.init_from runs/stage1/checkpoints/best.ckpt
     fovlm fit --config configs/stage1.yaml --config configs/demo.yaml --print_config
+    fovlm eval --model exported/fovlm-135m --benchmark mvbench='data/mvbench/*.tar'   # fovlm.eval.run
+    fovlm export runs/stage3/checkpoints/last.ckpt exported/fovlm-135m                 # fovlm.export
+    fovlm predict clip.mp4 --model exported/fovlm-135m --prompt "What happens?"       # fovlm.eval.predict
 
 Configs compose (later ``--config`` files override earlier ones) and name the LightningModule and DataModule
 with ``class_path`` / ``init_args``. Design choices:
@@ -49,7 +52,14 @@ log = logging.getLogger(__name__)
 
 # Commands outside LightningCLI's fit/validate/test/predict: name -> "module:function"; the function takes the
 # remaining arguments (list[str]) and returns an exit code (or None for 0).
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    # Benchmarks share a patch pass and KV caches across options and modes, which does not fit test_step.
+    "eval": "fovlm.eval.run:main",
+    "export": "fovlm.export:main",
+}
+# `fovlm predict MEDIA --model M --prompt P` answers about one file; `fovlm predict --config ...` (options first)
+# stays LightningCLI's batch prediction.
+PREDICT_ON_FILE = "fovlm.eval.predict:main"
 
 # Where `make smollm2` (fovlm.model.loading.prepare_smollm2 with its default cache) puts SmolLM2-135M-Instruct.
 TINY_LLM_TOKENIZER = str(Path(".cache") / SMOLLM2_FOLDER)
@@ -164,8 +174,8 @@ class FovlmCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _run_extra(name: str, argv: list[str]) -> int:
-    module_name, function_name = EXTRA_COMMANDS[name].split(":")
+def _run_extra(target: str, argv: list[str]) -> int:
+    module_name, function_name = target.split(":")
     function: Callable[[list[str]], int | None] = getattr(importlib.import_module(module_name), function_name)
     return int(function(argv) or 0)
 
@@ -174,7 +184,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``fovlm`` console script and ``python -m fovlm``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
-        sys.exit(_run_extra(args[0], args[1:]))
+        sys.exit(_run_extra(EXTRA_COMMANDS[args[0]], args[1:]))
+    if len(args) > 1 and args[0] == "predict" and not args[1].startswith("-"):
+        sys.exit(_run_extra(PREDICT_ON_FILE, args[1:]))
     # With argv None LightningCLI reads sys.argv itself (passing both makes it warn).
     FovlmCLI(args=None if argv is None else args)
 
