@@ -1,9 +1,14 @@
 """``fovlm predict`` on an mp4, a png and a folder of frames; clear errors on bad files."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from eval_helpers import make_tiny_vlm, mp4_bytes, png_bytes
 
+from fovlm.cli import main as cli_main
 from fovlm.data.chat import render_chat
 from fovlm.eval.predict import answer, load_media, main
 from fovlm.export import export_model, load_exported_tokenizer, load_pretrained
@@ -79,4 +84,20 @@ def test_bad_media_gives_a_clear_error_and_a_nonzero_exit(exported, media, capsy
     code = main([str(media / name), "--model", str(exported), "--prompt", "What is shown?"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("fovlm predict: error:") and name in err and message in err
+
+
+def test_fovlm_command_dispatches_predict_on_a_media_path(exported, media, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["predict", str(media / "photo.png"), "--model", str(exported), "--prompt", "What is shown?"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == "red"
+
+
+@pytest.mark.slow
+def test_fovlm_process_exits_nonzero_on_a_corrupt_file(exported, media):
+    """The installed console script, as a user runs it: a message naming the file and a non-zero exit code."""
+    fovlm = Path(sys.executable).with_name("fovlm")
+    done = subprocess.run([str(fovlm), "predict", str(media / "broken.mp4"), "--model", str(exported), "--prompt",
+                           "Hi"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "fovlm predict: error:" in done.stderr and "broken.mp4" in done.stderr and "Traceback" not in done.stderr
 
