@@ -21,7 +21,7 @@ width, Dv DINO width, Dq query width, Dl LLM width, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -156,36 +156,51 @@ class VisualTokens:
 
 @dataclass
 class ARPrefix:
-    """The autoregressive visual pass of a batch, ready for text to continue on it.
+    """The autoregressive visual pass of a batch, with the state needed to continue text on it.
 
-    The text (or options, or generated tokens) continues with ``past_key_values``, an attention mask that starts
-    with ``attention_mask`` and positions that start at ``next_positions``: ``FoveatedVLM.continue_text`` does
-    exactly that. Continuing mutates the cache; ``truncate()`` brings it back to the visual prefix.
+    ``FoveatedVLM.continue_text`` appends right-padded text (a prompt, an option, generated tokens) to the cache
+    and advances ``attention_mask`` and ``next_positions``, so it can be called again for the next chunk. Padded
+    slots stay masked and do not advance a sample's positions. ``truncate()`` returns to the visual prefix, so
+    several texts (answer options) can be scored on one visual pass.
 
     Attributes:
-        past_key_values: LLM KV cache holding T_max slots per sample (slots beyond T_i are masked).
-        attention_mask: long [B, T_max], 1 on each sample's real visual slots.
-        next_positions: long [B], T_i: the position of each sample's first text token.
+        past_key_values: LLM KV cache; its first T_max slots are the visual steps (slots beyond T_i masked).
+        visual_mask: long [B, T_max], 1 on each sample's real visual slots.
+        num_frames: long [B], T_i.
         tokens: [F, Dl] the visual tokens, frame order.
         attention: per DINO layer [F, h, 1, N] (detached) when asked for, else None.
+        attention_mask: long [B, cache length], the key mask for the next chunk (starts as ``visual_mask``).
+        next_positions: long [B], the position of each sample's next token (starts at T_i).
     """
 
     past_key_values: Cache
-    attention_mask: Tensor
-    next_positions: Tensor
+    visual_mask: Tensor
+    num_frames: Tensor
     tokens: Tensor
     attention: list[Tensor] | None = None
+    attention_mask: Tensor = field(init=False)
+    next_positions: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.attention_mask = self.visual_mask
+        self.next_positions = self.num_frames
 
     @property
     def length(self) -> int:
         """Number of visual slots T_max in the cache."""
-        return self.attention_mask.shape[1]
+        return self.visual_mask.shape[1]
+
+    def advance(self, attention_mask: Tensor) -> None:
+        """Record that a chunk with this text mask [B, S] was appended to the cache."""
+        self.attention_mask = torch.cat([self.attention_mask, attention_mask.long()], 1)
+        self.next_positions = self.next_positions + attention_mask.long().sum(1)
 
     def truncate(self) -> None:
         """Drop everything appended after the visual slots, so that another text can be scored on the prefix."""
         extra = self.past_key_values.get_seq_length() - self.length
         if extra > 0:
             self.past_key_values.crop(-extra)  # a negative count removes that many trailing tokens
+        self.attention_mask, self.next_positions = self.visual_mask, self.num_frames
 
 
 @dataclass
@@ -424,13 +439,17 @@ class FoveatedVLM(nn.Module):
         return slot.index_copy(0, rows, tokens.to(dtype)).unsqueeze(1)
 
     def continue_text(self, prefix: ARPrefix, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Run right-padded text on top of an autoregressive prefix -> hidden states [B, S, Dl] (extends the cache).
+        """Append right-padded text [B, S] to an autoregressive prefix -> hidden states [B, S, Dl].
 
-        Each sample's text starts right after its own visual slots: positions T_i, T_i + 1, ...
+        Sample b's j-th real token gets position ``prefix.next_positions[b] + j`` (right after its own visual slots
+        or previous text); the prefix is advanced, so the next chunk continues after this one. A sample's next
+        token after a padded chunk is predicted from the hidden state of its last real token.
         """
         positions = prefix.next_positions[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
-        mask = torch.cat([prefix.attention_mask, attention_mask.long()], 1)  # [B, T_max + S]
-        return self.llm_hidden(self.embed_text(input_ids), mask, positions, prefix.past_key_values)
+        mask = torch.cat([prefix.attention_mask, attention_mask.long()], 1)  # [B, cache + S]
+        hidden = self.llm_hidden(self.embed_text(input_ids), mask, positions, prefix.past_key_values)
+        prefix.advance(attention_mask)
+        return hidden
 
     # ------------------------------------------------------------------------------------------------ forward
 

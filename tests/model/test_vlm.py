@@ -242,6 +242,29 @@ def test_autoregressive_prefix_scores_several_texts(tiny_vlm):
             torch.testing.assert_close(logits[mask.bool()], full[mask.bool()], **TOL)
 
 
+def test_autoregressive_text_in_padded_chunks(tiny_vlm):
+    """Text appended in two right-padded chunks == the same text, unpadded per sample, in one chunk."""
+    frames, num_frames, first_ids, first_mask = mixed_batch(lengths=(2, 5, 3, 1))
+    second_ids, second_mask = make_text([4, 1, 2, 3])
+    first_len, second_len = first_mask.sum(1).tolist(), second_mask.sum(1).tolist()
+    ids, mask = make_text([f + s for f, s in zip(first_len, second_len, strict=True)])
+    for b in range(4):
+        ids[b, : first_len[b] + second_len[b]] = torch.cat(
+            [first_ids[b, : first_len[b]], second_ids[b, : second_len[b]]]
+        )
+    with torch.no_grad():
+        prefix = tiny_vlm.autoregressive_prefix(tiny_vlm.encode_patches(frames), num_frames)
+        first = tiny_vlm.lm_head(tiny_vlm.continue_text(prefix, first_ids, first_mask))  # [B, S1, V]
+        second = tiny_vlm.lm_head(tiny_vlm.continue_text(prefix, second_ids, second_mask))  # [B, S2, V]
+        full = tiny_vlm(frames, num_frames, ids, mask, mode="autoregressive").logits  # [B, S, V]
+    for b in range(4):
+        torch.testing.assert_close(first[b, : first_len[b]], full[b, : first_len[b]], **TOL)
+        torch.testing.assert_close(
+            second[b, : second_len[b]], full[b, first_len[b] : first_len[b] + second_len[b]], **TOL
+        )
+    assert prefix.next_positions.tolist() == [3 + 6, 5 + 6, 0 + 5, 1 + 4]
+
+
 def test_autoregressive_attention_is_in_frame_order(tiny_vlm):
     frames, num_frames, _, _ = mixed_batch()
     with torch.no_grad():
@@ -335,3 +358,22 @@ def test_build_vlm_tiny_and_from_folders(tmp_path):
     Dinov2Model(tiny_vision_config(hidden_size=32, num_attention_heads=2)).save_pretrained(tmp_path / "vis")
     m = build_vlm(str(tmp_path / "llm"), str(tmp_path / "vis"))
     assert m.dino_to_llm.in_features == 32 and m.llm.config.vocab_size == 300
+
+
+@pytest.mark.real
+def test_real_smollm2_in_the_vlm(smollm2_dir, tokenizer):
+    """Real SmolLM2 (width 576, GQA 9/3) inside the VLM: text-only parity with HF and batch invariance."""
+    m = build_vlm(str(smollm2_dir), "tiny", query_dim=QUERY_DIM).eval()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    real_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # [1, S]
+    ones = torch.ones_like(real_ids)
+    with torch.no_grad():
+        plain = m.llm(input_ids=real_ids).logits[0]
+        frames, num_frames, ids, mask = mixed_batch(lengths=(5, 7, 4, 3), frames=(2, 3, 0, 1))
+        alone_text = m(random_frames(0), torch.zeros(1, dtype=torch.long), real_ids, ones).logits[0]
+        torch.testing.assert_close(alone_text, plain, atol=1e-4, rtol=1e-4)
+        for mode in ("coarse_fine", "autoregressive"):  # the two paths with their own LLM calls
+            batched = m(frames, num_frames, ids, mask, mode).logits
+            alone = m(frames[:2], num_frames[:1], ids[:1, :5], mask[:1, :5], mode).logits
+            torch.testing.assert_close(batched[0, :5], alone[0], atol=1e-4, rtol=1e-4)
