@@ -46,8 +46,9 @@ def convert(
     if limit is not None:
         records = islice(records, limit)
     build = functools.partial(build_record, options=options)
+    info = {"source": source, "input": str(input), "media": None if media is None else str(media)}
     return write_shards(records, output, build, options, samples_per_shard=samples_per_shard, workers=workers,
-                        item_timeout=item_timeout, progress=progress, description=source)
+                        item_timeout=item_timeout, progress=progress, description=source, info=info)
 
 
 def _media_arguments(parser: argparse.ArgumentParser, keep_mp4: bool) -> None:

@@ -343,7 +343,8 @@ def generate(
             items = set_items(kind, split, n, config)
             manifest = write_shards(items, output / kind / split, build, (config, options),
                                     samples_per_shard=samples_per_shard, workers=workers, progress=progress,
-                                    description=f"{kind}/{split}")
+                                    description=f"{kind}/{split}", info={"source": SOURCE, "set": kind,
+                                                                        "split": split})
             summary["sets"][f"{kind}/{split}"] = {
                 "samples": manifest["samples"], "skipped": manifest["skipped"],
                 "frame_histogram": manifest["frame_histogram"],

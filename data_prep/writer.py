@@ -226,6 +226,7 @@ def write_shards(
     progress: bool = True,
     description: str = "",
     total: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Convert ``records`` with ``build(key, record) -> Built`` into shards under ``output``.
 
@@ -240,6 +241,7 @@ def write_shards(
         progress: show a tqdm progress bar (stderr).
         description: the progress bar's label.
         total: number of items, for the progress bar (taken from ``len(records)`` when it has one).
+        info: further entries for the manifest (e.g. the source and input it was made from).
 
     Returns:
         The manifest (also written to ``output/manifest.json``).
@@ -328,6 +330,7 @@ def write_shards(
     seconds = time.perf_counter() - started
     manifest = _manifest(all_stats, reused, written, seconds, videos_written, frames_written, options)
     manifest["run"]["shards_removed"] = removed
+    manifest = {**(info or {}), **manifest}
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -44,6 +44,7 @@ def test_bad_items_are_skipped_counted_and_listed(tmp_path, manifest_of):
     csv_path = openvid_set(tmp_path / "in")
     manifest = convert("openvid", csv_path, tmp_path / "out", workers=0, samples_per_shard=4, progress=False)
     assert manifest["samples"] == 5 and manifest["samples_per_source"] == {"openvid": 5}
+    assert manifest["source"] == "openvid" and manifest["input"] == str(csv_path)
     assert manifest["skipped"] == {"bad_row": 1, "empty_file": 1, "missing_file": 1, "unreadable_video": 1}
     listed = {(s["item"], s["reason"]) for s in manifest["skipped_items"]}
     assert listed == {("empty.mp4", "empty_file"), ("missing.mp4", "missing_file"),
