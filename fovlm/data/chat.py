@@ -90,8 +90,10 @@ def _as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
 def sample_messages(sample: Sample) -> list[dict[str, str]]:
     """The conversation to train on (without the system turn unless the sample has its own)."""
     if sample.caption is not None:
-        return [{"role": "user", "content": source_prompt(sample.source)},
-                {"role": "assistant", "content": sample.caption}]
+        return [
+            {"role": "user", "content": source_prompt(sample.source)},
+            {"role": "assistant", "content": sample.caption},
+        ]
     if sample.choice is not None:
         c = sample.choice
         return choice_messages(c.question, c.options, c.answer)
@@ -103,10 +105,14 @@ def sample_messages(sample: Sample) -> list[dict[str, str]]:
 def preference_messages(sample: Sample) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(prompt + chosen, prompt + rejected); an empty prompt becomes the per-source prompt."""
     if not sample.is_preference:
-        raise ChatError(f"sample {sample.key!r} is not a preference pair (no chosen/rejected)", "missing_text")
+        raise ChatError(
+            f"sample {sample.key!r} is not a preference pair (no chosen/rejected)", "missing_text"
+        )
     prompt = _as_dicts(sample.messages) or [{"role": "user", "content": source_prompt(sample.source)}]
-    return (prompt + [{"role": "assistant", "content": sample.chosen}],
-            prompt + [{"role": "assistant", "content": sample.rejected}])
+    return (
+        prompt + [{"role": "assistant", "content": sample.chosen}],
+        prompt + [{"role": "assistant", "content": sample.rejected}],
+    )
 
 
 def _with_system(messages: Sequence[Mapping[str, str]], system_prompt: str) -> list[dict[str, str]]:
@@ -125,13 +131,14 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
 
 
 def _split_answer(turn_text: str, header: str, content: str) -> tuple[str, str]:
-    """(content, tail) of an assistant turn's rendered text after its header; the template may trim content."""
+    """(content, tail) of an assistant turn's rendered text after its header (the template may trim the
+    content)."""
     if not turn_text.startswith(header):
         raise ValueError(f"the chat template's generation prompt {header!r} does not open the assistant turn")
-    body = turn_text[len(header):]
+    body = turn_text[len(header) :]
     for candidate in (content, content.strip()):
         if candidate and body.startswith(candidate):
-            return candidate, body[len(candidate):]
+            return candidate, body[len(candidate) :]
     raise ValueError(f"the chat template does not reproduce the assistant content {content[:40]!r}")
 
 
@@ -156,7 +163,7 @@ def render_chat(
         text = _template(tokenizer, turns[: k + 1])
         if not text.startswith(previous):
             raise ValueError("the chat template does not render conversations prefix by prefix")
-        turn_text, previous = text[len(previous):], text
+        turn_text, previous = text[len(previous) :], text
         if turn["role"] != "assistant":
             piece = _tokenize(tokenizer, turn_text)
             ids += piece
@@ -164,19 +171,24 @@ def render_chat(
             continue
         # The header is what the template's generation prompt adds: exactly what precedes a generated answer.
         header = tokenizer.apply_chat_template(turns[:k], tokenize=False, add_generation_prompt=True)[
-            len(text) - len(turn_text):]
+            len(text) - len(turn_text) :
+        ]
         content, tail = _split_answer(turn_text, header, turn["content"])
         header_ids, content_ids, tail_ids = (_tokenize(tokenizer, t) for t in (header, content, tail))
         # The end-of-turn token closing the answer is scored with it: the model must learn to stop.
         closing = 1 if tail_ids and tail_ids[0] in special else 0
         ids += header_ids + content_ids + tail_ids
-        roles += ([ROLE_TEMPLATE] * len(header_ids) + [ROLE_ANSWER] * (len(content_ids) + closing)
-                  + [ROLE_TEMPLATE] * (len(tail_ids) - closing))
+        roles += (
+            [ROLE_TEMPLATE] * len(header_ids)
+            + [ROLE_ANSWER] * (len(content_ids) + closing)
+            + [ROLE_TEMPLATE] * (len(tail_ids) - closing)
+        )
     return ids, roles
 
 
 def truncate(ids: list[int], roles: list[int], max_length: int, key: str = "") -> Encoded:
-    """Keep the first ``max_length`` tokens; raise ``ChatError("truncated_away")`` if no answer token is left."""
+    """Keep the first ``max_length`` tokens; raise ``ChatError("truncated_away")`` if no answer token is
+    left."""
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
     truncated = len(ids) > max_length
@@ -186,7 +198,9 @@ def truncate(ids: list[int], roles: list[int], max_length: int, key: str = "") -
     return Encoded(ids, roles, truncated)
 
 
-def encode_sample(tokenizer: Any, sample: Sample, max_length: int, system_prompt: str = SYSTEM_PROMPT) -> Encoded:
+def encode_sample(
+    tokenizer: Any, sample: Sample, max_length: int, system_prompt: str = SYSTEM_PROMPT
+) -> Encoded:
     """Token ids and roles of a caption / SFT / multiple-choice / pre-tokenized sample."""
     if sample.token_ids is not None:
         ids = list(sample.token_ids)
@@ -200,8 +214,10 @@ def encode_preference(
 ) -> tuple[Encoded, Encoded]:
     """(chosen, rejected) token ids and roles of a preference pair, each truncated on its own."""
     chosen, rejected = preference_messages(sample)
-    return (truncate(*render_chat(tokenizer, chosen, system_prompt), max_length, sample.key),
-            truncate(*render_chat(tokenizer, rejected, system_prompt), max_length, sample.key))
+    return (
+        truncate(*render_chat(tokenizer, chosen, system_prompt), max_length, sample.key),
+        truncate(*render_chat(tokenizer, rejected, system_prompt), max_length, sample.key),
+    )
 
 
 def pretokenized_roles(tokenizer: Any, ids: Sequence[int], loss_mask: Sequence[int] | None) -> list[int]:
@@ -229,8 +245,11 @@ def pretokenized_roles(tokenizer: Any, ids: Sequence[int], loss_mask: Sequence[i
             roles += [_ROLE_OF_TURN.get(name, ROLE_USER)] * len(span)
             continue
         close = span.index(end) + 1 if end in span[header_len:] else len(span)
-        roles += [ROLE_TEMPLATE] * header_len + [ROLE_ANSWER] * (close - header_len) + [ROLE_TEMPLATE] * (
-            len(span) - close)
+        roles += (
+            [ROLE_TEMPLATE] * header_len
+            + [ROLE_ANSWER] * (close - header_len)
+            + [ROLE_TEMPLATE] * (len(span) - close)
+        )
     return roles
 
 

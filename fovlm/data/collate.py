@@ -53,7 +53,9 @@ class SampleEncoder:
 
     def __call__(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
         if "json" not in members:
-            raise SkipSample("missing_json", f"sample {key!r} has no KEY.json member (members: {sorted(members)})")
+            raise SkipSample(
+                "missing_json", f"sample {key!r} has no KEY.json member (members: {sorted(members)})"
+            )
         sample = parse_sample(members["json"], key, list(members), members.get("txt"))
         if sample.is_preference != self.preference:
             kind = "a preference pair" if sample.is_preference else "not a preference pair"
@@ -61,7 +63,9 @@ class SampleEncoder:
         out: dict[str, Any] = {"key": key, "source": sample.source}
         try:
             if self.preference:
-                chosen, rejected = encode_preference(self.tokenizer, sample, self.max_length, self.system_prompt)
+                chosen, rejected = encode_preference(
+                    self.tokenizer, sample, self.max_length, self.system_prompt
+                )
                 out["chosen_input_ids"], out["chosen_roles"] = chosen.input_ids, chosen.roles
                 out["rejected_input_ids"], out["rejected_roles"] = rejected.input_ids, rejected.roles
                 out["truncated"] = chosen.truncated or rejected.truncated
@@ -76,10 +80,13 @@ class SampleEncoder:
         return out
 
 
-def _frames(samples: Sequence[dict[str, Any]], frame_size: int, normal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _frames(
+    samples: Sequence[dict[str, Any]], frame_size: int, normal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     stacks = [s["frames"] for s in samples if s.get("frames") is not None]
-    num_frames = torch.tensor([0 if s.get("frames") is None else s["frames"].shape[0] for s in samples],
-                              dtype=torch.long)  # [B]
+    num_frames = torch.tensor(
+        [0 if s.get("frames") is None else s["frames"].shape[0] for s in samples], dtype=torch.long
+    )  # [B]
     if stacks:
         frames = torch.cat(stacks)  # [F, 3, H, W] uint8
     else:
@@ -95,8 +102,9 @@ def normalize_frames(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def pad_text(sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]], pad_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_text(
+    sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence: ``(input_ids, attention_mask, roles)``, each long [B, S]."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [B, S]
@@ -111,8 +119,12 @@ def pad_text(sequences: Sequence[Sequence[int]], roles: Sequence[Sequence[int]],
     return ids, mask, role
 
 
-def collate_sft(samples: Sequence[dict[str, Any]], pad_id: int, frame_size: int = DEFAULT_FRAME_SIZE,
-                normalize: bool = True) -> dict[str, Any]:
+def collate_sft(
+    samples: Sequence[dict[str, Any]],
+    pad_id: int,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    normalize: bool = True,
+) -> dict[str, Any]:
     """Caption / SFT batch: frames [F,3,H,W], num_frames [B], input_ids / attention_mask / roles [B,S],
     source and key (lists of B strings). ``normalize=False`` leaves the frames uint8 (see
     :func:`normalize_frames`)."""
@@ -120,12 +132,23 @@ def collate_sft(samples: Sequence[dict[str, Any]], pad_id: int, frame_size: int 
         raise ValueError("cannot collate an empty batch")
     frames, num_frames = _frames(samples, frame_size, normalize)
     ids, mask, roles = pad_text([s["input_ids"] for s in samples], [s["roles"] for s in samples], pad_id)
-    return {"frames": frames, "num_frames": num_frames, "input_ids": ids, "attention_mask": mask, "roles": roles,
-            "source": [s["source"] for s in samples], "key": [s["key"] for s in samples]}
+    return {
+        "frames": frames,
+        "num_frames": num_frames,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "roles": roles,
+        "source": [s["source"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
 
 
-def collate_preference(samples: Sequence[dict[str, Any]], pad_id: int, frame_size: int = DEFAULT_FRAME_SIZE,
-                       normalize: bool = True) -> dict[str, Any]:
+def collate_preference(
+    samples: Sequence[dict[str, Any]],
+    pad_id: int,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    normalize: bool = True,
+) -> dict[str, Any]:
     """Preference batch: frames, num_frames, source, key, and chosen_* / rejected_* (input_ids,
     attention_mask, roles), each side padded to its own longest sequence."""
     if not samples:
@@ -133,8 +156,9 @@ def collate_preference(samples: Sequence[dict[str, Any]], pad_id: int, frame_siz
     frames, num_frames = _frames(samples, frame_size, normalize)
     batch: dict[str, Any] = {"frames": frames, "num_frames": num_frames}
     for side in ("chosen", "rejected"):
-        ids, mask, roles = pad_text([s[f"{side}_input_ids"] for s in samples], [s[f"{side}_roles"] for s in samples],
-                                    pad_id)
+        ids, mask, roles = pad_text(
+            [s[f"{side}_input_ids"] for s in samples], [s[f"{side}_roles"] for s in samples], pad_id
+        )
         batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_roles": roles})
     batch["source"] = [s["source"] for s in samples]
     batch["key"] = [s["key"] for s in samples]

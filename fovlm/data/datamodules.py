@@ -172,21 +172,34 @@ class ShardDataModule(L.LightningDataModule):
                 unknown = set(self.group_weights) - {name for name, _ in main}
                 missing = {name for name, _ in main} - set(self.group_weights)
                 if unknown or missing:
-                    raise ValueError(f"group_weights must name every train_shards group exactly: unknown "
-                                     f"{sorted(unknown)}, missing {sorted(missing)}")
+                    raise ValueError(
+                        f"group_weights must name every train_shards group exactly: unknown "
+                        f"{sorted(unknown)}, missing {sorted(missing)}"
+                    )
             weights = [None if self.group_weights is None else self.group_weights[n] for n, _ in main]
-            self._train_planner = self._planner(main + text, weights + [None] * len(text),
-                                                [False] * len(main) + [True] * len(text), shuffle=True,
-                                                batch_size=self.batch_size)
+            self._train_planner = self._planner(
+                main + text,
+                weights + [None] * len(text),
+                [False] * len(main) + [True] * len(text),
+                shuffle=True,
+                batch_size=self.batch_size,
+            )
         if self._val_planner is None and stage in (None, "fit", "validate") and self.val_shards is not None:
             val = _groups(self.val_shards, "val")
-            self._val_planner = self._planner(val, [None] * len(val), [False] * len(val), shuffle=False,
-                                              batch_size=self.val_batch_size)
+            self._val_planner = self._planner(
+                val, [None] * len(val), [False] * len(val), shuffle=False, batch_size=self.val_batch_size
+            )
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
 
-    def _planner(self, groups: Sequence[tuple[str, list[str]]], weights: list[float | None], text: list[bool],
-                 shuffle: bool, batch_size: int) -> EpochPlanner:
+    def _planner(
+        self,
+        groups: Sequence[tuple[str, list[str]]],
+        weights: list[float | None],
+        text: list[bool],
+        shuffle: bool,
+        batch_size: int,
+    ) -> EpochPlanner:
         paths = [p for _, shards in groups for p in shards]
         index = build_index(paths, self.index_cache)
         for info in index.values():
@@ -194,30 +207,51 @@ class ShardDataModule(L.LightningDataModule):
                 self._counts["damaged_shard"] += 1
                 log.warning("%s (its %d readable samples are kept)", info.error, info.num_samples)
         totals = [sum(index[p].num_samples for p in shards) for _, shards in groups]
-        counts = group_counts(totals, weights, text, self.text_ratio if shuffle else 0.0,
-                              self.samples_per_epoch if shuffle else None)
-        config = PlanConfig(batch_size=batch_size, seed=self.seed, shuffle=shuffle,
-                            shuffle_buffer=self.shuffle_buffer, max_frames_per_batch=self.max_frames_per_batch,
-                            image_frames=self.image_frames, max_frames=self.max_frames)
+        counts = group_counts(
+            totals,
+            weights,
+            text,
+            self.text_ratio if shuffle else 0.0,
+            self.samples_per_epoch if shuffle else None,
+        )
+        config = PlanConfig(
+            batch_size=batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            shuffle_buffer=self.shuffle_buffer,
+            max_frames_per_batch=self.max_frames_per_batch,
+            image_frames=self.image_frames,
+            max_frames=self.max_frames,
+        )
         shard_groups = [ShardGroup(name, tuple(shards)) for name, shards in groups]
         return EpochPlanner(shard_groups, index, counts, config)
 
     # -- loaders -------------------------------------------------------------------------------------------
 
     def _stream(self, planner: EpochPlanner) -> ShardStream:
-        encoder = SampleEncoder(self.tokenizer, self.max_length, preference=self.preference,
-                                frame_size=self.frame_size, max_frames=self.max_frames,
-                                image_frames=self.image_frames, system_prompt=self.system_prompt)
-        collator = Collator(self.tokenizer.pad_token_id, self.frame_size, preference=self.preference,
-                            normalize=False)
+        encoder = SampleEncoder(
+            self.tokenizer,
+            self.max_length,
+            preference=self.preference,
+            frame_size=self.frame_size,
+            max_frames=self.max_frames,
+            image_frames=self.image_frames,
+            system_prompt=self.system_prompt,
+        )
+        collator = Collator(
+            self.tokenizer.pad_token_id, self.frame_size, preference=self.preference, normalize=False
+        )
         rank, world_size = self._distributed()
         return ShardStream(planner, encoder, collator, rank=rank, world_size=world_size)
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
         # Frames leave the workers as uint8; under a Trainer they are normalised on the device
         # (on_after_batch_transfer), otherwise by the loader in this process.
-        kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": self.pin_memory,
-                                  "finalize": None if self.trainer is not None else normalize_frames}
+        kwargs: dict[str, Any] = {
+            "num_workers": num_workers,
+            "pin_memory": self.pin_memory,
+            "finalize": None if self.trainer is not None else normalize_frames,
+        }
         if num_workers > 0 and self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
         return kwargs
@@ -230,8 +264,12 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("fit")
         assert self._train_planner is not None
         epoch_fn = self._trainer_epoch if self.trainer is not None else None
-        return ShardLoader(self._stream(self._train_planner), epoch_fn=epoch_fn, counts=self._counts,
-                           **self._loader_kwargs(self.num_workers))
+        return ShardLoader(
+            self._stream(self._train_planner),
+            epoch_fn=epoch_fn,
+            counts=self._counts,
+            **self._loader_kwargs(self.num_workers),
+        )
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
@@ -240,15 +278,20 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("validate")
         assert self._val_planner is not None
         # Validation reads the same order every time: epoch 0 of an unshuffled plan.
-        return ShardLoader(self._stream(self._val_planner), epoch_fn=lambda: 0, counts=self._counts,
-                           **self._loader_kwargs(self.val_num_workers))
+        return ShardLoader(
+            self._stream(self._val_planner),
+            epoch_fn=lambda: 0,
+            counts=self._counts,
+            **self._loader_kwargs(self.val_num_workers),
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the uint8 frames on the device they were moved to (4x less host-to-device traffic)."""
         return normalize_frames(batch) if isinstance(batch, dict) else batch
 
     def skip_counts(self) -> dict[str, int]:
-        """Samples skipped so far by reason (and ``truncated`` / ``padded`` samples), over all loader workers."""
+        """Samples skipped so far by reason (and ``truncated`` / ``padded`` samples), summed over all loader
+        workers of this process."""
         return dict(self._counts)
 
 

@@ -148,7 +148,9 @@ def _decode_video_av(data: bytes, size: int, fps: float, max_frames: int) -> tor
             raise FrameDecodeError("the video stream has no frame", "bad_video")
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else 0.0
-    indices = times_to_indices(select_frame_times(len(frames) / video_fps, fps, max_frames), video_fps, len(frames))
+    indices = times_to_indices(
+        select_frame_times(len(frames) / video_fps, fps, max_frames), video_fps, len(frames)
+    )
     return torch.stack([_to_uint8_chw(resize_cover_crop(frames[i], size)) for i in indices])
 
 

@@ -76,12 +76,13 @@ _CODE_IMAGE = -2  # a single image (replicated to image_frames)
 _CODE_UNKNOWN_VIDEO = -1  # an mp4 without a duration in its JSON (planned as max_frames)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Shard patterns
 
 
 def expand_shards(patterns: str | Sequence[str]) -> list[str]:
-    """Expand shard patterns: brace ranges (``shard-{000..009}.tar``), globs (``data/*.tar``), or lists of them.
+    """Expand shard patterns: brace ranges (``shard-{000..009}.tar``), globs (``data/*.tar``), or lists of
+    them.
 
     Each pattern's matches are sorted; the lists are concatenated in order, without duplicates.
 
@@ -108,7 +109,7 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Tar reading (webdataset's grouping rules)
 
 
@@ -122,7 +123,10 @@ def _split_member(name: str) -> tuple[str | None, str]:
 
 
 def iter_tar_samples(
-    path: str, start: int = 0, stop: int | None = None, load: Callable[[int], bool] | None = None,
+    path: str,
+    start: int = 0,
+    stop: int | None = None,
+    load: Callable[[int], bool] | None = None,
     fields: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
     """Yield ``(index, key, members)`` for samples ``start <= index < stop`` of a tar, in file order.
@@ -150,12 +154,16 @@ def iter_tar_samples(
             try:
                 info = archive.next()
             except (tarfile.TarError, EOFError, OSError) as err:
-                raise ShardReadError(f"shard {path} is truncated or damaged after sample {index} ({err})") from err
+                raise ShardReadError(
+                    f"shard {path} is truncated or damaged after sample {index} ({err})"
+                ) from err
             if info is None:
                 # A complete tar ends with two zero blocks; a file that stops right at a member boundary
                 # was cut off there (its last sample may have lost members, so it is not yielded).
                 if size - archive.offset < 2 * tarfile.BLOCKSIZE:
-                    raise ShardReadError(f"shard {path} is truncated after sample {index} (no end-of-archive)")
+                    raise ShardReadError(
+                        f"shard {path} is truncated after sample {index} (no end-of-archive)"
+                    )
                 break
             # A member whose data runs past the end of the file: the tar was cut off.
             if info.offset_data + info.size > size:
@@ -186,7 +194,7 @@ def iter_tar_samples(
         handle.close()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The shard index: samples per shard and a frame-count code per sample (cached)
 
 
@@ -247,7 +255,9 @@ def default_index_cache() -> Path:
     return Path(os.environ.get("FOVLM_CACHE", Path.home() / ".cache" / "fovlm")) / "shard_index"
 
 
-def build_index(paths: Sequence[str], cache_dir: str | os.PathLike | None = None, threads: int = 4) -> dict[str, ShardInfo]:
+def build_index(
+    paths: Sequence[str], cache_dir: str | os.PathLike | None = None, threads: int = 4
+) -> dict[str, ShardInfo]:
     """Index every shard (cached per file path, size and mtime; a damaged shard is re-scanned each time)."""
     cache = Path(cache_dir) if cache_dir is not None else default_index_cache()
 
@@ -275,17 +285,16 @@ def build_index(paths: Sequence[str], cache_dir: str | os.PathLike | None = None
     return {info.path: info for info in infos}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The plan (pure)
 
 
 @dataclass(frozen=True)
 class ShardGroup:
-    """A named list of shards; ``weight`` None means its natural share (its sample count)."""
+    """A named list of shards (how many samples it gives per epoch is the planner's ``counts``)."""
 
     name: str
     shards: tuple[str, ...]
-    weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -327,12 +336,19 @@ class PlanConfig:
 class EpochPlanner:
     """Computes the per-epoch plan of :mod:`this module's docstring <fovlm.data.pipeline>` from an index."""
 
-    def __init__(self, groups: Sequence[ShardGroup], index: Mapping[str, ShardInfo], counts: Sequence[int],
-                 config: PlanConfig):
+    def __init__(
+        self,
+        groups: Sequence[ShardGroup],
+        index: Mapping[str, ShardInfo],
+        counts: Sequence[int],
+        config: PlanConfig,
+    ):
         self.groups = list(groups)
         self.config = config
         self.counts = list(counts)  # samples taken from each group per epoch
-        self.sizes = [np.asarray([index[p].num_samples for p in g.shards], dtype=np.int64) for g in self.groups]
+        self.sizes = [
+            np.asarray([index[p].num_samples for p in g.shards], dtype=np.int64) for g in self.groups
+        ]
         self.codes = [[index[p].frame_codes for p in g.shards] for g in self.groups]
         self.totals = [int(s.sum()) for s in self.sizes]
         for g, (count, total) in enumerate(zip(self.counts, self.totals, strict=True)):
@@ -380,7 +396,9 @@ class EpochPlanner:
         for g, count in enumerate(self.counts):
             lo, hi = self._cut(count, slots, slot)
             pieces.append(self._stream_refs(g, epoch * count + lo, epoch * count + hi))
-        labels = np.concatenate([np.full(len(p), g, dtype=np.int64) for g, p in enumerate(pieces)] or [np.zeros(0)])
+        labels = np.concatenate(
+            [np.full(len(p), g, dtype=np.int64) for g, p in enumerate(pieces)] or [np.zeros(0)]
+        )
         if self.config.shuffle and len(pieces) > 1:
             np.random.default_rng([self.config.seed, epoch, slot, slots, 0x4D49]).shuffle(labels)
         cursors = [0] * len(pieces)
@@ -439,12 +457,16 @@ class EpochPlanner:
         if self.config.max_frames_per_batch is not None:
             plan = self.slot_plan(epoch, slot, slots)
             return [b - a for a, b in zip(plan.bounds[:-1], plan.bounds[1:], strict=True)]
-        n = sum(hi - lo for hi, lo in ((self._cut(c, slots, slot)[1], self._cut(c, slots, slot)[0])
-                                       for c in self.counts))
+        n = sum(
+            hi - lo
+            for hi, lo in ((self._cut(c, slots, slot)[1], self._cut(c, slots, slot)[0]) for c in self.counts)
+        )
         full, rest = divmod(n, self.config.batch_size)
         return [self.config.batch_size] * full + ([rest] if rest else [])
 
-    def rank_plan(self, epoch: int, rank: int, world_size: int, num_workers: int) -> tuple[list[list[int]], int]:
+    def rank_plan(
+        self, epoch: int, rank: int, world_size: int, num_workers: int
+    ) -> tuple[list[list[int]], int]:
         """Batch sizes of every worker of ``rank`` after equalisation, and the common batch count per rank.
 
         A rank with fewer batches than the busiest rank splits its largest batch (the worker holding it,
@@ -453,7 +475,9 @@ class EpochPlanner:
         slots = world_size * num_workers
         per_rank = []
         for r in range(world_size):
-            per_rank.append([self._batch_sizes(epoch, r * num_workers + w, slots) for w in range(num_workers)])
+            per_rank.append(
+                [self._batch_sizes(epoch, r * num_workers + w, slots) for w in range(num_workers)]
+            )
         target = max(sum(len(s) for s in workers) for workers in per_rank)
         sizes = per_rank[rank]
         while sum(len(s) for s in sizes) < target:
@@ -462,7 +486,7 @@ class EpochPlanner:
                 w = -best[1]
                 j = max(range(len(sizes[w])), key=lambda i: (sizes[w][i], i))
                 big = sizes[w][j]
-                sizes[w][j:j + 1] = [math.ceil(big / 2), big // 2]
+                sizes[w][j : j + 1] = [math.ceil(big / 2), big // 2]
             else:
                 w = min(range(num_workers), key=lambda i: (len(sizes[i]), i))
                 sizes[w].append(-1)  # a padded batch of one repeated sample
@@ -494,8 +518,13 @@ class EpochPlanner:
         return self.rank_plan(epoch, 0, world_size, num_workers)[1]
 
 
-def group_counts(totals: Sequence[int], weights: Sequence[float | None], text_groups: Sequence[bool],
-                 text_ratio: float, samples_per_epoch: int | None = None) -> list[int]:
+def group_counts(
+    totals: Sequence[int],
+    weights: Sequence[float | None],
+    text_groups: Sequence[bool],
+    text_ratio: float,
+    samples_per_epoch: int | None = None,
+) -> list[int]:
     """Samples per epoch of each group.
 
     Non-text groups: their natural sizes when no weight is given (every sample once per epoch), otherwise
@@ -535,7 +564,7 @@ def group_counts(totals: Sequence[int], weights: Sequence[float | None], text_gr
     return counts
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The dataset
 
 
@@ -557,13 +586,20 @@ class ShardStream(IterableDataset):
     Args:
         planner: the epoch plan.
         encode: ``(key, members) -> sample`` (raises :class:`SkipSample`, ``SampleError`` or
-            ``FrameDecodeError``, each counted by its ``reason``); may return a dict with ``"truncated": True``.
+            ``FrameDecodeError``, each counted by its ``reason``); a returned dict with ``"truncated": True``
+            is counted as truncated.
         collate: a list of encoded samples -> a batch dict.
         rank, world_size: this process's place in the distributed job.
     """
 
-    def __init__(self, planner: EpochPlanner, encode: Callable[[str, dict[str, bytes]], dict[str, Any]],
-                 collate: Callable[[list[dict[str, Any]]], dict[str, Any]], rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        planner: EpochPlanner,
+        encode: Callable[[str, dict[str, bytes]], dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__()
         self.planner = planner
         self.encode = encode
@@ -595,9 +631,13 @@ class ShardStream(IterableDataset):
         return {k: (list(map(list, v)) if k == "queue" else v) for k, v in self._position.items()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"]),
-                        "nominal": int(state.get("nominal", state["batches"])), "owed": int(state.get("owed", 0)),
-                        "queue": [[list(map(int, positions)), int(k)] for positions, k in state.get("queue", [])]}
+        self._resume = {
+            "epoch": int(state["epoch"]),
+            "batches": int(state["batches"]),
+            "nominal": int(state.get("nominal", state["batches"])),
+            "owed": int(state.get("owed", 0)),
+            "queue": [[list(map(int, positions)), int(k)] for positions, k in state.get("queue", [])],
+        }
         self._position = dict(self._resume)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -620,7 +660,11 @@ class ShardStream(IterableDataset):
         queue_positions = [(list(positions), k) for positions, k in position["queue"]]
         carried = {pos for positions, _ in queue_positions for pos in positions}
         # On resume, samples of the batches already yielded are passed over without reading their data.
-        done = set(plan.order[:plan.bounds[nominal]]) - carried if nominal < len(plan.bounds) else set(plan.order)
+        done = (
+            set(plan.order[: plan.bounds[nominal]]) - carried
+            if nominal < len(plan.bounds)
+            else set(plan.order)
+        )
         samples = self._read(plan, needed=lambda pos: pos not in done)
         pending: dict[int, tuple[str, Any]] = {}  # read, not yet emitted: at most the shuffle buffer
         counts: Counter[str] = Counter()
@@ -661,13 +705,18 @@ class ShardStream(IterableDataset):
             counts.clear()
             examples.clear()
             batches += 1
-            self._position = {"epoch": epoch, "batches": batches, "nominal": nominal, "owed": owed,
-                              "queue": [[[pos for pos, _ in g], n] for g, n in queue]}
+            self._position = {
+                "epoch": epoch,
+                "batches": batches,
+                "nominal": nominal,
+                "owed": owed,
+                "queue": [[[pos for pos, _ in g], n] for g, n in queue],
+            }
             return batch
 
         while nominal < plan.num_batches:
             good = []
-            for pos in plan.order[plan.bounds[nominal]:plan.bounds[nominal + 1]]:
+            for pos in plan.order[plan.bounds[nominal] : plan.bounds[nominal + 1]]:
                 status, value = fetch(pos)
                 if status == "ok":
                     good.append((pos, value))
@@ -696,8 +745,12 @@ class ShardStream(IterableDataset):
         while queue:
             yield emit()
         if owed:
-            log.warning("rank %d: a worker had no usable sample this epoch and yields %d batches fewer than "
-                        "planned (under DDP the ranks' batch counts now differ)", self.rank, owed)
+            log.warning(
+                "rank %d: a worker had no usable sample this epoch and yields %d batches fewer than "
+                "planned (under DDP the ranks' batch counts now differ)",
+                self.rank,
+                owed,
+            )
 
     def _read(self, plan: SlotPlan, needed: Callable[[int], bool]) -> Iterator[tuple[int, tuple[str, Any]]]:
         """Encoded samples (or skip reasons) by input position, in reading order.
@@ -733,14 +786,18 @@ class ShardStream(IterableDataset):
             try:
                 index, key, members = next(readers[r])
             except (ShardReadError, StopIteration) as err:
-                failed[r] = str(err) if isinstance(err, ShardReadError) else f"shard {path} has no sample {ref.index}"
+                failed[r] = (
+                    str(err) if isinstance(err, ShardReadError) else f"shard {path} has no sample {ref.index}"
+                )
                 readers.pop(r)
                 yield pos, ("error", ("shard_error", failed[r]))
                 continue
             if pos == runs[r][-1]:
                 readers.pop(r).close()  # the run is complete: release the file
             if index != ref.index:
-                raise RuntimeError(f"internal reading error: expected sample {ref.index} of {path}, got {index}")
+                raise RuntimeError(
+                    f"internal reading error: expected sample {ref.index} of {path}, got {index}"
+                )
             yield pos, (("skipped", None) if members is None else self._encode(key, members))
 
     def _encode(self, key: str, members: dict[str, bytes]) -> tuple[str, Any]:
@@ -755,8 +812,7 @@ class ShardStream(IterableDataset):
             return "error", (reason, f"sample {key!r}: {err}")
 
 
-
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # The loader
 
 
@@ -780,12 +836,24 @@ class ShardLoader(StatefulDataLoader):
     Workers are not persistent: each epoch's workers start from the dataset with that epoch set.
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int = 0, epoch_fn: Callable[[], int] | None = None,
-                 counts: Counter[str] | None = None,
-                 finalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        dataset: ShardStream,
+        num_workers: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
+        counts: Counter[str] | None = None,
+        finalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ):
         kwargs.pop("persistent_workers", None)
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, collate_fn=_passthrough,
-                         persistent_workers=False, **kwargs)
+        super().__init__(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_passthrough,
+            persistent_workers=False,
+            **kwargs,
+        )
         dataset.set_num_workers(num_workers)
         self.epoch_fn = epoch_fn
         self.counts: Counter[str] = counts if counts is not None else Counter()
@@ -825,8 +893,11 @@ class ShardLoader(StatefulDataLoader):
         for reason, n in counts.items():
             if n and reason not in self._warned and reason != "truncated":
                 self._warned.add(reason)
-                log.warning("skipping samples (%s), e.g. %s; further ones are counted, not reported",
-                            reason, examples.get(reason, "(no message)"))
+                log.warning(
+                    "skipping samples (%s), e.g. %s; further ones are counted, not reported",
+                    reason,
+                    examples.get(reason, "(no message)"),
+                )
         return self.finalize(batch) if self.finalize is not None else batch
 
 

@@ -153,7 +153,9 @@ def validate_key(key: str) -> str:
     if not isinstance(key, str) or not key:
         raise SampleError(str(key), "__key__", "the sample key is empty")
     if "." in key.rsplit("/", 1)[-1]:
-        raise SampleError(key, "__key__", "sample keys must not contain dots (webdataset splits at the first dot)")
+        raise SampleError(
+            key, "__key__", "sample keys must not contain dots (webdataset splits at the first dot)"
+        )
     if any(c.isspace() for c in key):
         raise SampleError(key, "__key__", "sample keys must not contain whitespace")
     return key
@@ -204,7 +206,9 @@ def load_json(raw: bytes | str | Mapping[str, Any], key: str) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise SampleError(key, "json", f"not valid JSON ({err})", reason="invalid_json") from err
     if not isinstance(obj, dict):
-        raise SampleError(key, "json", f"expected a JSON object, got {type(obj).__name__}", reason="invalid_json")
+        raise SampleError(
+            key, "json", f"expected a JSON object, got {type(obj).__name__}", reason="invalid_json"
+        )
     return obj
 
 
@@ -225,7 +229,12 @@ def _number(obj: Mapping[str, Any], name: str, key: str) -> float | None:
     value = obj.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise SampleError(key, name, f"expected a positive finite number, got {value!r}")
     return float(value)
 
@@ -242,8 +251,12 @@ def _messages(value: Any, key: str, name: str = "messages") -> tuple[Message, ..
         if role not in CHAT_ROLES:
             raise SampleError(key, f"{where}.role", f"expected one of {CHAT_ROLES}, got {role!r}")
         if not isinstance(content, str):
-            raise SampleError(key, f"{where}.content", f"expected a string, got {type(content).__name__}",
-                              reason="missing_text")
+            raise SampleError(
+                key,
+                f"{where}.content",
+                f"expected a string, got {type(content).__name__}",
+                reason="missing_text",
+            )
         if not content.strip():
             raise SampleError(key, f"{where}.content", "empty text", reason="empty_text")
         turns.append(Message(role, content))
@@ -297,32 +310,45 @@ def _parse_native(obj: Mapping[str, Any], key: str) -> Sample:
     media = _check_media(obj, key)
     forms = [name for name in ("caption", "messages", "question") if name in obj]
     if not forms:
-        raise SampleError(key, "caption", "no text: expected 'caption', 'messages' or 'question'",
-                          reason="missing_text")
+        raise SampleError(
+            key, "caption", "no text: expected 'caption', 'messages' or 'question'", reason="missing_text"
+        )
     if len(forms) > 1:
-        raise SampleError(key, forms[1], f"only one of 'caption', 'messages', 'question' may be given, got {forms}")
+        raise SampleError(
+            key, forms[1], f"only one of 'caption', 'messages', 'question' may be given, got {forms}"
+        )
     common = _common(obj, key)
     if "caption" in obj:
         if "chosen" in obj or "rejected" in obj:
-            raise SampleError(key, "chosen", "a preference pair needs 'messages' for its prompt, not 'caption'")
+            raise SampleError(
+                key, "chosen", "a preference pair needs 'messages' for its prompt, not 'caption'"
+            )
         return Sample(key, source, media, caption=_text(obj, "caption", key), **common)
     if "question" in obj:
         question = _text(obj, "question", key)
         options = obj.get("options")
-        if not isinstance(options, list) or len(options) < 2 or not all(
-            isinstance(o, str) and o.strip() for o in options
+        if (
+            not isinstance(options, list)
+            or len(options) < 2
+            or not all(isinstance(o, str) and o.strip() for o in options)
         ):
             raise SampleError(key, "options", "expected a list of at least 2 non-empty strings")
         answer = obj.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
-            raise SampleError(key, "answer", f"expected an index into options (0..{len(options) - 1}), got {answer!r}")
+            raise SampleError(
+                key, "answer", f"expected an index into options (0..{len(options) - 1}), got {answer!r}"
+            )
         category = _text(obj, "category", key, required=False)
-        return Sample(key, source, media, choice=MultipleChoice(question, tuple(options), answer, category), **common)
+        return Sample(
+            key, source, media, choice=MultipleChoice(question, tuple(options), answer, category), **common
+        )
     messages = _messages(obj["messages"], key)
     if "chosen" in obj or "rejected" in obj:
         chosen, rejected = _text(obj, "chosen", key), _text(obj, "rejected", key)
         if messages[-1].role != "user":
-            raise SampleError(key, "messages", "the prompt turns of a preference pair must end with a user turn")
+            raise SampleError(
+                key, "messages", "the prompt turns of a preference pair must end with a user turn"
+            )
         return Sample(key, source, media, messages=messages, chosen=chosen, rejected=rejected, **common)
     if not any(m.role == "assistant" for m in messages):
         raise SampleError(key, "messages", "no assistant turn: nothing to learn", reason="missing_text")
@@ -342,25 +368,48 @@ def _parse_legacy(
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
             raise SampleError(key, "token_ids", "expected a non-empty list of token ids")
         if not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) for m in mask):
-            raise SampleError(key, "loss_mask", f"expected a list of 0/1 of the same length as token_ids ({len(ids)})")
+            raise SampleError(
+                key, "loss_mask", f"expected a list of 0/1 of the same length as token_ids ({len(ids)})"
+            )
         if not any(mask):
             raise SampleError(key, "loss_mask", "no token is scored", reason="empty_text")
-        return Sample(key, source, media, layout=LAYOUT_PRETOKENIZED, token_ids=tuple(ids),
-                      loss_mask=tuple(int(m) for m in mask), **common)
+        return Sample(
+            key,
+            source,
+            media,
+            layout=LAYOUT_PRETOKENIZED,
+            token_ids=tuple(ids),
+            loss_mask=tuple(int(m) for m in mask),
+            **common,
+        )
     user = _text(obj, "user", key, required=False) or ""
     if "chosen_assistant" in obj or "rejected_assistant" in obj:
         chosen = _text(obj, "chosen_assistant", key)
         rejected = _text(obj, "rejected_assistant", key)
         # An empty user turn means "use the per-source prompt", as in the reference (REFERENCE.md 4.8).
         messages = (Message("user", user),) if user.strip() else ()
-        return Sample(key, source, media, layout=LAYOUT_PREFERENCE, messages=messages, chosen=chosen,
-                      rejected=rejected, **common)
+        return Sample(
+            key,
+            source,
+            media,
+            layout=LAYOUT_PREFERENCE,
+            messages=messages,
+            chosen=chosen,
+            rejected=rejected,
+            **common,
+        )
     if "assistant" in obj:
         answer = _text(obj, "assistant", key)
         if not user.strip():
             return Sample(key, source, media, layout=LAYOUT_USER_ASSISTANT, caption=answer, **common)
-        return Sample(key, source, media, layout=LAYOUT_USER_ASSISTANT,
-                      messages=(Message("user", user), Message("assistant", answer)), **common)
+        return Sample(
+            key,
+            source,
+            media,
+            layout=LAYOUT_USER_ASSISTANT,
+            messages=(Message("user", user), Message("assistant", answer)),
+            **common,
+        )
     caption = obj.get("caption")
     if caption is None and txt is not None:
         if isinstance(txt, bytes | bytearray):
@@ -370,8 +419,12 @@ def _parse_legacy(
                 raise SampleError(key, "txt", f"not UTF-8 ({err})", reason="invalid_text") from err
         caption = txt
     if caption is None:
-        raise SampleError(key, "caption", "no text: expected 'caption', 'messages', 'assistant', 'token_ids' or a "
-                          "KEY.txt member", reason="missing_text")
+        raise SampleError(
+            key,
+            "caption",
+            "no text: expected 'caption', 'messages', 'assistant', 'token_ids' or a KEY.txt member",
+            reason="missing_text",
+        )
     caption = _text({"caption": caption}, "caption", key)
     return Sample(key, source, media, layout=LAYOUT_CAPTION, caption=caption.strip(), **common)
 

@@ -42,7 +42,9 @@ def frame_jpeg(rng: np.random.Generator, t: int) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clips", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -57,12 +59,24 @@ def main() -> None:
         for i in range(s, min(args.clips, s + per_shard)):
             frames = {f"{t:03d}.jpg": pool[(i * 8 + t) % len(pool)] for t in range(8)}
             jpegs += frames.values()
-            samples.append({"__key__": f"clip{i:05d}", "json": {
-                "source": "openvid", "media": "video", "caption": f"A synthetic clip number {i} moving right.",
-                "duration": 8.0}, **frames})
+            samples.append(
+                {
+                    "__key__": f"clip{i:05d}",
+                    "json": {
+                        "source": "openvid",
+                        "media": "video",
+                        "caption": f"A synthetic clip number {i} moving right.",
+                        "duration": 8.0,
+                    },
+                    **frames,
+                }
+            )
         write_shard(root / f"clips-{s // per_shard:03d}.tar", samples)
     mb = sum(len(j) for j in jpegs) / 1e6
-    print(f"{args.clips} clips x 8 frames, {len(jpegs)} JPEGs, {mb:.1f} MB, mean {1e3 * mb / len(jpegs):.1f} KB/frame")
+    print(
+        f"{args.clips} clips x 8 frames, {len(jpegs)} JPEGs, {mb:.1f} MB, "
+        f"mean {1e3 * mb / len(jpegs):.1f} KB/frame"
+    )
 
     t0 = time.perf_counter()
     for data in jpegs:
@@ -73,15 +87,27 @@ def main() -> None:
     for data in jpegs:
         decode_image(data, 224)
     ours = len(jpegs) / (time.perf_counter() - t0)
-    print(f"one process: PIL decode {pil:.0f} frames/s; decode_image {ours:.0f} frames/s ({ours / 8:.1f} clips/s)")
+    print(
+        f"one process: PIL decode {pil:.0f} frames/s; "
+        f"decode_image {ours:.0f} frames/s ({ours / 8:.1f} clips/s)"
+    )
 
-    dm = SFTDataModule(train_shards=str(root / "clips-*.tar"), tokenizer=str(prepare_smollm2()),
-                       batch_size=args.batch_size, num_workers=args.workers, text_ratio=0.0,
-                       index_cache=str(root / "index"), shuffle_buffer=100)
+    dm = SFTDataModule(
+        train_shards=str(root / "clips-*.tar"),
+        tokenizer=str(prepare_smollm2()),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        text_ratio=0.0,
+        index_cache=str(root / "index"),
+        shuffle_buffer=100,
+    )
     dm.setup("fit")
     # As a Trainer receives the batches (uint8 frames, normalised on the device afterwards), and with the
     # normalisation done by the loader in this process (what a plain loop over train_dataloader() gets).
-    for label, finalize in (("uint8 frames (as under a Trainer)", None), ("normalised in the main process", True)):
+    for label, finalize in (
+        ("uint8 frames (as under a Trainer)", None),
+        ("normalised in the main process", True),
+    ):
         loader = dm.train_dataloader()
         if finalize is None:
             loader.finalize = None
@@ -94,8 +120,11 @@ def main() -> None:
             frames += int(batch["num_frames"].sum())
         dt = time.perf_counter() - t0
         assert samples + len(first["key"]) == args.clips and dm.skip_counts() == {}
-        print(f"SFTDataModule, {args.workers} workers, batch {args.batch_size}, {label}: {samples / dt:.1f} "
-              f"samples/s, {frames / dt:.0f} frames/s (first batch excluded; {os.cpu_count()} CPUs)")
+        print(
+            f"SFTDataModule, {args.workers} workers, batch {args.batch_size}, {label}: {samples / dt:.1f} "
+            f"samples/s, {frames / dt:.0f} frames/s (first batch excluded; {os.cpu_count()} CPUs)"
+        )
+
 
 if __name__ == "__main__":
     main()

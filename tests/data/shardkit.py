@@ -13,8 +13,12 @@ import webdataset as wds
 from PIL import Image
 
 
-def image_bytes(color: tuple[int, int, int] = (200, 30, 60), size: tuple[int, int] = (32, 32), fmt: str = "JPEG",
-                pattern: int = 0) -> bytes:
+def image_bytes(
+    color: tuple[int, int, int] = (200, 30, 60),
+    size: tuple[int, int] = (32, 32),
+    fmt: str = "JPEG",
+    pattern: int = 0,
+) -> bytes:
     """A small image; ``pattern`` > 0 adds a deterministic gradient so frames differ."""
     w, h = size
     array = np.empty((h, w, 3), dtype=np.uint8)
@@ -59,8 +63,14 @@ def write_shard(path: Path, samples: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def caption_sample(key: str, caption: str, frames: int = 2, source: str = "openvid",
-                   media: str = "video", size: tuple[int, int] = (32, 32)) -> dict[str, Any]:
+def caption_sample(
+    key: str,
+    caption: str,
+    frames: int = 2,
+    source: str = "openvid",
+    media: str = "video",
+    size: tuple[int, int] = (32, 32),
+) -> dict[str, Any]:
     sample: dict[str, Any] = {"__key__": key, "json": {"source": source, "media": media, "caption": caption}}
     for i in range(frames):
         sample[f"{i:03d}.jpg"] = image_bytes((10 * i % 256, 100, 150), size, pattern=i + 1)
@@ -68,5 +78,14 @@ def caption_sample(key: str, caption: str, frames: int = 2, source: str = "openv
 
 
 def text_sample(key: str, answer: str, source: str = "smoltalk") -> dict[str, Any]:
-    return {"__key__": key, "json": {"source": source, "media": "text", "messages": [
-        {"role": "user", "content": "Say something."}, {"role": "assistant", "content": answer}]}}
+    return {
+        "__key__": key,
+        "json": {
+            "source": source,
+            "media": "text",
+            "messages": [
+                {"role": "user", "content": "Say something."},
+                {"role": "assistant", "content": answer},
+            ],
+        },
+    }

@@ -1,7 +1,6 @@
 """The stage DataModules end to end: batch contract, image replication, bad input, reference layouts,
 frame budgets, and a resumed Lightning run that continues with the next batch."""
 
-
 import lightning as L
 import pytest
 import torch
@@ -12,13 +11,21 @@ from fovlm.losses import ROLE_ANSWER, ROLE_PAD
 
 SIZE = 16
 SFT_KEYS = {"frames", "num_frames", "input_ids", "attention_mask", "roles", "source", "key"}
-PREF_KEYS = {"frames", "num_frames", "source", "key"} | {f"{side}_{name}" for side in ("chosen", "rejected")
-                                                         for name in ("input_ids", "attention_mask", "roles")}
+PREF_KEYS = {"frames", "num_frames", "source", "key"} | {
+    f"{side}_{name}" for side in ("chosen", "rejected") for name in ("input_ids", "attention_mask", "roles")
+}
 
 
 def _module(cls, tok_dir, tmp_path, **kwargs):
-    defaults = dict(tokenizer=str(tok_dir), frame_size=SIZE, batch_size=4, num_workers=0, shuffle_buffer=8,
-                    index_cache=str(tmp_path / "index"), max_length=256)
+    defaults = dict(
+        tokenizer=str(tok_dir),
+        frame_size=SIZE,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        index_cache=str(tmp_path / "index"),
+        max_length=256,
+    )
     defaults.update(kwargs)
     dm = cls(**defaults)
     dm.setup("fit")
@@ -26,26 +33,57 @@ def _module(cls, tok_dir, tmp_path, **kwargs):
 
 
 def _mixed_shards(root):
-    image = {"__key__": "img_0", "json": {"source": "cauldron", "media": "image", "messages": [
-        {"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red."}]},
-        "jpg": image_bytes((220, 20, 20), (40, 24))}
+    image = {
+        "__key__": "img_0",
+        "json": {
+            "source": "cauldron",
+            "media": "image",
+            "messages": [
+                {"role": "user", "content": "What colour?"},
+                {"role": "assistant", "content": "Red."},
+            ],
+        },
+        "jpg": image_bytes((220, 20, 20), (40, 24)),
+    }
     one_frame_video = caption_sample("vid_one", "A single frame.", frames=1)
-    mp4 = {"__key__": "vid_mp4", "json": {"source": "vript", "media": "video", "caption": "Getting redder.",
-                                          "duration": 3.0}, "mp4": mp4_bytes(12, fps=4)}
-    multi_turn = {"__key__": "vid_chat", "json": {"source": "llava", "media": "video", "messages": [
-        {"role": "user", "content": "What moves?"}, {"role": "assistant", "content": "A ball."},
-        {"role": "user", "content": "Where to?"}, {"role": "assistant", "content": "To the left."}]},
-        **{f"{i:03d}.jpg": image_bytes(pattern=i + 1) for i in range(5)}}
-    video = write_shard(root / "video-000.tar", [image, one_frame_video, mp4, multi_turn,
-                                                 caption_sample("vid_3", "Three frames.", frames=3)])
+    mp4 = {
+        "__key__": "vid_mp4",
+        "json": {"source": "vript", "media": "video", "caption": "Getting redder.", "duration": 3.0},
+        "mp4": mp4_bytes(12, fps=4),
+    }
+    multi_turn = {
+        "__key__": "vid_chat",
+        "json": {
+            "source": "llava",
+            "media": "video",
+            "messages": [
+                {"role": "user", "content": "What moves?"},
+                {"role": "assistant", "content": "A ball."},
+                {"role": "user", "content": "Where to?"},
+                {"role": "assistant", "content": "To the left."},
+            ],
+        },
+        **{f"{i:03d}.jpg": image_bytes(pattern=i + 1) for i in range(5)},
+    }
+    video = write_shard(
+        root / "video-000.tar",
+        [image, one_frame_video, mp4, multi_turn, caption_sample("vid_3", "Three frames.", frames=3)],
+    )
     text = write_shard(root / "text-000.tar", [text_sample(f"txt_{i}", f"Answer {i}.") for i in range(3)])
     return str(video), str(text)
 
 
 def test_sft_batches_follow_the_contract(smollm2_dir, tokenizer, tmp_path):
     video, text = _mixed_shards(tmp_path)
-    dm = _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=video, text_shards=text, text_ratio=0.3,
-                 shuffle_buffer=1)
+    dm = _module(
+        SFTDataModule,
+        smollm2_dir,
+        tmp_path,
+        train_shards=video,
+        text_shards=text,
+        text_ratio=0.3,
+        shuffle_buffer=1,
+    )
     batches = list(dm.train_dataloader())
     samples = {}
     for batch in batches:
@@ -65,12 +103,24 @@ def test_sft_batches_follow_the_contract(smollm2_dir, tokenizer, tmp_path):
             assert (batch["roles"][i, n:] == ROLE_PAD).all() and (batch["roles"][i, :n] != ROLE_PAD).all()
         starts = torch.cat([torch.zeros(1, dtype=torch.long), batch["num_frames"].cumsum(0)])
         for i, key in enumerate(batch["key"]):
-            samples[key] = (batch["frames"][starts[i]:starts[i + 1]], batch["input_ids"][i, :int(lengths[i])],
-                            batch["roles"][i, :int(lengths[i])], batch["source"][i])
+            samples[key] = (
+                batch["frames"][starts[i] : starts[i + 1]],
+                batch["input_ids"][i, : int(lengths[i])],
+                batch["roles"][i, : int(lengths[i])],
+                batch["source"][i],
+            )
     assert set(samples) == {"img_0", "vid_one", "vid_mp4", "vid_chat", "vid_3", "txt_0", "txt_1"}
     frames = {k: v[0].shape[0] for k, v in samples.items()}
     # An image becomes 8 identical frames; a one-frame video stays one frame; mp4 at 1 FPS over 3 s.
-    assert frames == {"img_0": 8, "vid_one": 1, "vid_mp4": 3, "vid_chat": 5, "vid_3": 3, "txt_0": 0, "txt_1": 0}
+    assert frames == {
+        "img_0": 8,
+        "vid_one": 1,
+        "vid_mp4": 3,
+        "vid_chat": 5,
+        "vid_3": 3,
+        "txt_0": 0,
+        "txt_1": 0,
+    }
     img = samples["img_0"][0]
     assert all(torch.equal(img[0], img[i]) for i in range(8))
     # ImageNet normalisation of the red image: the red channel well above zero, green/blue below.
@@ -84,14 +134,34 @@ def test_sft_batches_follow_the_contract(smollm2_dir, tokenizer, tmp_path):
 
 
 def test_preference_batches(smollm2_dir, tokenizer, tmp_path):
-    pairs = [{"__key__": f"pair_{i}", "json": {"source": "rlaif_v", "media": "image",
-                                               "messages": [{"role": "user", "content": f"Describe {i}."}],
-                                               "chosen": "A red square.", "rejected": "A blue circle, large."},
-              "jpg": image_bytes(pattern=i + 1)} for i in range(3)]
+    pairs = [
+        {
+            "__key__": f"pair_{i}",
+            "json": {
+                "source": "rlaif_v",
+                "media": "image",
+                "messages": [{"role": "user", "content": f"Describe {i}."}],
+                "chosen": "A red square.",
+                "rejected": "A blue circle, large.",
+            },
+            "jpg": image_bytes(pattern=i + 1),
+        }
+        for i in range(3)
+    ]
     # The reference's DPO layout (user / chosen_assistant / rejected_assistant) loads as well.
-    pairs.append({"__key__": "legacy_pair", "json": {"user": "", "chosen_assistant": "Good.",
-                                                     "rejected_assistant": "Bad.", "source": "rlaif_v",
-                                                     "frame_count": 1}, "jpg": image_bytes()})
+    pairs.append(
+        {
+            "__key__": "legacy_pair",
+            "json": {
+                "user": "",
+                "chosen_assistant": "Good.",
+                "rejected_assistant": "Bad.",
+                "source": "rlaif_v",
+                "frame_count": 1,
+            },
+            "jpg": image_bytes(),
+        }
+    )
     shard = write_shard(tmp_path / "pairs-000.tar", pairs)
     dm = _module(PreferenceDataModule, smollm2_dir, tmp_path, train_shards=str(shard), batch_size=2)
     batches = list(dm.train_dataloader())
@@ -114,30 +184,56 @@ def test_preference_batches(smollm2_dir, tokenizer, tmp_path):
 def test_reference_layouts_load(smollm2_dir, tokenizer, tmp_path):
     from fovlm.data.chat import render_chat
 
-    ids, roles = render_chat(tokenizer, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}])
+    ids, roles = render_chat(
+        tokenizer, [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Yes."}]
+    )
     samples = [
-        {"__key__": "pretok", "json": {"token_ids": ids, "loss_mask": [1] * len(ids), "source": "webvid",
-                                       "frame_count": 2}, "000.jpg": image_bytes(), "001.jpg": image_bytes()},
-        {"__key__": "rawua", "json": {"user": "What is shown?", "assistant": "A dog.", "source": "vista",
-                                      "frame_count": 2}, "000.jpg": image_bytes(), "001.jpg": image_bytes()},
-        {"__key__": "rawcap", "json": {"source": "openvid", "frame_count": 1}, "txt": b"A cat sleeps.",
-         "000.jpg": image_bytes()},
-        {"__key__": "pretok_text", "json": {"token_ids": ids, "loss_mask": [0] * 10 + [1] * (len(ids) - 10),
-                                            "source": "smoltalk", "is_text_only": True}},
+        {
+            "__key__": "pretok",
+            "json": {"token_ids": ids, "loss_mask": [1] * len(ids), "source": "webvid", "frame_count": 2},
+            "000.jpg": image_bytes(),
+            "001.jpg": image_bytes(),
+        },
+        {
+            "__key__": "rawua",
+            "json": {"user": "What is shown?", "assistant": "A dog.", "source": "vista", "frame_count": 2},
+            "000.jpg": image_bytes(),
+            "001.jpg": image_bytes(),
+        },
+        {
+            "__key__": "rawcap",
+            "json": {"source": "openvid", "frame_count": 1},
+            "txt": b"A cat sleeps.",
+            "000.jpg": image_bytes(),
+        },
+        {
+            "__key__": "pretok_text",
+            "json": {
+                "token_ids": ids,
+                "loss_mask": [0] * 10 + [1] * (len(ids) - 10),
+                "source": "smoltalk",
+                "is_text_only": True,
+            },
+        },
     ]
     shard = write_shard(tmp_path / "legacy-000.tar", samples)
-    dm = _module(CaptionDataModule, smollm2_dir, tmp_path, train_shards=str(shard), batch_size=4, text_ratio=0.0)
+    dm = _module(
+        CaptionDataModule, smollm2_dir, tmp_path, train_shards=str(shard), batch_size=4, text_ratio=0.0
+    )
     (batch,) = list(dm.train_dataloader())
     by_key = {k: i for i, k in enumerate(batch["key"])}
     n = batch["attention_mask"].sum(1)
     i = by_key["pretok"]
-    assert batch["input_ids"][i, :n[i]].tolist() == ids and batch["roles"][i, :n[i]].tolist() == roles
+    assert batch["input_ids"][i, : n[i]].tolist() == ids and batch["roles"][i, : n[i]].tolist() == roles
     i = by_key["rawua"]
-    assert tokenizer.decode(batch["input_ids"][i, :n[i]][batch["roles"][i, :n[i]] == ROLE_ANSWER]) == "A dog.<|im_end|>"
+    assert (
+        tokenizer.decode(batch["input_ids"][i, : n[i]][batch["roles"][i, : n[i]] == ROLE_ANSWER])
+        == "A dog.<|im_end|>"
+    )
     i = by_key["rawcap"]
-    text = tokenizer.decode(batch["input_ids"][i, :n[i]])
+    text = tokenizer.decode(batch["input_ids"][i, : n[i]])
     assert "Write a brief caption for this video." in text and "A cat sleeps.<|im_end|>" in text
-    # The reference replicated any one-frame sample; its layouts carry no media field, so one frame is an image.
+    # The reference replicated any one-frame sample; its layouts carry no media field: one frame is an image.
     frames = dict(zip(batch["key"], batch["num_frames"].tolist(), strict=True))
     assert frames == {"pretok": 2, "rawua": 2, "rawcap": 8, "pretok_text": 0}
 
@@ -146,21 +242,34 @@ def _bad_shards(root):
     good = [caption_sample(f"good_{i}", f"Fine clip {i}.", frames=2) for i in range(9)]
     corrupt_jpeg = caption_sample("bad_jpeg", "Broken frame.", frames=2)
     corrupt_jpeg["001.jpg"] = corrupt_jpeg["001.jpg"][:40]
-    no_text = {"__key__": "no_text", "json": {"source": "openvid", "media": "video"}, "000.jpg": image_bytes()}
-    non_utf8 = {"__key__": "non_utf8", "json": b'{"source": "openvid", "media": "video", "caption": "caf\xe9"}',
-                "000.jpg": image_bytes()}
-    fake_mp4 = {"__key__": "fake_mp4", "json": {"source": "vript", "media": "video", "caption": "No video."},
-                "mp4": b"\x00\x00\x00\x18ftypisom" + b"garbage" * 50}
+    no_text = {
+        "__key__": "no_text",
+        "json": {"source": "openvid", "media": "video"},
+        "000.jpg": image_bytes(),
+    }
+    non_utf8 = {
+        "__key__": "non_utf8",
+        "json": b'{"source": "openvid", "media": "video", "caption": "caf\xe9"}',
+        "000.jpg": image_bytes(),
+    }
+    fake_mp4 = {
+        "__key__": "fake_mp4",
+        "json": {"source": "vript", "media": "video", "caption": "No video."},
+        "mp4": b"\x00\x00\x00\x18ftypisom" + b"garbage" * 50,
+    }
     no_json = {"__key__": "no_json", "000.jpg": image_bytes()}
     # Bad samples between good ones, so every worker has more good samples than batches.
     bad = [corrupt_jpeg, no_text, non_utf8, fake_mp4, no_json]
-    write_shard(root / "bad-000.tar", [s for pair in zip(good[:5], bad, strict=True) for s in pair] + [good[5]])
-    full = write_shard(root / "bad-001.tar", good[6:] + [caption_sample(f"lost_{i}", "x", frames=2)
-                                                         for i in range(3)])
+    write_shard(
+        root / "bad-000.tar", [s for pair in zip(good[:5], bad, strict=True) for s in pair] + [good[5]]
+    )
+    full = write_shard(
+        root / "bad-001.tar", good[6:] + [caption_sample(f"lost_{i}", "x", frames=2) for i in range(3)]
+    )
     data = full.read_bytes()
     # Cut the tar inside the data of its 5th sample: 4 samples remain readable.
     cut = data.find(b"lost_1.json")
-    full.write_bytes(data[:cut + 700])
+    full.write_bytes(data[: cut + 700])
     return str(root / "bad-{000..001}.tar")
 
 
@@ -170,8 +279,14 @@ def test_bad_input_is_skipped_and_counted(smollm2_dir, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         keys = [k for b in dm.train_dataloader() for k in b["key"]]
     assert sorted(keys) == [f"good_{i}" for i in range(9)] + ["lost_0"]  # each once, nothing repeated
-    assert dm.skip_counts() == {"bad_image": 1, "missing_text": 1, "invalid_json": 1, "bad_video": 1,
-                                "missing_json": 1, "damaged_shard": 1}
+    assert dm.skip_counts() == {
+        "bad_image": 1,
+        "missing_text": 1,
+        "invalid_json": 1,
+        "bad_video": 1,
+        "missing_json": 1,
+        "damaged_shard": 1,
+    }
     # One warning per reason, naming an example.
     messages = [r.getMessage() for r in caplog.records]
     for reason in ("bad_image", "missing_text", "invalid_json", "bad_video", "missing_json"):
@@ -182,8 +297,15 @@ def test_bad_input_is_skipped_and_counted(smollm2_dir, tmp_path, caplog):
 def test_frame_budget(smollm2_dir, tmp_path):
     samples = [caption_sample(f"v{i}", "c", frames=1 + i % 4) for i in range(20)]
     shard = write_shard(tmp_path / "v-000.tar", samples)
-    dm = _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=str(shard), batch_size=8,
-                 max_frames_per_batch=6, text_ratio=0.0)
+    dm = _module(
+        SFTDataModule,
+        smollm2_dir,
+        tmp_path,
+        train_shards=str(shard),
+        batch_size=8,
+        max_frames_per_batch=6,
+        text_ratio=0.0,
+    )
     batches = list(dm.train_dataloader())
     assert all(int(b["num_frames"].sum()) <= 6 for b in batches)
     assert sorted(k for b in batches for k in b["key"]) == sorted(f"v{i}" for i in range(20))
@@ -210,7 +332,9 @@ class _KeyRecorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append(list(batch["key"]))
-        assert batch["frames"].dtype == torch.float32  # normalised after the transfer (on_after_batch_transfer)
+        assert (
+            batch["frames"].dtype == torch.float32
+        )  # normalised after the transfer (on_after_batch_transfer)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         return (self.embed(batch["input_ids"]) * mask).pow(2).mean() + batch["frames"].mean() * 0
 
@@ -220,18 +344,42 @@ class _KeyRecorder(L.LightningModule):
 
 @pytest.mark.slow
 def test_lightning_resume_continues_the_stream(smollm2_dir, tmp_path):
-    shard = write_shard(tmp_path / "v-000.tar", [caption_sample(f"v{i:02d}", f"clip {i}", frames=1)
-                                                 for i in range(24)])
+    shard = write_shard(
+        tmp_path / "v-000.tar", [caption_sample(f"v{i:02d}", f"clip {i}", frames=1) for i in range(24)]
+    )
 
     def run(max_steps, ckpt_path=None, save_every=None):
-        dm = SFTDataModule(train_shards=str(shard), tokenizer=str(smollm2_dir), frame_size=SIZE, batch_size=2,
-                           num_workers=2, shuffle_buffer=6, text_ratio=0.0, index_cache=str(tmp_path / "index"))
+        dm = SFTDataModule(
+            train_shards=str(shard),
+            tokenizer=str(smollm2_dir),
+            frame_size=SIZE,
+            batch_size=2,
+            num_workers=2,
+            shuffle_buffer=6,
+            text_ratio=0.0,
+            index_cache=str(tmp_path / "index"),
+        )
         module = _KeyRecorder()
-        callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=save_every,
-                                                         save_top_k=-1)] if save_every else []
-        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=bool(save_every),
-                            callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, accelerator="cpu", default_root_dir=tmp_path)
+        callbacks = (
+            [
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path / "ckpt", every_n_train_steps=save_every, save_top_k=-1
+                )
+            ]
+            if save_every
+            else []
+        )
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            logger=False,
+            enable_checkpointing=bool(save_every),
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+        )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         return module.seen
 

@@ -26,8 +26,10 @@ SIZES = [5, 1, 9, 3, 12, 7, 2]  # 39 samples in 7 shards of uneven sizes
 def _video_shards(root, sizes=SIZES):
     paths = []
     for s, n in enumerate(sizes):
-        samples = [caption_sample(f"v{s}_{i:02d}", f"clip {s} {i}", frames=1 + (s + i) % 3, size=(8, 8))
-                   for i in range(n)]
+        samples = [
+            caption_sample(f"v{s}_{i:02d}", f"clip {s} {i}", frames=1 + (s + i) % 3, size=(8, 8))
+            for i in range(n)
+        ]
         paths.append(str(write_shard(root / f"video-{s:03d}.tar", samples)))
     return paths
 
@@ -38,8 +40,21 @@ def shards(tmp_path_factory):
     return _video_shards(root), root
 
 
-def _stream(paths, index, tokenizer, rank=0, world=1, *, batch_size=4, budget=None, shuffle=True, buffer=8,
-            text=None, text_ratio=0.0, seed=0):
+def _stream(
+    paths,
+    index,
+    tokenizer,
+    rank=0,
+    world=1,
+    *,
+    batch_size=4,
+    budget=None,
+    shuffle=True,
+    buffer=8,
+    text=None,
+    text_ratio=0.0,
+    seed=0,
+):
     groups = [ShardGroup("video", tuple(paths))]
     totals = [sum(index[p].num_samples for p in paths)]
     flags = [False]
@@ -48,8 +63,18 @@ def _stream(paths, index, tokenizer, rank=0, world=1, *, batch_size=4, budget=No
         totals.append(sum(index[p].num_samples for p in text))
         flags.append(True)
     counts = group_counts(totals, [None] * len(groups), flags, text_ratio)
-    planner = EpochPlanner(groups, index, counts, PlanConfig(batch_size=batch_size, seed=seed, shuffle=shuffle,
-                                                             shuffle_buffer=buffer, max_frames_per_batch=budget))
+    planner = EpochPlanner(
+        groups,
+        index,
+        counts,
+        PlanConfig(
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=buffer,
+            max_frames_per_batch=budget,
+        ),
+    )
     encoder = SampleEncoder(tokenizer, max_length=128, frame_size=16, image_frames=8)
     return ShardStream(planner, encoder, Collator(tokenizer.pad_token_id, 16), rank=rank, world_size=world)
 
@@ -58,7 +83,8 @@ def test_expand_shards(shards, tmp_path):
     paths, root = shards
     assert expand_shards(str(root / "video-{000..006}.tar")) == paths
     assert expand_shards([str(root / "video-00[0-2].tar"), str(root / "video-00{5,6}.tar")]) == (
-        paths[:3] + paths[5:])
+        paths[:3] + paths[5:]
+    )
     with pytest.raises(FileNotFoundError, match="nothing-"):
         expand_shards([str(root / "video-000.tar"), str(root / "nothing-*.tar")])
     with pytest.raises(FileNotFoundError, match="video-007.tar"):
@@ -84,7 +110,9 @@ def test_every_sample_once_and_equal_batch_counts(shards, tokenizer, tmp_path, w
     index = build_index(paths, tmp_path / "cache")
     keys, batches_per_rank = [], []
     for rank in range(world):
-        loader = ShardLoader(_stream(paths, index, tokenizer, rank, world, budget=budget), num_workers=workers)
+        loader = ShardLoader(
+            _stream(paths, index, tokenizer, rank, world, budget=budget), num_workers=workers
+        )
         batches = list(loader)
         batches_per_rank.append(len(batches))
         keys += [k for b in batches for k in b["key"]]
@@ -143,10 +171,19 @@ def test_resume_continues_exactly(shards, tokenizer, tmp_path):
 
 
 def test_text_retention_share(tmp_path, tokenizer):
-    video = [str(write_shard(tmp_path / f"v{s}.tar", [caption_sample(f"v{s}_{i:03d}", "c", frames=1, size=(8, 8))
-                                                       for i in range(430)])) for s in range(4)]
-    text = [str(write_shard(tmp_path / f"t{s}.tar", [text_sample(f"t{s}_{i:03d}", "a") for i in range(150)]))
-            for s in range(2)]
+    video = [
+        str(
+            write_shard(
+                tmp_path / f"v{s}.tar",
+                [caption_sample(f"v{s}_{i:03d}", "c", frames=1, size=(8, 8)) for i in range(430)],
+            )
+        )
+        for s in range(4)
+    ]
+    text = [
+        str(write_shard(tmp_path / f"t{s}.tar", [text_sample(f"t{s}_{i:03d}", "a") for i in range(150)]))
+        for s in range(2)
+    ]
     index = build_index(video + text, tmp_path / "cache")
     stream = _stream(video, index, tokenizer, batch_size=8, text=text, text_ratio=0.14, buffer=50)
     batches = list(ShardLoader(stream, num_workers=0))
@@ -159,7 +196,7 @@ def test_text_retention_share(tmp_path, tokenizer):
             assert (n == 0) == key.startswith("t")  # text samples carry no visual token
     # Spread through the epoch, not bunched: every quarter of the stream holds text.
     quarter = len(is_text) // 4
-    assert all(0.07 < sum(is_text[q * quarter:(q + 1) * quarter]) / quarter < 0.21 for q in range(4))
+    assert all(0.07 < sum(is_text[q * quarter : (q + 1) * quarter]) / quarter < 0.21 for q in range(4))
 
 
 def test_group_counts():
@@ -195,7 +232,13 @@ def test_resume_with_failing_samples(tmp_path, tokenizer):
     from shardkit import image_bytes
 
     samples = []
-    bad = {0, 1, 11, 12, 13}  # planned batches [0 1] and [12 13] fail entirely: neighbours are split to cover them
+    bad = {
+        0,
+        1,
+        11,
+        12,
+        13,
+    }  # planned batches [0 1] and [12 13] fail entirely: neighbours are split to cover them
     for i in range(16):
         sample = caption_sample(f"s{i:02d}", f"clip {i}", frames=1, size=(8, 8))
         if i in bad:
@@ -225,15 +268,27 @@ def test_resume_with_failing_samples(tmp_path, tokenizer):
 
 
 def test_weighted_groups_cycle_through_passes(tmp_path):
-    a = [str(write_shard(tmp_path / f"a{s}.tar", [text_sample(f"a{s}_{i}", "x") for i in range(5)])) for s in range(2)]
-    b = [str(write_shard(tmp_path / f"b{s}.tar", [text_sample(f"b{s}_{i}", "x") for i in range(5)])) for s in range(2)]
+    a = [
+        str(write_shard(tmp_path / f"a{s}.tar", [text_sample(f"a{s}_{i}", "x") for i in range(5)]))
+        for s in range(2)
+    ]
+    b = [
+        str(write_shard(tmp_path / f"b{s}.tar", [text_sample(f"b{s}_{i}", "x") for i in range(5)]))
+        for s in range(2)
+    ]
     index = build_index(a + b, tmp_path / "cache")
     counts = group_counts([10, 10], [3.0, 1.0], [False, False], 0.0)
     assert counts == [15, 5]
-    planner = EpochPlanner([ShardGroup("a", tuple(a)), ShardGroup("b", tuple(b))], index, counts,
-                           PlanConfig(batch_size=4, shuffle_buffer=4))
-    epochs = [[(r.group, r.shard, r.index) for w in range(2) for r in planner.slot_plan(e, w, 2).inputs]
-              for e in range(2)]
+    planner = EpochPlanner(
+        [ShardGroup("a", tuple(a)), ShardGroup("b", tuple(b))],
+        index,
+        counts,
+        PlanConfig(batch_size=4, shuffle_buffer=4),
+    )
+    epochs = [
+        [(r.group, r.shard, r.index) for w in range(2) for r in planner.slot_plan(e, w, 2).inputs]
+        for e in range(2)
+    ]
     for refs in epochs:
         assert sum(g == 0 for g, _, _ in refs) == 15 and sum(g == 1 for g, _, _ in refs) == 5
     # Group b (5 per epoch) reads each of its 10 samples once over two epochs; group a (15 per epoch) reads
