@@ -263,11 +263,27 @@ def _bad_shards(root):
     write_shard(
         root / "bad-000.tar", [s for pair in zip(good[:5], bad, strict=True) for s in pair] + [good[5]]
     )
+    empty = caption_sample("empty_text", "   ", frames=1)
+    long_prompt = {
+        "__key__": "cut_away",
+        "json": {
+            "source": "x",
+            "media": "video",
+            "messages": [
+                {"role": "user", "content": "Describe it. " * 100},  # > max_length: no answer token left
+                {"role": "assistant", "content": "Fine."},
+            ],
+        },
+        "000.jpg": image_bytes(),
+    }
+    long_answer = caption_sample("long_answer", "A very long caption. " * 80, frames=1)  # cut, still trained
+    extra = [empty, long_prompt, long_answer]
     full = write_shard(
-        root / "bad-001.tar", good[6:] + [caption_sample(f"lost_{i}", "x", frames=2) for i in range(3)]
+        root / "bad-001.tar",
+        good[6:] + extra + [caption_sample(f"lost_{i}", "x", frames=2) for i in range(3)],
     )
     data = full.read_bytes()
-    # Cut the tar inside the data of its 5th sample: 4 samples remain readable.
+    # Cut the tar inside the data of sample lost_1: the samples before it remain readable.
     cut = data.find(b"lost_1.json")
     full.write_bytes(data[: cut + 700])
     return str(root / "bad-{000..001}.tar")
@@ -278,18 +294,23 @@ def test_bad_input_is_skipped_and_counted(smollm2_dir, tmp_path, caplog):
     dm = _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=pattern, batch_size=3, num_workers=2)
     with caplog.at_level("WARNING"):
         keys = [k for b in dm.train_dataloader() for k in b["key"]]
-    assert sorted(keys) == [f"good_{i}" for i in range(9)] + ["lost_0"]  # each once, nothing repeated
+    # Each good sample once, nothing repeated; the long answer is truncated but trains.
+    assert sorted(keys) == [f"good_{i}" for i in range(9)] + ["long_answer", "lost_0"]
     assert dm.skip_counts() == {
         "bad_image": 1,
         "missing_text": 1,
         "invalid_json": 1,
         "bad_video": 1,
         "missing_json": 1,
+        "empty_text": 1,
+        "truncated_away": 1,
+        "truncated": 1,
         "damaged_shard": 1,
     }
     # One warning per reason, naming an example.
     messages = [r.getMessage() for r in caplog.records]
-    for reason in ("bad_image", "missing_text", "invalid_json", "bad_video", "missing_json"):
+    skip_reasons = ("bad_image", "missing_text", "invalid_json", "bad_video", "missing_json", "empty_text")
+    for reason in skip_reasons + ("truncated_away",):
         assert sum(f"({reason})" in m for m in messages) == 1
     assert any("truncated" in m and "bad-001.tar" in m for m in messages)
 
