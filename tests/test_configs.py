@@ -1,0 +1,130 @@
+"""Every YAML in configs/ parses and instantiates (offline, no training) with the demo overlay; the recipe values of
+the stage configs; the LLM -> tokenizer links; the 1.7B overlay's FSDP strategy."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from fitkit import CONFIGS, STAGE_DATA, fovlm_command, subprocess_env, synthetic_data
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+
+from fovlm.callbacks import (
+    AtomicCheckpointIO,
+    AttentionMonitor,
+    DataStats,
+    Preemption,
+    RandomState,
+    SampleGeneration,
+    SmoothedLoss,
+    StageCheckpoint,
+    Throughput,
+)
+from fovlm.cli import TINY_LLM_TOKENIZER, FovlmCLI
+from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
+from fovlm.module import FoveatedModule
+
+DATAMODULES = {1: CaptionDataModule, 2: SFTDataModule, 3: PreferenceDataModule}
+LOSSES = {1: "all_text", 2: "answer_only", 3: "dpo"}
+SIZES = [None, "360m", "1.7b"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
+
+
+def _args(stage: int, data, tmp_path, *overlays: str) -> list[str]:
+    args = ["--config", str(CONFIGS / f"stage{stage}.yaml")]
+    for overlay in overlays:
+        args += ["--config", str(CONFIGS / overlay)]
+    for key, pattern in STAGE_DATA[stage].items():
+        args += [f"--data.init_args.{key}", str(data / pattern)]
+    if stage > 1:  # init_from must exist; instantiation does not read it
+        previous = tmp_path / "previous.ckpt"
+        previous.write_bytes(b"")
+        args += ["--model.init_args.init_from", str(previous)]
+    return args
+
+
+def test_every_config_file_is_covered():
+    files = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")}
+    assert files == {"stage1.yaml", "stage2.yaml", "stage3.yaml", "demo.yaml", "size/360m.yaml", "size/1.7b.yaml"}
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_config_instantiates_with_demo_overlay(stage, size, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written by instantiation
+    overlays = ([f"size/{size}.yaml"] if size else []) + ["demo.yaml"]
+    cli = FovlmCLI(args=_args(stage, data, tmp_path, *overlays), run=False)
+    assert isinstance(cli.model, FoveatedModule) and cli.model.model is None  # built lazily, offline
+    assert type(cli.datamodule) is DATAMODULES[stage]
+    assert cli.model.hparams.loss == LOSSES[stage]
+    assert cli.model.hparams.llm == "tiny" and cli.datamodule.tokenizer_name == TINY_LLM_TOKENIZER
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {StageCheckpoint, LearningRateMonitor, Preemption, RandomState, SmoothedLoss, Throughput, DataStats,
+            AttentionMonitor, SampleGeneration} <= kinds
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(cli.trainer.logger, TensorBoardLogger)
+    assert cli.trainer.logger.log_dir.rstrip("/") == f"runs/demo/stage{stage}"
+    assert cli.trainer.max_steps <= 300 and cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert not list(tmp_path.glob("runs"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_recipe_values(stage, data, tmp_path):
+    """Without the demo overlay: the 135M recipe of REFERENCE.md 5.11, hub ids, tokenizer linked to the LLM."""
+
+    class NoTrainer(FovlmCLI):
+        def instantiate_trainer(self, **kwargs):
+            return self._get(self.config_init, "trainer")
+
+    cli = NoTrainer(args=_args(stage, data, tmp_path), run=False)
+    hp, trainer, dm = cli.model.hparams, cli.trainer, cli.datamodule
+    assert hp.llm == "HuggingFaceTB/SmolLM2-135M-Instruct" and hp.vision == "facebook/dinov2-small"
+    assert dm.tokenizer_name == hp.llm  # linked, never given twice
+    assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0
+    expected = {
+        1: (31250, 4, 8, "converging", (1e-3, 1e-5, 1e-5), 0.03),
+        2: (31250, 4, 8, "cosine", (3e-5, 3e-5, 3e-5), 0.03),
+        3: (2593, 8, 4, "cosine", (1e-6, 1e-6, 1e-6), 0.1),
+    }[stage]
+    steps, accumulate, batch, schedule, lrs, warmup = expected
+    assert (trainer["max_steps"], trainer["accumulate_grad_batches"], dm.batch_size) == (steps, accumulate, batch)
+    assert hp.schedule == schedule and (hp.lr_connector, hp.lr_vision, hp.lr_llm) == lrs
+    assert hp.warmup_ratio == warmup
+    if stage == 1:
+        assert hp.target_lr == 3e-5 and dm.text_ratio == 0.14 and dm.val_shards is not None
+    if stage == 3:
+        assert hp.beta == 0.1 and dm.text_ratio == 0.0
+    assert dm.image_frames == 8 and dm.max_frames == 64 and dm.frame_size == 224
+
+
+def test_large_overlay_uses_fsdp_with_checkpointing(data, tmp_path):
+    class NoTrainer(FovlmCLI):
+        def instantiate_trainer(self, **kwargs):
+            return self._get(self.config_init, "trainer")
+
+    cli = NoTrainer(args=_args(2, data, tmp_path, "size/1.7b.yaml"), run=False)
+    strategy = cli.trainer["strategy"]
+    assert isinstance(strategy, FSDPStrategy)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert cli.model.hparams.gradient_checkpointing is True
+    assert cli.model.hparams.llm == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    assert cli.trainer["precision"] == "bf16-mixed"
+
+
+def test_print_config_of_stage1():
+    result = subprocess.run(fovlm_command(["fit", "--config", str(CONFIGS / "stage1.yaml"), "--print_config"]),
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for text in ("class_path: fovlm.module.FoveatedModule", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                 "facebook/dinov2-small", "class_path: fovlm.data.datamodules.CaptionDataModule",
+                 "class_path: fovlm.callbacks.StageCheckpoint", "TensorBoardLogger"):
+        assert text in out, text
