@@ -139,19 +139,38 @@ def _decode_video_decord(data: bytes, size: int, fps: float, max_frames: int) ->
 
 
 def _decode_video_av(data: bytes, size: int, fps: float, max_frames: int) -> torch.Tensor:
+    """Decode with PyAV, streaming: only the selected frames are converted and kept, so a long video never
+    sits in memory. Frame t is the last frame that starts at or before t (as with decord's indices)."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        frames = [frame.to_image() for frame in container.decode(stream)]
-        if not frames:
-            raise FrameDecodeError("the video stream has no frame", "bad_video")
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else 0.0
-    indices = times_to_indices(
-        select_frame_times(len(frames) / video_fps, fps, max_frames), video_fps, len(frames)
-    )
-    return torch.stack([_to_uint8_chw(resize_cover_crop(frames[i], size)) for i in indices])
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / 1e6  # microseconds
+        elif stream.frames and video_fps > 0:
+            duration = stream.frames / video_fps
+        else:
+            raise FrameDecodeError("the video reports no duration", "bad_video")
+        times = select_frame_times(duration, fps, max_frames)
+        kept: list[torch.Tensor] = []
+        previous = None
+        for i, frame in enumerate(container.decode(stream)):
+            start = frame.time if frame.time is not None else (i / video_fps if video_fps > 0 else 0.0)
+            while len(kept) < len(times) and start > times[len(kept)] + 1e-6:
+                kept.append(_to_uint8_chw(resize_cover_crop((previous or frame).to_image(), size)))
+            previous = frame
+            if len(kept) == len(times):
+                break
+        if previous is None:
+            raise FrameDecodeError("the video stream has no frame", "bad_video")
+        # Times at or after the last frame's start (the metadata may round the duration up) get the last frame.
+        last = _to_uint8_chw(resize_cover_crop(previous.to_image(), size)) if len(kept) < len(times) else None
+        kept += [last] * (len(times) - len(kept))
+    return torch.stack(kept)  # [T, 3, size, size] uint8
 
 
 def decode_video(

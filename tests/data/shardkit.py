@@ -30,8 +30,8 @@ def image_bytes(
     return buf.getvalue()
 
 
-def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48)) -> bytes:
-    """An H.264 mp4 whose frame i has a red level of 8 * i (so decoded frames can be told apart)."""
+def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48), step: int = 8) -> bytes:
+    """An H.264 mp4 whose frame i has a red level of ``step * i`` (capped at 255), so frames can be told apart."""
     import av
 
     w, h = size
@@ -42,7 +42,7 @@ def mp4_bytes(num_frames: int, fps: int = 4, size: tuple[int, int] = (64, 48)) -
         stream.options = {"crf": "10", "g": "1"}
         for i in range(num_frames):
             array = np.zeros((h, w, 3), dtype=np.uint8)
-            array[..., 0] = min(255, 8 * i)
+            array[..., 0] = min(255, step * i)
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)

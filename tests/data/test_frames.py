@@ -106,3 +106,16 @@ def test_normalize_matches_imagenet_stats():
     )
     assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
     assert torch.allclose(out[1, :, 1, 1], expected)
+
+
+@pytest.mark.parametrize(("num_frames", "fps"), [(12, 4), (1, 4), (30, 30), (140, 2)])
+def test_pyav_fallback_picks_the_same_frames_as_decord(num_frames, fps):
+    clip = mp4_bytes(num_frames, fps=fps, step=1)  # red level = frame index
+    via_decord = F._decode_video_decord(clip, 16, 1.0, 64)
+    via_av = F._decode_video_av(clip, 16, 1.0, 64)  # streams: only the selected frames are kept
+    expected = len(F.select_frame_times(num_frames / fps))
+    assert via_decord.shape[0] == via_av.shape[0] == expected
+    assert torch.equal(via_decord, via_av)
+    if num_frames / fps > 64:
+        # 64 frames spread over the whole 70 s clip: the last one (t = 69.45 s) is frame 138, not from second 64.
+        assert expected == 64 and abs(int(via_av[-1, 0, 8, 8]) - 138) <= 3
