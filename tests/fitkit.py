@@ -71,12 +71,17 @@ STAGE_DATA = {
 
 
 def fit_args(
-    stage: int, data: Path, out: Path, steps: int, every: int = 1000, extra: list[str] | None = None
+    stage: int, data: Path, out: Path, steps: int, every: int = 1000, extra: list[str] | None = None,
+    record: Path | None = None,
 ) -> list[str]:
-    """Arguments of ``fovlm fit`` for a tiny run of ``stage`` on the synthetic set, logging under ``out``."""
+    """Arguments of ``fovlm fit`` for a tiny run of ``stage`` on the synthetic set, logging under ``out``
+    (``record``: also write each rank's trained sample keys and final weights there, see RecordBatches)."""
     overlay = out / "test_overlay.yaml"
     out.mkdir(parents=True, exist_ok=True)
-    overlay.write_text(TEST_OVERLAY.replace("EVERY", str(every)))
+    text = TEST_OVERLAY.replace("EVERY", str(every))
+    if record is not None:
+        text = text.replace("data:\n", f"    - class_path: fitkit.RecordBatches\n      init_args: {{out: {record}}}\ndata:\n")
+    overlay.write_text(text)
     args = [
         "fit",
         "--config", str(CONFIGS / f"stage{stage}.yaml"),
@@ -140,7 +145,8 @@ class RecordBatches(pl.Callback):
         self.keys: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.keys.extend(batch["key"])
+        # Keys repeat across shard sets (caption/000000.tar and text/000000.tar), sources do not.
+        self.keys.extend(f"{trainer.current_epoch}/{s}/{k}" for s, k in zip(batch["source"], batch["key"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = Path(self.out) / f"rank{trainer.global_rank}.json"
