@@ -57,3 +57,24 @@ def test_broken_annotation_files_and_rows_are_skipped(tmp_path):
     rows = list(read_rows(table))
     assert [r["video"] for r in rows if isinstance(r, dict)] == ["a.mp4", "c.mp4"]
     assert [(r.item, r.reason) for r in rows if not isinstance(r, dict)] == [("rows.csv:3", "bad_row")]
+
+
+def test_parquet_layout_reads_raw_image_bytes(tmp_path):
+    """The Cauldron as published: parquet with raw image bytes (not the base64 of a JSON export)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from prepkit import image_bytes
+
+    subset = tmp_path / "the_cauldron" / "ai2d"
+    subset.mkdir(parents=True)
+    table = pa.table({
+        "images": [[{"bytes": image_bytes((60, 40), (220, 0, 0)), "path": None}], []],
+        "texts": [[{"user": "What colour?", "assistant": "Red.", "source": "ai2d"}],
+                  [{"user": "No image?", "assistant": "None.", "source": "ai2d"}]],
+    })
+    pq.write_table(table, subset / "train-00000-of-00001.parquet")
+    manifest = convert("cauldron", tmp_path / "the_cauldron", tmp_path / "shards", workers=0, progress=False)
+    samples = read_shards(tmp_path / "shards")
+    assert manifest["samples"] == 1 and manifest["skipped"] == {"bad_row": 1}, manifest["skipped_items"]
+    assert [sample_text(s["sample"]) for s in samples] == ["What colour?|Red."]
+    assert samples[0]["frames"].shape[0] == 1
