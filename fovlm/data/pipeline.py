@@ -23,15 +23,18 @@ and every worker computes the same plan without talking to each other):
    samples than batches, e.g. ``batch_size=1`` with uneven counts; such repeats are counted as ``padded``).
    So across ranks x workers every sample is read exactly once per epoch and DDP never hangs at an epoch
    end; ranks may see batches that differ in size by a sample or so.
-5. **Resume.** A worker's state is ``(epoch, batches yielded)``. Restoring replays the plan, skips the
-   batches already yielded without reading their data, and continues with the next one. torchdata's
-   ``StatefulDataLoader`` collects these states from the workers; Lightning stores a stateful loader's
-   state in checkpoints and restores it before iterating.
+5. **Resume.** A worker's state is its epoch, the batches it yielded, the next planned batch and the
+   samples read but held back (by plan position). Restoring replays the plan, passes over the batches
+   already yielded without reading their data, re-reads the held samples and continues with the next
+   batch. torchdata's ``StatefulDataLoader`` collects these states from the workers; Lightning stores a
+   stateful loader's state in checkpoints and restores it before iterating. The epoch comes from the
+   Trainer (``epoch_fn``), or the loader counts its iterations.
 
-Bad data never stops training: an undecodable sample is skipped and counted by reason; an unreadable or
-truncated shard is reported once and its lost samples counted. Counts travel with the batches
-(``_counts``) to the main process, where :class:`ShardLoader` removes them from the batch, adds them up
-and warns once per reason.
+Bad data never stops training: an undecodable sample is skipped and counted by reason; a shard that is
+unreadable or truncated keeps its readable samples and is reported. A planned batch whose samples all fail
+is covered by splitting the previous (or next) good batch, so the batch count stays the plan's without
+repeating samples. Counts travel with the batches (``_counts``) to the main process, where
+:class:`ShardLoader` removes them from the batch, adds them up and warns once per reason.
 
 The shard format is webdataset's (members grouped by the key before the first dot, as
 ``webdataset.tariterators.base_plus_ext``); the tars are read with ``tarfile`` in seek mode because a slot
