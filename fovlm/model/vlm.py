@@ -560,6 +560,10 @@ def check_batch(
         raise ValueError(
             f"num_frames {tuple(num_frames.shape)} does not match batch size {input_ids.shape[0]}"
         )
+    if not frames.is_floating_point():
+        raise ValueError(
+            f"frames must be ImageNet-normalised floats, got {frames.dtype} (normalise uint8 frames first)"
+        )
     if (num_frames < 0).any() or int(num_frames.sum()) != frames.shape[0]:
         raise ValueError(
             f"num_frames sums to {int(num_frames.sum())} but frames holds {frames.shape[0]} frames"

@@ -342,6 +342,8 @@ def test_malformed_batches_are_rejected(tiny_vlm):
     frames, num_frames, ids, mask = mixed_batch()
     with pytest.raises(ValueError, match="sums to 9 but frames holds 8"):
         tiny_vlm(frames[:8], num_frames, ids, mask)
+    with pytest.raises(ValueError, match="normalised floats"):
+        tiny_vlm(frames.to(torch.uint8), num_frames, ids, mask)
     left_padded = mask.flip(1)
     with pytest.raises(ValueError, match="right-padded"):
         tiny_vlm(frames, num_frames, ids, left_padded)
