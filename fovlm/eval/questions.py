@@ -67,7 +67,7 @@ class OptionTokens:
         prefix_ids: long [P] text shared by every option, up to and including the token before the answer.
         first_targets: long [n] the target predicted at the prefix's last position (each option's first
             answer token).
-        option_ids: long [n, L] each option's own tokens after the prefix, right-padded with 0.
+        option_ids: long [n, L] each option's own tokens after the prefix that predict a target, right-padded.
         option_mask: long [n, L] 1 on real option tokens.
         option_labels: long [n, L] the target predicted at each option position (IGNORE_INDEX where none).
         full_ids / full_roles / full_labels: long [n, S] the whole renderings (prefix + option), right-padded,
@@ -122,9 +122,13 @@ def split_options(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
         if int(starts[i][0]) != prefix_len or not torch.equal(full_ids[i, :prefix_len], full_ids[0, :prefix_len]):
             raise ValueError(f"option {i} does not share option 0's prompt: only the answer may differ")
 
-    option_ids = full_ids[:, prefix_len:].clone()  # [n, L]
-    option_mask = (full_roles[:, prefix_len:] != 0).long()  # [n, L]
-    option_labels = full_labels[:, prefix_len:].clone()  # [n, L]
+    # Option positions after the last scored target (the final end-of-turn token, the template's "\n") predict
+    # nothing, so they are not run at all.
+    scored_cols = (full_labels[:, prefix_len:] != IGNORE_INDEX).any(dim=0).nonzero()
+    end = prefix_len + (int(scored_cols[-1]) + 1 if scored_cols.numel() else 0)
+    option_ids = full_ids[:, prefix_len:end].clone()  # [n, L]
+    option_mask = (full_roles[:, prefix_len:end] != 0).long()  # [n, L]
+    option_labels = full_labels[:, prefix_len:end].clone()  # [n, L]
     first_targets = full_labels[:, prefix_len - 1].clone()  # [n]
     return OptionTokens(
         prefix_ids=full_ids[0, :prefix_len].clone(),

@@ -24,14 +24,17 @@ from fovlm.eval.questions import OptionTokens
 from fovlm.losses import IGNORE_INDEX, per_sample_sums, selected_targets, token_nll
 from fovlm.model.vlm import MODES, shift_queries
 
-# step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values) -> logits [n, L, V]
+# step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values, select bool [n, L])
+#   -> logits [N, V] at the selected positions (row order = select.nonzero())
 StepFn = Callable[..., Tensor]
 
 
 def hf_step(model) -> StepFn:
     """A step function for a Hugging Face model that embeds ``input_ids`` itself."""
 
-    def step(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values) -> Tensor:
+    def step(
+        input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values, select: Tensor
+    ) -> Tensor:
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -39,7 +42,7 @@ def hf_step(model) -> StepFn:
             past_key_values=past_key_values,
             use_cache=True,
         )
-        return out.logits
+        return out.logits[select]
 
     return step
 
@@ -68,11 +71,11 @@ def score_on_prefix(
         [torch.ones(n, prefix_length, dtype=torch.long, device=device), options.option_mask.to(device)], dim=1
     )  # [n, P + L]
     position_ids = (prefix_length + torch.arange(length, device=device)).expand(n, length)  # [n, L]
-    logits = step(options.option_ids.to(device), attention_mask, position_ids, cache)  # [n, L, V]
     labels = options.option_labels.to(device)  # [n, L]
     scored = labels != IGNORE_INDEX  # [n, L]
+    logits = step(options.option_ids.to(device), attention_mask, position_ids, cache, scored)  # [N, V]
     first = token_nll(last_logits.reshape(1, -1).expand(n, -1), options.first_targets.to(device))  # [n]
-    rest = token_nll(logits[scored], labels[scored])  # [N]
+    rest = token_nll(logits, labels[scored])  # [N]
     sums = first + per_sample_sums(rest, scored.nonzero()[:, 0], n)  # [n]
     return sums / options.num_targets.to(device).float()
 
@@ -90,11 +93,13 @@ def nll_from_full_logits(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _vlm_step(model) -> StepFn:
-    """Option tokens through the FoveatedVLM's LLM on a prefix cache -> logits [n, L, V]."""
+    """Option tokens through the FoveatedVLM's LLM on a prefix cache; lm_head only where a target is scored."""
 
-    def step(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values) -> Tensor:
+    def step(
+        input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past_key_values, select: Tensor
+    ) -> Tensor:
         hidden = model.llm_hidden(model.embed_text(input_ids), attention_mask, position_ids, past_key_values)
-        return model.lm_head(hidden)
+        return model.lm_head(hidden[select])  # [N, V]
 
     return step
 

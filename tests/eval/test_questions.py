@@ -24,10 +24,11 @@ def test_split_options_layout():
     opts = split_options(rows)
     assert opts.prefix_ids.tolist() == [5, 6, 7]
     assert opts.first_targets.tolist() == [10, 12]
-    assert opts.option_ids.tolist() == [[10, 11, 2, 9], [12, 2, 9, 0]]
-    assert opts.option_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    # position j predicts token j+1 when that token is an answer token; "\n" after <|im_end|> is not scored
-    assert opts.option_labels.tolist() == [[11, 2, IGNORE_INDEX, IGNORE_INDEX], [2] + [IGNORE_INDEX] * 3]
+    # position j predicts token j+1 when that token is an answer token; "\n" after <|im_end|> is not scored, so
+    # positions from the last answer token on predict nothing and are not run
+    assert opts.option_ids.tolist() == [[10, 11], [12, 2]]
+    assert opts.option_mask.tolist() == [[1, 1], [1, 1]]
+    assert opts.option_labels.tolist() == [[11, 2], [2, IGNORE_INDEX]]
     assert opts.num_targets.tolist() == [3, 2]
 
 
@@ -43,7 +44,9 @@ def test_render_options_prefix_is_the_generation_prompt(tokenizer):
     assert prefix.endswith("<|im_start|>assistant\n") and "C. blue" in prefix
     for i, option in enumerate(OPTIONS):
         text = tokenizer.decode(opts.option_ids[i][opts.option_mask[i].bool()])
-        assert text.startswith(f"{'ABC'[i]}. {option}<|im_end|>")
+        # each option runs its own tokens up to its last predicting position (padded to the longest one)
+        assert f"{'ABC'[i]}. {option}<|im_end|>\n".startswith(text) and text.startswith(f"{'ABC'[i]}.")
+        assert tokenizer.decode(opts.full_ids[i][opts.full_roles[i] == ROLE_ANSWER]) == f"{'ABC'[i]}. {option}<|im_end|>"
 
 
 def test_prefix_shared_nll_equals_hand_computation(tokenizer):
