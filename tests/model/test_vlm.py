@@ -265,6 +265,25 @@ def test_autoregressive_text_in_padded_chunks(tiny_vlm):
     assert prefix.next_positions.tolist() == [3 + 6, 5 + 6, 0 + 5, 1 + 4]
 
 
+def test_autoregressive_step_feeds_one_token_per_sample(tiny_vlm):
+    """Each visual step sends exactly one new token per sample to the LLM: nothing cached is recomputed."""
+    frames, num_frames, _, _ = mixed_batch()
+    fed = []
+    hook = tiny_vlm.llm.get_decoder().register_forward_hook(
+        lambda _m, _a, kwargs, _o: fed.append(
+            (kwargs["inputs_embeds"].shape[:2], kwargs["past_key_values"].get_seq_length())
+        ),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            tiny_vlm.autoregressive_prefix(tiny_vlm.encode_patches(frames), num_frames)
+    finally:
+        hook.remove()
+    assert [shape for shape, _ in fed] == [(4, 1)] * 5  # T_max = 5 steps, batch 4, one slot each
+    assert [length for _, length in fed] == [1, 2, 3, 4, 5]  # the cache grows by one slot per step
+
+
 def test_autoregressive_attention_is_in_frame_order(tiny_vlm):
     frames, num_frames, _, _ = mixed_batch()
     with torch.no_grad():
