@@ -273,11 +273,12 @@ class FoveatedVLM(nn.Module):
 
     def connector(self, z: Tensor) -> Tensor:
         """DINO vectors [n, Dv] -> LLM token embeddings [n, Dl]."""
-        return self.visual_scale * self.dino_to_llm(z)
+        return self.visual_scale * self.dino_to_llm(z.to(self.dino_to_llm.weight.dtype))
 
     def query_head(self, hidden: Tensor) -> Tensor:
         """Final-normed LLM hidden states [n, Dl] -> next queries [n, Dq]."""
-        return self.llm_to_query(hidden)
+        # The LLM may hold other weights' dtype than the new modules (e.g. bf16 LLM, fp32 head) outside autocast.
+        return self.llm_to_query(hidden.to(self.llm_to_query.weight.dtype))
 
     def embed_text(self, input_ids: Tensor) -> Tensor:
         """Token ids [B, S] -> LLM input embeddings [B, S, Dl]."""

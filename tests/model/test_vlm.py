@@ -357,6 +357,16 @@ def test_bf16_autocast_runs(tiny_vlm, mode):
     assert torch.isfinite(out.coarse_logits[mask.bool()].float()).all()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_llm_with_fp32_new_modules_runs(mode):
+    """An LLM loaded in bf16 next to fp32 DINO and fp32 new parameters, without autocast."""
+    m = build_vlm(query_dim=QUERY_DIM, dtype=torch.bfloat16).eval()
+    frames, num_frames, ids, mask = mixed_batch()
+    with torch.no_grad():
+        out = m(frames, num_frames, ids, mask, mode=mode)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits[mask.bool()].float()).all()
+
+
 def test_malformed_batches_are_rejected(tiny_vlm):
     frames, num_frames, ids, mask = mixed_batch()
     with pytest.raises(ValueError, match="sums to 9 but frames holds 8"):
