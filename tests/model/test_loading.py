@@ -70,3 +70,30 @@ def test_real_smollm2_chat_and_generation(smollm2_dir, tokenizer):
         out = llm.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
+    """A folder without the completion marker (a killed conversion) is replaced by a fresh, marked one."""
+    import fovlm.model.loading as loading
+
+    stale = tmp_path / loading.SMOLLM2_FOLDER
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half-written")
+    calls = []
+
+    def fake_download(workdir):
+        calls.append(workdir)
+        return workdir / "fake.gguf"
+
+    def fake_convert(gguf_path, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_download_gguf", fake_download)
+    monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
+    folder = prepare_smollm2(tmp_path)
+    assert folder == stale and len(calls) == 1
+    assert (folder / DONE_MARKER).is_file() and (folder / "config.json").is_file()
+    assert not (folder / "model.safetensors").exists()
+    assert prepare_smollm2(tmp_path) == folder and len(calls) == 1  # finished: not converted again
+    assert [p.name for p in tmp_path.iterdir()] == [loading.SMOLLM2_FOLDER]  # no temporary folder left behind
