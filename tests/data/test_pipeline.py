@@ -4,6 +4,7 @@ resume, text retention, frame budgets and damaged shards."""
 from collections import Counter
 
 import pytest
+import torch
 from shardkit import caption_sample, text_sample, write_shard
 
 from fovlm.data.collate import Collator, SampleEncoder
@@ -296,3 +297,59 @@ def test_weighted_groups_cycle_through_passes(tmp_path):
     both = Counter(epochs[0] + epochs[1])
     assert {k: v for k, v in both.items() if k[0] == 1} == {(1, s, i): 1 for s in range(2) for i in range(5)}
     assert {v for k, v in both.items() if k[0] == 0} == {3}
+
+
+def _key_only(key, members):
+    """A light encoder for process-group tests (no tokenizer to load in every process)."""
+    return {"key": key, "frames": None}
+
+
+def _keys_batch(samples):
+    return {"key": [s["key"] for s in samples]}
+
+
+def _ddp_rank(rank, world, paths, index, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    planner = EpochPlanner(
+        [ShardGroup("video", tuple(paths))],
+        index,
+        [sum(SIZES)],
+        PlanConfig(batch_size=3, shuffle_buffer=5, max_frames_per_batch=4),
+    )
+    loader = ShardLoader(
+        ShardStream(planner, _key_only, _keys_batch, rank=dist.get_rank(), world_size=dist.get_world_size()),
+        num_workers=2,
+    )
+    keys, steps = [], 0
+    for batch in loader:
+        # A collective per batch, like DDP's gradient all-reduce: unequal batch counts would hang here.
+        step = torch.ones(1)
+        dist.all_reduce(step)
+        assert step.item() == world
+        keys += batch["key"]
+        steps += 1
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (steps, keys))
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_process_group_ranks_stay_in_step(shards, tmp_path):
+    import torch.multiprocessing as mp
+
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+    out = tmp_path / "gathered.pt"
+    # Forked ranks start in a fraction of a second (spawned ones re-import everything).
+    mp.start_processes(
+        _ddp_rank, args=(2, paths, index, tmp_path / "pg-init", out), nprocs=2, join=True, start_method="fork"
+    )
+    gathered = torch.load(out)
+    assert len({steps for steps, _ in gathered}) == 1  # every rank ran the same number of steps
+    keys = [k for _, ks in gathered for k in ks]
+    assert sorted(keys) == sorted(f"v{s}_{i:02d}" for s, n in enumerate(SIZES) for i in range(n))
