@@ -207,6 +207,9 @@ class ShardDataModule(L.LightningDataModule):
                 self._counts["damaged_shard"] += 1
                 log.warning("%s (its %d readable samples are kept)", info.error, info.num_samples)
         totals = [sum(index[p].num_samples for p in shards) for _, shards in groups]
+        if not any(total for total, is_text in zip(totals, text, strict=True) if not is_text):
+            names = ", ".join(name for (name, _), is_text in zip(groups, text, strict=True) if not is_text)
+            raise ValueError(f"the shards of {names} hold no readable sample")
         counts = group_counts(
             totals,
             weights,

@@ -808,11 +808,11 @@ class ShardStream(IterableDataset):
             return "ok", self.encode(key, members)
         except (SkipSample, SampleError) as err:
             return "error", (err.reason, str(err))
-        except Exception as err:  # decoders raise their own errors; FrameDecodeError carries a reason
-            reason = getattr(err, "reason", None)
-            if reason is None:
-                raise
-            return "error", (reason, f"sample {key!r}: {err}")
+        except Exception as err:
+            # Decoders raise their own errors (FrameDecodeError carries a reason). Anything else is still one
+            # sample's problem: it is counted and reported with its type, and training goes on.
+            reason = getattr(err, "reason", None) or "unexpected_error"
+            return "error", (reason, f"sample {key!r}: {type(err).__name__}: {err}")
 
 
 # ----------------------------------------------------------------------------------------------------------

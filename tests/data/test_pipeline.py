@@ -353,3 +353,20 @@ def test_process_group_ranks_stay_in_step(shards, tmp_path):
     assert len({steps for steps, _ in gathered}) == 1  # every rank ran the same number of steps
     keys = [k for _, ks in gathered for k in ks]
     assert sorted(keys) == sorted(f"v{s}_{i:02d}" for s, n in enumerate(SIZES) for i in range(n))
+
+
+def _explode(key, members):
+    if key.endswith("_01"):
+        raise KeyError("an unforeseen failure")
+    return {"key": key, "frames": None}
+
+
+def test_unexpected_encoder_error_is_one_skipped_sample(shards, tmp_path):
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+    planner = EpochPlanner([ShardGroup("v", tuple(paths))], index, [sum(SIZES)], PlanConfig(batch_size=4))
+    loader = ShardLoader(ShardStream(planner, _explode, _keys_batch))
+    keys = [k for b in loader for k in b["key"]]
+    failing = [f"v{s}_01" for s, n in enumerate(SIZES) if n > 1]
+    assert len(keys) == sum(SIZES) - len(failing) and not set(failing) & set(keys)
+    assert loader.counts == {"unexpected_error": len(failing)}
