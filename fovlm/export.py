@@ -118,7 +118,7 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         f"| LLM | {llm.get('model_type')} {llm.get('hidden_size')} wide, {llm.get('num_hidden_layers')} layers, "
         f"vocabulary {llm.get('vocab_size')} |",
         f"| vision | DINOv2 {vision.get('hidden_size')} wide, {vision.get('num_hidden_layers')} layers, patch "
-        f"{vision.get('patch_size')}, {vision.get('image_size')} px |",
+        f"{vision.get('patch_size')} |",
         f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'} |",
         f"| visual scale | {config['visual_scale']} |",
         "| frames | 1 FPS, at most {max_frames}, {frame_size} px (cover + centre crop); images x{image_frames} |".format(
@@ -142,12 +142,13 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         "## Usage",
         "",
         "```python",
-        "from fovlm.eval.predict import answer",
-        "from fovlm.export import load_exported_tokenizer, load_pretrained",
+        "from fovlm.eval.predict import answer, load_media",
+        "from fovlm.export import load_any",
         "",
-        'model = load_pretrained("this-folder")',
-        'tokenizer = load_exported_tokenizer("this-folder")',
-        'print(answer(model, tokenizer, "clip.mp4", "What happens in this video?"))',
+        'model, tokenizer, data = load_any("this-folder")  # or FoveatedVLM.from_pretrained("this-folder")',
+        'frames, _ = load_media("clip.mp4", max_frames=data["max_frames"], image_frames=data["image_frames"],',
+        '                       size=data["frame_size"])',
+        'print(answer(model, tokenizer, frames, "What happens in this video?"))',
         "```",
         "",
         "or from the command line: `fovlm predict clip.mp4 --model this-folder --prompt \"What happens?\"`.",
