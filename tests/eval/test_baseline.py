@@ -79,3 +79,15 @@ def _full_rendering(scorer, question, index):
     prefix = scorer.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     tail = scorer.tokenizer(f" {answer}<end_of_utterance>", add_special_tokens=False)["input_ids"]
     return prefix + tail, [0] * len(prefix) + [ROLE_ANSWER] * len(tail)
+
+
+def test_baseline_results_sit_beside_the_modes(tiny_smolvlm_dir):
+    from fovlm.eval.report import MultipleChoiceReport
+    from fovlm.eval.run import evaluate_baseline
+
+    scorer = SmolVLMScorer(str(tiny_smolvlm_dir))
+    question = _question("video", 2)
+    report = evaluate_baseline(scorer, {"toy": [question]}, MultipleChoiceReport())
+    entry = report.compute()["toy"]["smolvlm2"]
+    assert entry["total"] == 1 and entry["correct"] == int(int(scorer.score(question).argmin()) == question.answer)
+    assert "smolvlm2" in report.table()
