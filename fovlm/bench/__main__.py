@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bf16": suite.matmul_rate(cpu, torch.bfloat16, size, seconds)}
     for name in sizes:
         results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"))
+        runner.save(results, Path(args.out))  # partial report: a long run interrupted later keeps what it measured
     if not args.no_data:
         results["data"] = runner.data_section(args.dry_run, (0, 2))
     runner.finish(results, Path(args.out), started)

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bf16": suite.matmul_rate(env, torch.bfloat16, size, seconds)}
     size_name = "tiny" if args.dry_run else "real"
     results[size_name] = runner.run_size(size_name, ["bf16"], results["matmul"], args.dry_run, device)
+    runner.save(results, Path(args.out))  # partial report, in case the memory sections run out of memory
     results["memory"] = memory_sections(env, args.dry_run)
     if not args.no_data:
         results["data"] = runner.data_section(args.dry_run, (0, 4))

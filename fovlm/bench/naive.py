@@ -65,7 +65,8 @@ def padded_coarse_fine_logits(
     coarse_tokens = _padded_tokens(model, coarse, real)  # [B, T_max, Dl]
     ones = torch.ones(batch, t_max, dtype=torch.long, device=frames.device)
     positions = torch.arange(t_max, device=frames.device)[None].expand(batch, -1)
-    hidden = model.llm_hidden(coarse_tokens.to(model.embed_text(input_ids[:, :1]).dtype), ones, positions)
+    dtype = model.llm.get_input_embeddings().weight.dtype
+    hidden = model.llm_hidden(coarse_tokens.to(dtype), ones, positions)  # [B, T_max, Dl]
     queries = model.query_head(hidden)  # [B, T_max, Dq]
     shifted = torch.cat([model.q_init.expand(batch, 1, -1).to(queries.dtype), queries[:, :-1]], 1)
     fine, _ = model.encoder.query_attend(shifted[real], cache)  # [n, Dv]

@@ -33,18 +33,18 @@ def plan(size: str, dry_run: bool, device: str = "cpu") -> dict[str, Any]:
     """How much of each section to run (small at real size on the CPU, so the whole run stays ~10 min)."""
     if dry_run:
         return dict(steps=1, warmup=1, batch_frames=(2, 2), mixed=(1, 3), text=32, image=224, ar=(2, 4),
-                    ar_naive=(2, 4), ar_repeats=1, kv_frames=2, kv_repeats=1, gen_tokens=4, score_frames=2,
+                    ar_naive=(2, 4), ar_repeats=1, ar_warmup=1, kv_frames=2, kv_repeats=1, gen_tokens=4, score_frames=2,
                     naive_precisions=("fp32", "bf16"), full_padding=True)
     if device == "cuda":
         return dict(steps=5, warmup=2, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224,
-                    ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, kv_frames=64, kv_repeats=5, gen_tokens=64,
+                    ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=64, kv_repeats=5, gen_tokens=64,
                     score_frames=8, naive_precisions=("bf16",), full_padding=True)
     if size == "tiny":
         return dict(steps=3, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224,
-                    ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, kv_frames=16, kv_repeats=3, gen_tokens=32,
+                    ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=16, kv_repeats=3, gen_tokens=32,
                     score_frames=8, naive_precisions=("fp32", "bf16"), full_padding=True)
     return dict(steps=2, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224, ar=(8, 16, 32, 64),
-                ar_naive=(8, 64), ar_repeats=1, kv_frames=8, kv_repeats=1, gen_tokens=32, score_frames=8,
+                ar_naive=(8, 64), ar_repeats=1, ar_warmup=0, kv_frames=8, kv_repeats=1, gen_tokens=32, score_frames=8,
                 naive_precisions=("bf16",), full_padding=False)
 
 
@@ -76,8 +76,9 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     dpo = suite.build_module(size, "dpo", device)
     shape = ModelShape.of(sft.model)
     vocab = shape.vocab
-    sft_opt = suite.make_optimizer(sft, fused=None)
-    dpo_opt = suite.make_optimizer(dpo, fused=None)
+    # Fused AdamW, as FoveatedModule.configure_optimizers builds it (the optimizer section times both kernels).
+    sft_opt = suite.make_optimizer(sft, fused=True)
+    dpo_opt = suite.make_optimizer(dpo, fused=True)
     batch8 = suite.sft_batch(p["batch_frames"], p["text"], p["image"], vocab)
     mixed = suite.sft_batch(p["mixed"], p["text"], p["image"], vocab, seed=1)
     pairs = suite.preference_batch(p["batch_frames"], p["text"], p["image"], vocab, seed=2)
@@ -115,8 +116,9 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
             frames = torch.randn(p["kv_frames"], 3, p["image"], p["image"], device=device)
             res["kv"] = suite.kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
         log(f"{size}/{precision}: autoregressive")
-        res["autoregressive"] = suite.autoregressive_figures(env, sft.model, p["ar"], p["ar_naive"], p["image"],
-                                                             p["ar_repeats"])
+        naive_counts = p["ar_naive"] if precision in p["naive_precisions"] else ()
+        res["autoregressive"] = suite.autoregressive_figures(env, sft.model, p["ar"], naive_counts, p["image"],
+                                                             p["ar_repeats"], p["ar_warmup"])
         log(f"{size}/{precision}: generation")
         res["generation"] = suite.generation_figures(env, sft.model, p["batch_frames"][0], 40, p["gen_tokens"],
                                                      p["image"], vocab)
@@ -241,12 +243,17 @@ def data_section(dry_run: bool, workers: tuple[int, ...]) -> dict[str, Any]:
                                   (0,) if dry_run else workers)
 
 
+def save(results: dict[str, Any], out: Path) -> None:
+    """Write the JSON report (complete or partial)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def finish(results: dict[str, Any], out: Path, started: float) -> None:
     """Write the JSON report and print the table."""
     results["meta"]["load_average_end"] = os.getloadavg()
     results["meta"]["wall_s"] = time.time() - started
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    save(results, out)
     print_table(summary_rows(results))
     print(f"wrote {out} in {results['meta']['wall_s']:.0f} s (load average {results['meta']['load_average_start']}"
           f" -> {results['meta']['load_average_end']})")
