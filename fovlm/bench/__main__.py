@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/cpu.json", help="JSON report path")
     parser.add_argument("--no-data", action="store_true", help="skip the DataModule section")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul for the peak rate")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
     parser.add_argument("--dry-run", action="store_true", help="tiny size, minimal repeats: checks the code paths")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     sizes = ["tiny"] if args.dry_run else [s for s in args.sizes.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
     for name in sizes:
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds, size = (0.3, 256) if args.dry_run else (3.0, args.matmul_size)
     results["matmul"] = {"fp32": suite.matmul_rate(cpu, torch.float32, size, seconds),
                          "bf16": suite.matmul_rate(cpu, torch.bfloat16, size, seconds)}
+    if not args.dry_run:
+        runner.log("thread check")
+        results["threads"] = suite.thread_check()
     for name in sizes:
         results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"))
         runner.save(results, Path(args.out))  # partial report: a long run interrupted later keeps what it measured

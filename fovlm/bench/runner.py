@@ -152,6 +152,12 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     fmt = suite.format_value
     for name, rate in results["matmul"].items():
         rows.append((f"matmul peak {name}", f"{rate / 1e9:.1f} GFLOP/s"))
+    if "threads" in results:
+        t = results["threads"]
+        default = t["default_threads"]
+        rows.append((f"patch pass fp32, {t['frames']} frames: 1 thread / {default} threads",
+                     f"{fmt(t['patch_pass_s_1_threads'])} s / {fmt(t[f'patch_pass_s_{default}_threads'])} s "
+                     f"(speed-up {fmt(t['default_vs_one_thread_speedup'])})"))
     for size in ("tiny", "real"):
         if size not in results:
             continue

@@ -119,6 +119,34 @@ def matmul_rate(env: Env, dtype: torch.dtype, size: int, seconds: float) -> floa
     return best
 
 
+def thread_check(frames: int = 4, image_size: int = 224) -> dict[str, float]:
+    """fp32 DINOv2-small patch pass on the CPU with 1 thread and with the default count, in this run.
+
+    On a machine whose cores other processes also use, every parallel op waits for the descheduled OpenMP
+    thread and the multi-threaded run can be several times slower than one thread: this figure says whether
+    the rest of the report was measured in that state.
+    """
+    from transformers import Dinov2Model
+
+    from fovlm.model.encoder import FoveatedEncoder
+    from fovlm.model.loading import dinov2_small_config
+
+    encoder = FoveatedEncoder(Dinov2Model(dinov2_small_config())).eval()
+    x = torch.randn(frames, 3, image_size, image_size)
+    default = torch.get_num_threads()
+    env = Env(torch.device("cpu"), "fp32")
+    out: dict[str, float] = {"frames": frames, "default_threads": default}
+    try:
+        with torch.no_grad():
+            for threads in sorted({1, default}):
+                torch.set_num_threads(threads)
+                out[f"patch_pass_s_{threads}_threads"] = timed(env, lambda: encoder.encode_patches(x), 2)
+    finally:
+        torch.set_num_threads(default)
+    out["default_vs_one_thread_speedup"] = out["patch_pass_s_1_threads"] / out[f"patch_pass_s_{default}_threads"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------ synthetic inputs
 
 
