@@ -142,13 +142,32 @@ def split_options(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
     )
 
 
-def render_options(tokenizer, question: str, options: Sequence[str], pad_id: int | None = None) -> OptionTokens:
-    """Render each option as the answer to ``question`` with the training chat renderer and lay them out."""
+ANSWER_FORMATS = ("letter", "text")
+
+
+def render_options(
+    tokenizer, question: str, options: Sequence[str], pad_id: int | None = None, answer_format: str = "letter"
+) -> OptionTokens:
+    """Render each option as the answer to ``question`` with the training chat renderer and lay them out.
+
+    Args:
+        tokenizer: the model's tokenizer (chat template).
+        question: question text; the user turn lists the lettered options after it in both formats.
+        options: option texts.
+        pad_id: padding id (default: the tokenizer's).
+        answer_format: ``"letter"`` scores the answer ``"B. option"`` (the reference's protocol); ``"text"``
+            scores the option text alone, for models trained to answer without letters.
+    """
     from fovlm.data.chat import choice_messages, render_chat
 
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     rows = []
     for index in range(len(options)):
-        ids, roles = render_chat(tokenizer, choice_messages(question, options, index))
+        messages = choice_messages(question, options, index)
+        if answer_format == "text":
+            messages[-1] = {"role": "assistant", "content": options[index]}
+        ids, roles = render_chat(tokenizer, messages)
         rows.append((ids, roles))
     pad = tokenizer.pad_token_id if pad_id is None else pad_id
     return split_options(rows, pad_id=0 if pad is None else pad)

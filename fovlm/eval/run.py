@@ -23,7 +23,7 @@ import torch
 
 from fovlm.data.frames import normalize
 from fovlm.eval.benchmarks import BenchmarkReader
-from fovlm.eval.questions import Question, render_options
+from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
 from fovlm.eval.scoring import score_question
 from fovlm.losses import AnswerOnlyCE
@@ -39,6 +39,7 @@ def evaluate(
     benchmarks: Mapping[str, Iterable[Question]],
     modes: tuple[str, ...] = MODES,
     report: MultipleChoiceReport | None = None,
+    answer_format: str = "letter",
 ) -> MultipleChoiceReport:
     """Score every question of every benchmark in ``modes``; returns the (updated) report.
 
@@ -48,6 +49,7 @@ def evaluate(
         benchmarks: benchmark name -> questions (e.g. :class:`fovlm.eval.benchmarks.BenchmarkReader`).
         modes: the modes to score.
         report: a report to add to (a new one by default).
+        answer_format: "letter" ("B. option", the reference's protocol) or "text" (the option text alone).
     """
     report = report or MultipleChoiceReport()
     model.eval()
@@ -55,7 +57,7 @@ def evaluate(
     for name, questions in benchmarks.items():
         start, count = time.perf_counter(), 0
         for question in questions:
-            options = render_options(tokenizer, question.question, question.options)
+            options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
             scores = score_question(model, normalize(question.frames).to(device), options, modes)
             for mode, nll in scores.items():
                 report.update(name, mode, question.category, int(nll.argmin()), question.answer)
@@ -114,6 +116,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a benchmark's multiple-choice shards (repeatable)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--limit", type=int, help="at most this many questions per benchmark")
+    parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default="letter",
+                        help="score 'B. option' (letter, the reference's protocol) or the option text alone (text)")
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
     parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = {"image_frames": args.image_frames or data["image_frames"],
                   "frame_size": args.frame_size or data["frame_size"], "max_frames": args.max_frames or data["max_frames"]}
         readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
-        report = evaluate(model, tokenizer, readers, tuple(args.modes))
+        report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format)
         if args.val:
             from fovlm.data.datamodules import SFTDataModule
 

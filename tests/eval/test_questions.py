@@ -70,3 +70,14 @@ def test_prefix_shared_nll_equals_hand_computation(tokenizer):
             hand = -sum(float(logp[j - 1, ids[j]]) for j in answer) / len(answer)
             assert math.isclose(float(shared[i]), hand, rel_tol=1e-5)
             assert math.isclose(float(full[i]), hand, rel_tol=1e-5)
+
+
+def test_text_answer_format_scores_the_option_text_alone(tokenizer):
+    opts = render_options(tokenizer, QUESTION, OPTIONS, answer_format="text")
+    assert "B. a bright green ball" in tokenizer.decode(opts.prefix_ids)  # the question still lists the letters
+    for i, option in enumerate(OPTIONS):
+        answer = opts.full_ids[i][opts.full_roles[i] == ROLE_ANSWER]
+        assert tokenizer.decode(answer) == f"{option}<|im_end|>"
+    with pytest.raises(ValueError, match="answer_format"):
+        render_options(tokenizer, QUESTION, OPTIONS, answer_format="number")
+
