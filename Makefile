@@ -65,16 +65,18 @@ LR_1.7b_stage1 := --model.init_args.lr_connector 3e-4 --model.init_args.lr_visio
 LR_1.7b_stage2 := --model.init_args.lr_connector 1e-5 --model.init_args.lr_vision 1e-5 --model.init_args.lr_llm 1e-5
 LR_1.7b_stage3 := --model.init_args.lr_connector 5e-7 --model.init_args.lr_vision 5e-7 --model.init_args.lr_llm 5e-7
 size_args = $(if $(SIZE),--config configs/size/$(SIZE).yaml $(LR_$(SIZE)_$(1)))
+# The size overlays log to runs/<size>/stageN, so sizes never resume or initialise from each other.
+RUN_ROOT = runs$(if $(SIZE),/$(SIZE))
 
 .PHONY: stage1 stage2 stage3 tensorboard demo demo-real
 stage1: install
-	$(FOVLM) fit --config configs/stage1.yaml $(call size_args,stage1) $(call resume_flag,runs/stage1) $(ARGS)
+	$(FOVLM) fit --config configs/stage1.yaml $(call size_args,stage1) $(call resume_flag,$(RUN_ROOT)/stage1) $(ARGS)
 
 stage2: install
-	$(FOVLM) fit --config configs/stage2.yaml $(call size_args,stage2) --model.init_args.init_from $(call selected_ckpt,runs/stage1) $(call resume_flag,runs/stage2) $(ARGS)
+	$(FOVLM) fit --config configs/stage2.yaml $(call size_args,stage2) --model.init_args.init_from $(call selected_ckpt,$(RUN_ROOT)/stage1) $(call resume_flag,$(RUN_ROOT)/stage2) $(ARGS)
 
 stage3: install
-	$(FOVLM) fit --config configs/stage3.yaml $(call size_args,stage3) --model.init_args.init_from $(call selected_ckpt,runs/stage2) $(call resume_flag,runs/stage3) $(ARGS)
+	$(FOVLM) fit --config configs/stage3.yaml $(call size_args,stage3) --model.init_args.init_from $(call selected_ckpt,$(RUN_ROOT)/stage2) $(call resume_flag,$(RUN_ROOT)/stage3) $(ARGS)
 
 # TensorBoard over every run (full-size and demo); open http://localhost:6006
 tensorboard: install
