@@ -106,3 +106,38 @@ io_.save_checkpoint({{"step": 2, "w": torch.arange(1000)}}, {str(path)!r})
     assert torch.load(path, weights_only=True)["step"] == 1
     assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # the half-written file, never renamed
 
+
+
+def test_preemption_handles_both_signals_and_leaves_slurm_requeue_to_lightning():
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    from fovlm.callbacks import Preemption
+
+    def trainer_on(environment):
+        return SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=environment))
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    callback = Preemption()
+    callback._install(trainer_on(LightningEnvironment()))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert callback.requested == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert callback.requested == "SIGTERM"
+    finally:
+        callback._restore()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    callback = Preemption()
+    callback._install(trainer_on(SLURMEnvironment(auto_requeue=True)))
+    try:
+        assert signal.getsignal(signal.SIGUSR1) == before[signal.SIGUSR1]  # Lightning's HPC save + requeue
+        assert signal.getsignal(signal.SIGTERM) == callback._handler
+    finally:
+        callback._restore()
+    with pytest.raises(ValueError):
+        Preemption(signals=["SIGNOPE"])
