@@ -62,7 +62,8 @@ def patch_grid(weights: torch.Tensor, layer: int | None = -1) -> torch.Tensor:
 
 
 def frame_to_image(frame: torch.Tensor | np.ndarray | Image.Image) -> Image.Image:
-    """An RGB PIL image from a PIL image, a uint8 [H, W, 3] array, or an ImageNet-normalised [3, H, W] tensor."""
+    """An RGB PIL image from a PIL image, a uint8 [H, W, 3] array, a uint8 [3, H, W] tensor or an
+    ImageNet-normalised float [3, H, W] tensor."""
     if isinstance(frame, Image.Image):
         return frame.convert("RGB")
     if isinstance(frame, np.ndarray):
@@ -71,6 +72,8 @@ def frame_to_image(frame: torch.Tensor | np.ndarray | Image.Image) -> Image.Imag
         return Image.fromarray(frame)
     if frame.dim() != 3 or frame.shape[0] != 3:
         raise ValueError(f"tensor frames must be [3, H, W]; got {tuple(frame.shape)}")
+    if frame.dtype == torch.uint8:  # decoded, not yet normalised (fovlm.data.frames)
+        return Image.fromarray(frame.detach().cpu().permute(1, 2, 0).contiguous().numpy())
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rgb = (frame.detach().float().cpu() * std + mean).clamp(0, 1)  # [3, H, W] in [0, 1]
@@ -86,17 +89,19 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def overlay(frame: torch.Tensor | np.ndarray | Image.Image, grid: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+def overlay(frame: torch.Tensor | np.ndarray | Image.Image, grid: torch.Tensor, alpha: float = 0.65) -> Image.Image:
     """Blend a [G, G] patch map (scaled to its own maximum) over the frame; each patch becomes a solid cell.
 
-    Cells are drawn with nearest-neighbour upsampling so that what is shown is exactly the patch the query read,
-    not an interpolation across patch borders.
+    A cell's opacity grows with its weight (``alpha`` at the maximum), so the frame stays visible where the
+    query did not look. Cells are drawn with nearest-neighbour upsampling so that what is shown is exactly the
+    patch the query read, not an interpolation across patch borders.
     """
-    image = frame_to_image(frame)
+    image = frame_to_image(frame).convert("RGBA")
     values = grid.detach().float().cpu().numpy()
     values = values / max(float(values.max()), 1e-12)
-    heat = Image.fromarray(heat_colours(values)).resize(image.size, Image.NEAREST)
-    return Image.blend(image, heat, alpha)
+    rgba = np.concatenate([heat_colours(values), (255 * alpha * values).round().astype(np.uint8)[..., None]], -1)
+    heat = Image.fromarray(rgba).resize(image.size, Image.NEAREST)
+    return Image.alpha_composite(image, heat).convert("RGB")
 
 
 def attention_sheet(
@@ -104,7 +109,7 @@ def attention_sheet(
     maps: Mapping[str, torch.Tensor],
     layer: int | None = -1,
     cell: int = 160,
-    alpha: float = 0.55,
+    alpha: float = 0.65,
 ) -> Image.Image:
     """One image with a row per query kind and a column per frame, each cell the overlay of that frame.
 
@@ -134,8 +139,10 @@ def attention_sheet(
             tile = overlay(frames[t], grid, alpha=alpha).resize((cell, cell), Image.BILINEAR)
             sheet.paste(tile, (label_w + t * cell, top))
             entropies.append(float(attention_entropy(grid.flatten())))
+        uniform = math.log(patch_grid(weights[0], layer=layer).numel())
         draw.text((4, top + 4), kind, fill="black")
         draw.text((4, top + 20), f"H={np.mean(entropies):.2f}", fill="black")
+        draw.text((4, top + 36), f"(uniform {uniform:.2f})", fill="black")
     return sheet
 
 

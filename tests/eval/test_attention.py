@@ -66,3 +66,15 @@ def test_query_maps_of_a_model_have_one_row_per_frame(tiny_vlm, tmp_path):
     assert not torch.allclose(maps["static"][1], maps["fine"][1])
     save_attention_png(tmp_path / "maps.png", list(frames), maps, cell=48)
     assert (tmp_path / "maps.png").stat().st_size > 0
+
+
+def test_frames_are_drawn_from_uint8_or_normalised_tensors():
+    from fovlm.data.frames import normalize
+    from fovlm.eval.attention import frame_to_image
+
+    frame = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    frame[2] = 200  # blue
+    for version in (frame, normalize(frame)):
+        pixel = np.asarray(frame_to_image(version))[1, 1]
+        assert abs(int(pixel[2]) - 200) <= 1 and pixel[0] == 0
+
