@@ -218,7 +218,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{fmt(d['raw_decode_samples_per_s'])} samples/s of {d['frames_per_sample']} frames"))
         for workers, v in d["datamodule"].items():
             rows.append((f"SFTDataModule, {workers} workers", f"{fmt(v['samples_per_s'])} samples/s "
-                         f"({fmt(v['vs_raw_decode'])} x raw decode)"))
+                         f"({fmt(v['vs_raw_decode'])} x raw decode; first batch after {fmt(v['first_batch_s'])} s)"))
     return rows
 
 
@@ -244,7 +244,7 @@ def data_section(dry_run: bool, workers: tuple[int, ...]) -> dict[str, Any]:
 
     log("data: DataModule vs raw decode")
     with tempfile.TemporaryDirectory(prefix="fovlm-bench-") as tmp:
-        samples = 8 if dry_run else 48
+        samples = 8 if dry_run else 96
         return suite.data_figures(Path(tmp), str(prepare_smollm2()), samples, 8, 320, 4,
                                   (0,) if dry_run else workers)
 
