@@ -61,7 +61,8 @@ def train_config(env: suite.Env, module, optimizer, loss_fn, batch: dict, flop: 
         torch.cuda.reset_peak_memory_stats(env.device)
     with suite.PeakRSS() as rss:
         timing = suite.train_steps(env, module, optimizer, loss_fn, batch, steps, warmup)
-    out = {**suite.training_figures(timing, len(batch["num_frames"]), flop, peak), "peak_rss_bytes": rss.peak}
+    out = {**suite.training_figures(timing, len(batch["num_frames"]), flop, peak), "peak_rss_bytes": rss.peak,
+           "rss_before_bytes": rss.start}
     if env.device.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated(env.device)
     return out
@@ -170,7 +171,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 t = r[key]
                 rows.append((f"{tag} {label}", f"{fmt(t['samples_per_s'])} samples/s, {fmt(t['step_s'])} s/step, "
                              f"{t['achieved_flop_per_s'] / 1e9:.1f} GFLOP/s = {100 * t['fraction_of_matmul_peak']:.0f}% "
-                             f"of matmul, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB"
+                             f"of matmul, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB "
+                             f"(+{(t['peak_rss_bytes'] - t['rss_before_bytes']) / 2**30:.2f} in the step)"
                              + (f", device {t['peak_device_bytes'] / 2**30:.2f} GiB" if "peak_device_bytes" in t else "")))
             rows.append((f"{tag} DPO step / SFT step", fmt(r["dpo"]["step_vs_sft8_step"])))
             ar = r["autoregressive"]

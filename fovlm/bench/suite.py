@@ -70,6 +70,7 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.process = psutil.Process()
+        self.start = 0  # RSS when the context opened (models, optimizer states, allocator caches)
         self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,7 +81,8 @@ class PeakRSS:
             self._stop.wait(0.005)
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self.process.memory_info().rss
+        self.start = self.process.memory_info().rss
+        self.peak = self.start
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
