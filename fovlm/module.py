@@ -167,6 +167,8 @@ class FoveatedModule(L.LightningModule):
         query_dim: width of the foveation query vectors.
         visual_scale: factor applied to the connector output (matches the LLM embedding scale).
         deep_query: run the query through every DINO layer (True) or the shallow single-attention ablation.
+        vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); the demo
+            uses a larger one so that visual tokens differ between clips from the start (ARCHITECTURE.md 9).
         loss: ``all_text`` (stage 1), ``answer_only`` (stage 2) or ``dpo`` (stage 3).
         beta: DPO inverse temperature (only for ``loss: dpo``).
         lr_connector: peak LR of the new parameters (connector, query head, projections, query vectors).
@@ -196,6 +198,7 @@ class FoveatedModule(L.LightningModule):
         query_dim: int = 384,
         visual_scale: float = 0.14,
         deep_query: bool = True,
+        vision_init_range: float | None = None,
         loss: Literal["all_text", "answer_only", "dpo"] = "all_text",
         beta: float = 0.1,
         lr_connector: float = 1e-3,
@@ -253,6 +256,7 @@ class FoveatedModule(L.LightningModule):
             query_dim=hp.query_dim,
             visual_scale=hp.visual_scale,
             deep_query=hp.deep_query,
+            vision_init_range=hp.vision_init_range,
         )
         if hp.init_from:
             load_weights(model, hp.init_from)

@@ -173,6 +173,7 @@ def build_vlm(
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike = ".cache",
+    vision_init_range: float | None = None,
     **vlm_kwargs,
 ) -> FoveatedVLM:
     """Build a FoveatedVLM from named parts.
@@ -185,6 +186,10 @@ def build_vlm(
         gguf_file: GGUF file inside the ``llm`` folder / repository, if the LLM comes as GGUF.
         dtype: LLM parameter dtype.
         cache_dir: where ``prepare_smollm2`` keeps its converted folder.
+        vision_init_range: std of the weight init of a random DINOv2 (``initializer_range``; None keeps the
+            default 0.02). At 0.02 the patch features reach the query token so weakly that visual tokens barely
+            differ between clips (ARCHITECTURE.md section 9); about 0.2 lets a from-scratch model see them.
+            Only for the random backbones ("tiny", "dinov2-small-random").
         vlm_kwargs: passed to ``FoveatedVLM`` (query_dim, visual_scale, deep_query).
     """
     if llm == TINY:
@@ -193,10 +198,13 @@ def build_vlm(
         llm_model = load_llm(str(prepare_smollm2(cache_dir)), dtype=dtype)
     else:
         llm_model = load_llm(llm, gguf_file=gguf_file, dtype=dtype)
-    if vision == TINY:
-        vision_model = Dinov2Model(tiny_vision_config())
-    elif vision == RANDOM_SMALL:
-        vision_model = Dinov2Model(dinov2_small_config())
+    if vision in (TINY, RANDOM_SMALL):
+        vision_config = tiny_vision_config() if vision == TINY else dinov2_small_config()
+        if vision_init_range is not None:
+            vision_config.initializer_range = vision_init_range
+        vision_model = Dinov2Model(vision_config)
+    elif vision_init_range is not None:
+        raise ValueError(f"vision_init_range applies to a random DINOv2 only, not to pretrained {vision!r}")
     else:
         vision_model = load_vision(vision)
     return FoveatedVLM(vision_model, llm_model, **vlm_kwargs)

@@ -40,6 +40,20 @@ def test_local_folders_round_trip(tmp_path):
     )
 
 
+def test_vision_init_range_sets_the_random_dinov2_weight_std(tmp_path):
+    from fovlm.model.loading import build_vlm
+
+    default = build_vlm("tiny", "tiny", query_dim=16).encoder.dino
+    wide = build_vlm("tiny", "tiny", query_dim=16, vision_init_range=0.2).encoder.dino
+    assert wide.config.initializer_range == 0.2
+    # Dinov2 draws its linear weights from a normal of that std truncated at +-2 (far out at these stds).
+    for model, std in ((default, 0.02), (wide, 0.2)):
+        weight = model.encoder.layer[0].mlp.fc1.weight
+        assert 0.9 * std < weight.std().item() < 1.1 * std
+    with pytest.raises(ValueError, match="random DINOv2 only"):
+        build_vlm("tiny", str(tmp_path / "vis"), vision_init_range=0.2)
+
+
 def test_missing_gguf_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         load_llm(str(tmp_path), gguf_file="nope.gguf")
