@@ -7,7 +7,7 @@ Shard sets written under the output folder (each with its own ``manifest.json``;
 | folder | stage | samples |
 |---|---|---|
 | ``caption/{train,val}`` | 1 | ``caption``: "A red circle moves to the left." |
-| ``sft/{train,val}`` | 2 | ``messages``: 1-3 question/answer turns about the clip (colour, shape, direction, count) |
+| ``sft/{train,val}`` | 2 | ``messages``: 1-3 question/answer turns about the clip (colour, shape, direction, count), about half with lettered options |
 | ``text/{train,val}`` | 1-2 | ``messages`` without media (arithmetic, colour mixing, opposites), source ``synthetic_chat`` |
 | ``preference/{train,val}`` | 3 | ``messages`` = one question, ``chosen`` = the right answer, ``rejected`` = a plausible wrong one |
 | ``mcq/test`` | eval | ``question``, ``options``, ``answer`` (index), ``category`` (colour, shape, direction, count) |
@@ -36,6 +36,7 @@ from data_prep.media import MediaOptions
 from data_prep.records import Record, build_record
 from data_prep.scenes import COLOURS, DIRECTIONS, SHAPES, TEXTURES, Scene, Shape, encode_mp4, render_scene
 from data_prep.writer import Built, write_shards
+from fovlm.data.chat import choice_messages
 
 SOURCE = "synthetic"
 CHAT_SOURCE = "synthetic_chat"
@@ -70,12 +71,14 @@ class SyntheticConfig:
         height: clip height in pixels (even).
         clip_fps: frame rate the clips are encoded at.
         multi_share: share of scenes with 2-4 smaller objects (the count questions); the rest hold one.
+        choice_share: share of SFT questions asked with lettered options (the multiple-choice layout of
+            ``fovlm eval``), answered with the option text.
     """
 
     seed: int = 0
-    caption_train: int = 128
+    caption_train: int = 512
     caption_val: int = 16
-    sft_train: int = 128
+    sft_train: int = 512
     sft_val: int = 16
     text_train: int = 64
     text_val: int = 8
@@ -88,6 +91,7 @@ class SyntheticConfig:
     height: int = 112
     clip_fps: int = 8
     multi_share: float = 0.2
+    choice_share: float = 0.5
 
     def __post_init__(self):
         if not 1 <= self.min_seconds <= self.max_seconds:
@@ -96,6 +100,8 @@ class SyntheticConfig:
             raise ValueError(f"width and height must be even (yuv420p), got {self.width}x{self.height}")
         if not 0.0 <= self.multi_share <= 1.0:
             raise ValueError(f"multi_share must be in [0, 1], got {self.multi_share}")
+        if not 0.0 <= self.choice_share <= 1.0:
+            raise ValueError(f"choice_share must be in [0, 1], got {self.choice_share}")
 
 
 # -- scenes --------------------------------------------------------------------------------------------
@@ -182,6 +188,16 @@ def alternatives(category: str) -> list[str]:
     if category == "count":
         return [f"{NUMBERS[n].capitalize()}." for n in (1, 2, 3, 4)]
     raise ValueError(f"unknown category {category!r}")
+
+
+def choice_options(rng: random.Random, category: str, right: str) -> list[str]:
+    """Four shuffled options of a multiple-choice question: the right answer and three wrong ones."""
+    options = alternatives(category)
+    rng.shuffle(options)
+    if len(options) > 4:
+        options = [right] + [o for o in options if o != right][:3]
+        rng.shuffle(options)
+    return options
 
 
 def _balanced_scene(rng: random.Random, config: SyntheticConfig, category: str, index: int) -> Scene:
@@ -273,7 +289,13 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
                 [c for c in single if c != category], rng.randint(0, 2))
             messages = []
             for c in asked:
-                messages += [{"role": "user", "content": QUESTIONS[c]},
+                question = QUESTIONS[c]
+                if rng.random() < config.choice_share:
+                    # The evaluator's layout (lettered options under the question); the answer is the option
+                    # text, what `fovlm eval --answer-format text` scores.
+                    options = choice_options(rng, c, answer(scene, c))
+                    question = choice_messages(question, options, None)[0]["content"]
+                messages += [{"role": "user", "content": question},
                              {"role": "assistant", "content": answer(scene, c)}]
             items.append(_video_item(name, scene, {"messages": messages}, video_dir))
         elif kind == "preference":
@@ -287,12 +309,7 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
         elif kind == "mcq":
             category = (single + ["count"])[i % 4]
             scene = balanced(category)
-            options = alternatives(category)
-            rng.shuffle(options)
-            if len(options) > 4:  # keep 4 options: the right one and 3 wrong ones
-                right = answer(scene, category)
-                options = [right] + [o for o in options if o != right][:3]
-                rng.shuffle(options)
+            options = choice_options(rng, category, answer(scene, category))
             text = {"question": QUESTIONS[category], "options": options,
                     "answer": options.index(answer(scene, category)), "category": category}
             items.append(_video_item(name, scene, text, video_dir))

@@ -16,6 +16,19 @@ from data_prep.synthetic import QUESTIONS, SyntheticConfig, alternatives, genera
 
 TINY = SyntheticConfig(seed=3, caption_train=6, caption_val=2, sft_train=9, sft_val=2, text_train=4, text_val=2,
                        preference_train=6, preference_val=2, mcq=8, multi_share=0.3)
+
+
+def _question(user: str, answer: str) -> str:
+    """The bare question of an SFT user turn; a multiple-choice one must list the answer among 3-4 distinct
+    lettered options, as the evaluator lays them out."""
+    question, *lines = user.split("\n")
+    if lines:
+        assert len(lines) in (3, 4) and [line[:3] for line in lines] == [f"{x}. " for x in "ABCD"[:len(lines)]], user
+        options = [line[3:] for line in lines]
+        assert answer in options and len(set(options)) == len(options), user
+    return question
+
+
 SETS = {"caption/train": 6, "caption/val": 2, "sft/train": 9, "sft/val": 2, "text/train": 4, "text/val": 2,
         "preference/train": 6, "preference/val": 2, "mcq/test": 8}
 
@@ -88,7 +101,8 @@ def test_answers_match_what_the_frames_show(tiny):
                 assert sample.rejected in alternatives(next(k for k, q in QUESTIONS.items()
                                                             if q == sample.messages[0].content))
             else:
-                pairs = [(q.content, a.content) for q, a in zip(sample.messages[::2], sample.messages[1::2])]
+                pairs = [(_question(q.content, a.content), a.content)
+                         for q, a in zip(sample.messages[::2], sample.messages[1::2])]
             for question, answer in pairs:
                 if question == QUESTIONS["colour"]:
                     assert answer == f"{_colour(frames[0]).capitalize()}.", s["key"]
@@ -111,6 +125,17 @@ def test_captions_name_the_object_and_its_motion(tiny):
         frames = s["frames"].numpy()
         expected = f"A {_colour(frames[0])} {_shape(frames[0])} moves {_direction(frames)}."
         assert s["sample"].caption == expected
+
+
+def test_sft_asks_both_bare_and_multiple_choice_questions():
+    from data_prep.synthetic import set_items
+
+    users = [m["content"] for item in set_items("sft", "train", 60, SyntheticConfig(seed=1))
+             for m in item.record.text["messages"] if m["role"] == "user"]
+    lettered = sum("\nA. " in u for u in users)
+    assert 0.3 * len(users) < lettered < 0.7 * len(users)  # choice_share 0.5
+    none = set_items("sft", "train", 20, SyntheticConfig(seed=1, choice_share=0.0))
+    assert not any("\n" in m["content"] for item in none for m in item.record.text["messages"])
 
 
 def test_multiple_choice_answers_are_balanced(tiny):
@@ -176,7 +201,8 @@ def test_answers_are_balanced_within_each_category():
             elif kind == "preference":
                 pairs = [(text["messages"][0]["content"], text["chosen"])]
             else:
-                pairs = [(text["messages"][0]["content"], text["messages"][1]["content"])]
+                answer = text["messages"][1]["content"]
+                pairs = [(_question(text["messages"][0]["content"], answer), answer)]
             for question, answer in pairs:
                 answers.setdefault(question, Counter())[answer] += 1
         for question, counts in answers.items():
