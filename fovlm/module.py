@@ -372,10 +372,21 @@ class FoveatedModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
+    def _zero_touch_trainable(self) -> Tensor:
+        """0 x the sum of every trainable parameter: gives each one a (zero) gradient.
+
+        A batch of text-only samples runs no visual path, so the vision and query parameters would get no
+        gradient at all, and DDP (without ``find_unused_parameters``) would fail at the next step waiting for
+        their reduction. Adding this term to such a batch's loss keeps every rank's gradient set identical.
+        """
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.loss_head(
             self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse, reference=self.reference
         )
+        if stage == "train" and int(batch["num_frames"].sum()) == 0:
+            out.loss = out.loss + self._zero_touch_trainable()
         sources = list(batch["source"])
         batch_size = len(sources)
         per_source: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])

@@ -508,3 +508,14 @@ def test_bf16_mixed_keeps_fp32_weights_and_trains(tmp_path):
     assert all(p.dtype == torch.float32 for p in module.model.parameters())
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert not torch.equal(before["model.q_static"], module.model.q_static.detach())
+
+
+def test_text_only_batch_gives_every_trainable_parameter_a_gradient(tmp_path):
+    """A batch without frames still reduces every trainable parameter's gradient (DDP needs the same set)."""
+    module = built(loss="all_text")
+    grads = GradCapture()
+    trainer(tmp_path, 1, callbacks=[grads], logger=False).fit(module, loader(SFTSet([4, 4], num_frames=0), 2))
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert set(grads.steps[0]) == trainable
+    assert torch.count_nonzero(grads.steps[0]["q_static"]) == 0
+    assert torch.count_nonzero(grads.steps[0]["llm.model.embed_tokens.weight"]) > 0
