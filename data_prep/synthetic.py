@@ -9,7 +9,7 @@ Shard sets written under the output folder (each with its own ``manifest.json``;
 | ``caption/{train,val}`` | 1 | ``caption``: "A red circle moves to the left." |
 | ``sft/{train,val}`` | 2 | ``messages``: 1-3 question/answer turns about the clip (colour, shape, direction, count), about half with lettered options |
 | ``text/{train,val}`` | 1-2 | ``messages`` without media (arithmetic, colour mixing, opposites), source ``synthetic_chat`` |
-| ``preference/{train,val}`` | 3 | ``messages`` = one question, ``chosen`` = the right answer, ``rejected`` = a plausible wrong one |
+| ``preference/{train,val}`` | 3 | ``messages`` = one question (colour, shape, direction, count; about half with lettered options), ``chosen`` = the right answer, ``rejected`` = a wrong one |
 | ``mcq/test`` | eval | ``question``, ``options``, ``answer`` (index), ``category`` (colour, shape, direction, count) |
 
 Made to be learnable on a laptop CPU in minutes (ARCHITECTURE.md section 9): most scenes hold one large
@@ -71,8 +71,8 @@ class SyntheticConfig:
         height: clip height in pixels (even).
         clip_fps: frame rate the clips are encoded at.
         multi_share: share of scenes with 2-4 smaller objects (the count questions); the rest hold one.
-        choice_share: share of SFT questions asked with lettered options (the multiple-choice layout of
-            ``fovlm eval``), answered with the option text.
+        choice_share: share of SFT and preference questions asked with lettered options (the multiple-choice
+            layout of ``fovlm eval``), answered with the option text.
     """
 
     seed: int = 0
@@ -82,9 +82,9 @@ class SyntheticConfig:
     sft_val: int = 16
     text_train: int = 64
     text_val: int = 8
-    preference_train: int = 64
+    preference_train: int = 256
     preference_val: int = 8
-    mcq: int = 48
+    mcq: int = 200
     min_seconds: int = 4
     max_seconds: int = 8
     width: int = 112
@@ -299,12 +299,17 @@ def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[Sy
                              {"role": "assistant", "content": answer(scene, c)}]
             items.append(_video_item(name, scene, {"messages": messages}, video_dir))
         elif kind == "preference":
-            category = single[i % 3]
+            category = (single + ["count"])[i % 4]
             scene = balanced(category)
             right = answer(scene, category)
-            wrong = rng.choice([a for a in alternatives(category) if a != right])
-            text = {"messages": [{"role": "user", "content": QUESTIONS[category]}], "chosen": right,
-                    "rejected": wrong}
+            question = QUESTIONS[category]
+            if rng.random() < config.choice_share:  # the SFT questions' lettered layout, as in stage 2
+                options = choice_options(rng, category, right)
+                wrong = rng.choice([o for o in options if o != right])
+                question = choice_messages(question, options, None)[0]["content"]
+            else:
+                wrong = rng.choice([a for a in alternatives(category) if a != right])
+            text = {"messages": [{"role": "user", "content": question}], "chosen": right, "rejected": wrong}
             items.append(_video_item(name, scene, text, video_dir))
         elif kind == "mcq":
             category = (single + ["count"])[i % 4]

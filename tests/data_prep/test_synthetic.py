@@ -96,10 +96,12 @@ def test_answers_match_what_the_frames_show(tiny):
             if sample.choice is not None:
                 pairs = [(sample.choice.question, sample.choice.options[sample.choice.answer])]
             elif sample.chosen is not None:
-                pairs = [(sample.messages[0].content, sample.chosen)]
+                question = _question(sample.messages[0].content, sample.chosen)
+                pairs = [(question, sample.chosen)]
                 assert sample.rejected != sample.chosen
-                assert sample.rejected in alternatives(next(k for k, q in QUESTIONS.items()
-                                                            if q == sample.messages[0].content))
+                assert sample.rejected in alternatives(next(k for k, q in QUESTIONS.items() if q == question))
+                if question != sample.messages[0].content:  # lettered: the rejected answer is one of the options
+                    _question(sample.messages[0].content, sample.rejected)
             else:
                 pairs = [(_question(q.content, a.content), a.content)
                          for q, a in zip(sample.messages[::2], sample.messages[1::2])]
@@ -137,6 +139,18 @@ def test_sft_asks_both_bare_and_multiple_choice_questions():
     none = set_items("sft", "train", 20, SyntheticConfig(seed=1, choice_share=0.0))
     assert not any("\n" in m["content"] for item in none for m in item.record.text["messages"])
 
+
+
+def test_preference_pairs_cover_every_category_in_both_layouts():
+    from data_prep.synthetic import set_items
+
+    texts = [item.record.text for item in set_items("preference", "train", 80, SyntheticConfig(seed=1))]
+    questions = [_question(t["messages"][0]["content"], t["chosen"]) for t in texts]
+    assert set(questions) == set(QUESTIONS.values())
+    lettered = [t for t in texts if "\nA. " in t["messages"][0]["content"]]
+    assert 0.3 * len(texts) < len(lettered) < 0.7 * len(texts)  # choice_share 0.5, as in the SFT set
+    for t in lettered:  # the rejected answer is another of the listed options
+        _question(t["messages"][0]["content"], t["rejected"])
 
 def test_multiple_choice_answers_are_balanced(tiny):
     _, _, sets = tiny
@@ -199,7 +213,7 @@ def test_answers_are_balanced_within_each_category():
             if kind == "mcq":
                 pairs = [(text["question"], text["options"][text["answer"]])]
             elif kind == "preference":
-                pairs = [(text["messages"][0]["content"], text["chosen"])]
+                pairs = [(_question(text["messages"][0]["content"], text["chosen"]), text["chosen"])]
             else:
                 answer = text["messages"][1]["content"]
                 pairs = [(_question(text["messages"][0]["content"], answer), answer)]
