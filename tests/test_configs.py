@@ -70,7 +70,7 @@ def test_stage_config_instantiates_with_demo_overlay(stage, size, data, tmp_path
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert isinstance(cli.trainer.logger, TensorBoardLogger)
     assert cli.trainer.logger.log_dir.rstrip("/") == f"runs/demo/stage{stage}"
-    assert cli.trainer.max_steps <= 300 and cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert cli.trainer.max_steps <= 1000 and cli.trainer.accelerator.__class__.__name__ == "CPUAccelerator"
     assert not list(tmp_path.glob("runs"))
 
 
