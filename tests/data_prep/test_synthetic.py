@@ -140,7 +140,6 @@ def test_sft_asks_both_bare_and_multiple_choice_questions():
     assert not any("\n" in m["content"] for item in none for m in item.record.text["messages"])
 
 
-
 def test_preference_pairs_cover_every_category_in_both_layouts():
     from data_prep.synthetic import set_items
 
@@ -151,6 +150,7 @@ def test_preference_pairs_cover_every_category_in_both_layouts():
     assert 0.3 * len(texts) < len(lettered) < 0.7 * len(texts)  # choice_share 0.5, as in the SFT set
     for t in lettered:  # the rejected answer is another of the listed options
         _question(t["messages"][0]["content"], t["rejected"])
+
 
 def test_multiple_choice_answers_are_balanced(tiny):
     _, _, sets = tiny
