@@ -5,9 +5,10 @@
   of a write, leaves the previous checkpoint intact and loadable. (Lightning's own writer goes through an fsspec
   transaction that stages the file in the system temp folder and moves it with ``shutil.move``, which is a
   copy, not a rename, across file systems, and never fsyncs.)
-- ``Preemption``: SIGTERM and SIGUSR1 set a flag; at the next optimizer-step boundary every rank agrees to stop,
-  the ``last`` checkpoint is written (model, optimizer, schedule, loop and data-loader position, callback state
-  including the random generators) and the run ends cleanly with exit code 0. Stopping only on a step
+- ``Preemption``: SIGTERM, SIGINT and SIGUSR1, sent to the training process alone or to its whole process group,
+  set a flag; at the next optimizer-step boundary every rank agrees to stop, the ``last`` checkpoint is written
+  (model, optimizer, schedule, loop and data-loader position, callback state including the random generators)
+  and the run ends cleanly with exit code 0. Stopping only on a step
   boundary keeps a half-accumulated gradient out of the checkpoint, so the resumed run is the same run. Under
   SLURM with auto-requeue, SIGUSR1 is left to Lightning's own handler (HPC checkpoint plus ``scontrol
   requeue``).
@@ -41,6 +42,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+from fovlm.data.workers import STOP_SIGNALS
+from fovlm.rank_state import gather_by_rank, is_gathered, pick_rank
 
 log = logging.getLogger(__name__)
 
@@ -183,29 +187,39 @@ class StageCheckpoint(ModelCheckpoint):
 
 
 class Preemption(Callback):
-    """Save the ``last`` checkpoint and stop cleanly when the job is asked to stop (SIGTERM, SIGUSR1).
+    """Save the ``last`` checkpoint and stop cleanly when the job is asked to stop (SIGTERM, SIGINT, SIGUSR1).
 
     The signal handler only sets a flag. After each optimizer step the ranks combine their flags (any rank that
     was signalled stops them all, so a signal delivered to one process is enough); then the ``last`` checkpoint
     of the run's ModelCheckpoint is written and ``trainer.should_stop`` ends the fit. Resume with
     ``fovlm fit ... --ckpt_path last``.
 
+    A stop sent to the whole process group (``scancel``, ``timeout``, Ctrl-C) ends the same way: the data-loader
+    workers leave stop signals to the main process (:mod:`fovlm.data.workers`). Further stop signals while the
+    checkpoint is written are counted and otherwise ignored; the write itself is atomic, so even SIGKILL leaves
+    the previous ``last.ckpt`` intact.
+
     Args:
-        signals: names of the signals that request a stop.
+        signals: names of the signals that request a stop (a subset of ``fovlm.data.workers.STOP_SIGNALS``).
+            SIGUSR1 is what SLURM sends ahead of the time limit with ``#SBATCH --signal=USR1@90``.
     """
 
     def __init__(self, signals: list[str] | None = None) -> None:
-        names = ["SIGTERM", "SIGUSR1"] if signals is None else signals
+        names = ["SIGTERM", "SIGINT", "SIGUSR1"] if signals is None else signals
         for name in names:
-            if not hasattr(signal, name):
-                raise ValueError(f"unknown signal {name!r}")
+            if name not in STOP_SIGNALS or not hasattr(signal, name):
+                raise ValueError(f"signal {name!r} cannot request a stop; choose among {', '.join(STOP_SIGNALS)}")
         self.signals = names
         self.requested: str | None = None
+        self.repeated = 0
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = -1
 
     def _handler(self, signum: int, _frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+        else:
+            self.repeated += 1
 
     def _install(self, trainer: pl.Trainer) -> None:
         environment = trainer._accelerator_connector.cluster_environment
@@ -225,6 +239,7 @@ class Preemption(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning registered its own handlers, so ours are the ones that run.
         self.requested = None
+        self.repeated = 0
         self._install(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -248,9 +263,10 @@ class Preemption(Callback):
         callback._last_checkpoint_saved = True
         callback.last_model_path = path
         trainer.should_stop = True
+        ignored = f" ({self.repeated} further stop signals ignored)" if self.repeated else ""
         rank_zero_info(
             f"Stop requested ({self.requested or 'by another rank'}): saved {path} at step {trainer.global_step}; "
-            "resume with --ckpt_path last"
+            f"resume with --ckpt_path last{ignored}"
         )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -261,10 +277,10 @@ class Preemption(Callback):
 
 
 class RandomState(Callback):
-    """Keep the Python, NumPy and torch (CPU and CUDA) random generators in the checkpoint.
+    """Keep the Python, NumPy and torch (CPU and CUDA) random generators of every rank in the checkpoint.
 
-    The states are those of global rank 0 at the moment of the save (every rank starts from the same seed).
-    On resume they are restored right before the first resumed training batch, the point at which the
+    Each rank's states at the moment of the save are gathered into the checkpoint (rank 0 writes it); on resume
+    each rank gets its own back, right before the first resumed training batch, the point at which the
     uninterrupted run had the same states.
     """
 
@@ -274,15 +290,16 @@ class RandomState(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Plain tensors, ints and tuples only, so the checkpoint loads with torch.load(weights_only=True).
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
+        return gather_by_rank({
             "python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        })
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        # Checkpoints written before the states were kept per rank hold rank 0's states, used by every rank.
+        self._pending = pick_rank(state_dict, "random state") if is_gathered(state_dict) else state_dict
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._pending is None:

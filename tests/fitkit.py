@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +110,30 @@ def subprocess_env() -> dict[str, str]:
                JSONARGPARSE_DEPRECATION_WARNINGS="off", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
     return env
+
+
+def run_fit(args: list[str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``fovlm`` with ``args`` to the end, its output in ``log``."""
+    with open(log, "w") as out:
+        return subprocess.run(fovlm_command(args), env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+
+
+def wait_for(predicate: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Poll ``predicate`` until it holds; fail (killing ``process``) if the process exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"fovlm exited early ({process.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step stored in a checkpoint (loading it also proves it is complete)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
 def read_events(log_dir: Path) -> dict[str, Any]:

@@ -108,7 +108,7 @@ io_.save_checkpoint({{"step": 2, "w": torch.arange(1000)}}, {str(path)!r})
 
 
 
-def test_preemption_handles_both_signals_and_leaves_slurm_requeue_to_lightning():
+def test_preemption_handles_every_stop_signal_and_leaves_slurm_requeue_to_lightning():
     import os
     import signal
     from types import SimpleNamespace
@@ -120,24 +120,30 @@ def test_preemption_handles_both_signals_and_leaves_slurm_requeue_to_lightning()
     def trainer_on(environment):
         return SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=environment))
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    callback = Preemption()
-    callback._install(trainer_on(LightningEnvironment()))
-    try:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert callback.requested == "SIGUSR1"
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert callback.requested == "SIGTERM"
-    finally:
-        callback._restore()
-    assert {s: signal.getsignal(s) for s in before} == before
+    names = ("SIGTERM", "SIGINT", "SIGUSR1")
+    before = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in names}
+    for first in names:
+        callback = Preemption()
+        callback._install(trainer_on(LightningEnvironment()))
+        try:
+            os.kill(os.getpid(), getattr(signal, first))
+            assert callback.requested == first
+            for name in names:  # later signals (e.g. during the save) are counted, the first request stays
+                os.kill(os.getpid(), getattr(signal, name))
+            assert callback.requested == first and callback.repeated == len(names)
+        finally:
+            callback._restore()
+        assert {s: signal.getsignal(s) for s in before} == before
 
     callback = Preemption()
     callback._install(trainer_on(SLURMEnvironment(auto_requeue=True)))
     try:
         assert signal.getsignal(signal.SIGUSR1) == before[signal.SIGUSR1]  # Lightning's HPC save + requeue
         assert signal.getsignal(signal.SIGTERM) == callback._handler
+        assert signal.getsignal(signal.SIGINT) == callback._handler
     finally:
         callback._restore()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="SIGNOPE"):
         Preemption(signals=["SIGNOPE"])
+    with pytest.raises(ValueError, match="SIGHUP"):  # loader workers would die of it: not a stop signal
+        Preemption(signals=["SIGHUP"])

@@ -6,11 +6,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import torch
-from fitkit import fit_args, fovlm_command, read_events, subprocess_env, synthetic_data
+from fitkit import (
+    checkpoint_step,
+    fit_args,
+    fovlm_command,
+    read_events,
+    run_fit,
+    subprocess_env,
+    synthetic_data,
+    wait_for,
+)
 
 STEPS = 12
 
@@ -20,33 +27,11 @@ def data(tmp_path_factory):
     return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
 
 
-def _run(args: list[str], log: Path) -> subprocess.CompletedProcess:
-    with open(log, "w") as out:
-        result = subprocess.run(fovlm_command(args), env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
-                                timeout=300)
-    return result
-
-
-def _wait_for(predicate, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"fovlm exited early ({process.returncode}):\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out:\n{log.read_text()[-3000:]}")
-        time.sleep(0.02)
-
-
-def _step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-
-
 def test_sigterm_then_resume_equals_uninterrupted_run(data, tmp_path):
     reference = tmp_path / "reference"
-    result = _run(fit_args(1, data, reference, STEPS), tmp_path / "reference.log")
+    result = run_fit(fit_args(1, data, reference, STEPS), tmp_path / "reference.log")
     assert result.returncode == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    assert _step(reference / "stage1" / "checkpoints" / "last.ckpt") == STEPS
+    assert checkpoint_step(reference / "stage1" / "checkpoints" / "last.ckpt") == STEPS
 
     out = tmp_path / "interrupted"
     last = out / "stage1" / "checkpoints" / "last.ckpt"
@@ -54,18 +39,18 @@ def test_sigterm_then_resume_equals_uninterrupted_run(data, tmp_path):
     with open(log, "w") as handle:
         process = subprocess.Popen(fovlm_command(fit_args(1, data, out, STEPS)), env=subprocess_env(),
                                    stdout=handle, stderr=subprocess.STDOUT)
-        _wait_for(last.is_file, process, log)  # the step-4 checkpoint: training is under way
+        wait_for(last.is_file, process, log)  # the step-4 checkpoint: training is under way
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
-    stopped = _step(last)
+    stopped = checkpoint_step(last)
     assert 4 <= stopped < STEPS, f"stopped at {stopped}"
     assert "Stop requested (SIGTERM)" in log.read_text()
 
     resume_log = tmp_path / "resume.log"
-    result = _run(fit_args(1, data, out, STEPS, extra=["--ckpt_path", "last"]), resume_log)
+    result = run_fit(fit_args(1, data, out, STEPS, extra=["--ckpt_path", "last"]), resume_log)
     assert result.returncode == 0, resume_log.read_text()[-3000:]
     assert f"Resumed the full training state at step {stopped} from {last}" in resume_log.read_text()
-    assert _step(last) == STEPS
+    assert checkpoint_step(last) == STEPS
 
     expected = read_events(reference / "stage1")["scalars"]["train/loss"]
     got = read_events(out / "stage1")["scalars"]["train/loss"]
@@ -108,7 +93,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_last_checkpoint(data, tmp_path)
         result = subprocess.run([sys.executable, "-c", DIE_IN_SECOND_LAST_WRITE, *args], env=subprocess_env(),
                                 stdout=handle, stderr=subprocess.STDOUT, timeout=300)
     assert result.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    assert _step(last) == 4
+    assert checkpoint_step(last) == 4
     assert list(ckpt_dir.glob(".last.ckpt.*.tmp")), "the half-written file should be left under its temp name"
 
     # 2. Resumed runs killed from outside at other moments: right after a checkpoint landed, and a little later.
@@ -118,15 +103,15 @@ def test_sigkill_at_any_moment_leaves_a_loadable_last_checkpoint(data, tmp_path)
         with open(log, "w") as handle:
             process = subprocess.Popen(fovlm_command(args + ["--ckpt_path", "last"]), env=subprocess_env(),
                                        stdout=handle, stderr=subprocess.STDOUT)
-            _wait_for(lambda before=before: last.stat().st_mtime_ns != before, process, log)
+            wait_for(lambda before=before: last.stat().st_mtime_ns != before, process, log)
             time.sleep(delay)
             process.kill()
             process.wait(timeout=60)
-        step = _step(last)  # loads: never a torn file
+        step = checkpoint_step(last)  # loads: never a torn file
         assert 4 < step <= STEPS
 
     # 3. The chain still finishes the run.
-    result = _run(args + ["--ckpt_path", "last"], tmp_path / "final.log")
+    result = run_fit(args + ["--ckpt_path", "last"], tmp_path / "final.log")
     assert result.returncode == 0, (tmp_path / "final.log").read_text()[-3000:]
-    assert _step(last) == STEPS
+    assert checkpoint_step(last) == STEPS
     assert not list(ckpt_dir.glob(".last.ckpt.*.tmp")), "stale temp files are cleaned by the next save"

@@ -66,6 +66,8 @@ from webdataset.tariterators import base_plus_ext
 
 from fovlm.data.frames import select_frame_times
 from fovlm.data.schema import SampleError, frame_fields, parse_sample, single_image_field, video_field
+from fovlm.data.workers import WorkerInit, stop_signals_blocked
+from fovlm.rank_state import gather_by_rank, is_gathered, pick_rank
 
 log = logging.getLogger(__name__)
 
@@ -836,7 +838,9 @@ class ShardLoader(StatefulDataLoader):
         finalize: applied to every batch in the main process (e.g. normalising uint8 frames).
         **kwargs: passed on to ``StatefulDataLoader`` (``pin_memory``, ``prefetch_factor``, ...).
 
-    Workers are not persistent: each epoch's workers start from the dataset with that epoch set.
+    Workers are not persistent: each epoch's workers start from the dataset with that epoch set. They leave stop
+    signals (SIGTERM, SIGINT, ...) to the main process (see :mod:`fovlm.data.workers`), so a stop sent to the
+    whole process group ends in the main process's checkpoint, not in a dead worker.
     """
 
     def __init__(
@@ -849,6 +853,7 @@ class ShardLoader(StatefulDataLoader):
         **kwargs: Any,
     ):
         kwargs.pop("persistent_workers", None)
+        kwargs["worker_init_fn"] = WorkerInit(kwargs.get("worker_init_fn"))
         super().__init__(
             dataset,
             batch_size=None,
@@ -875,15 +880,21 @@ class ShardLoader(StatefulDataLoader):
         self._restored_epoch = None
         self._next_epoch = epoch + 1
         self.dataset.set_epoch(epoch)
-        return _CountingIterator(super().__iter__(), self)
+        with stop_signals_blocked():  # workers forked now start with the stop signals blocked
+            iterator = super().__iter__()
+        return _CountingIterator(iterator, self)
 
     def state_dict(self) -> dict[str, Any]:
+        """This loader's position on every rank (each rank reads its own share, and one rank writes the
+        checkpoint): a collective under DDP, called by Lightning on all ranks when it saves."""
         state = super().state_dict()
         state["fovlm_epoch"] = self._next_epoch - 1 if self._next_epoch > 0 else 0
-        return state
+        return gather_by_rank(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
+        # Checkpoints written before positions were kept per rank hold the one rank's state itself.
+        own = pick_rank(state_dict, "data position") if is_gathered(state_dict) else state_dict
+        state = dict(own)
         epoch = int(state.pop("fovlm_epoch", 0))
         # A state saved after the last batch of an epoch resumes with the next epoch.
         self._restored_epoch = epoch + 1 if state.get("_iterator_finished", False) else epoch
