@@ -60,6 +60,35 @@ def test_forward_flops_of_a_coarse_fine_batch_match_the_counter(model):
     assert analytic <= measured < 1.05 * analytic
 
 
+def test_a_frozen_backbone_skips_the_patch_pass_backward(model):
+    """With DINOv2 frozen, backward costs at most 2 x the forward of everything but the patch pass (the patch pass
+    runs forward only); trained, it costs more. The analytic frozen step is an upper bound."""
+    shape = flops.ModelShape.of(model)
+    batch = suite.sft_batch([3, 5], 24, 224, shape.vocab)
+    mask = batch["attention_mask"].bool()
+
+    def forward():
+        return model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                     logits_mask=mask)
+
+    def step():
+        forward().logits.float().logsumexp(-1).sum().backward()
+
+    rest = counted(forward) - 8 * flops.patch_pass(shape)  # forward FLOPs outside the patch pass
+    trained_backward = counted(step) - counted(forward)
+    vision = list(model.encoder.dino.parameters())
+    for param in vision:
+        param.requires_grad_(False)
+    try:
+        frozen = counted(step)
+    finally:
+        for param in vision:
+            param.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    assert frozen - counted(forward) <= 2 * rest < trained_backward
+    assert frozen <= flops.train_step(shape, [3, 5], [24, 24], int(mask.sum()), frozen_vision=True)
+
+
 def test_kv_twice_gives_the_same_cache(model):
     frames = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -119,7 +148,7 @@ def test_gpu_dry_run_writes_every_figure(tmp_path):
     assert gpu.main(["--dry-run", "--no-data", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     bf16 = result["tiny"]["bf16"]
-    for key in ("sft8", "mixed", "dpo", "mixed_padded", "sft8_full_lm_head"):
+    for key in ("sft8", "sft8_frozen_vision", "mixed", "dpo", "mixed_padded", "sft8_full_lm_head"):
         assert bf16[key]["samples_per_s"] > 0 and bf16[key]["model_flop_per_step"] > 0
     assert set(bf16["autoregressive"]["fovlm"]) == {"2", "4"}
     assert bf16["scoring"]["ratio"] > 0 and bf16["kv"]["ratio_forward"] > 0

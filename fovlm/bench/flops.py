@@ -119,10 +119,16 @@ def text_forward(s: ModelShape, num_frames: Sequence[int], text_lengths: Sequenc
 
 
 def train_step(
-    s: ModelShape, num_frames: Sequence[int], text_lengths: Sequence[int], scored_rows: int, mode: str = "coarse_fine"
+    s: ModelShape, num_frames: Sequence[int], text_lengths: Sequence[int], scored_rows: int, mode: str = "coarse_fine",
+    frozen_vision: bool = False,
 ) -> float:
-    """Model FLOPs of one CE training step (forward + backward = 3 x forward)."""
-    return 3 * (visual_forward(s, num_frames, mode) + text_forward(s, num_frames, text_lengths, scored_rows))
+    """Model FLOPs of one CE training step (forward + backward = 3 x forward).
+
+    With ``frozen_vision`` (DINOv2 not trained) the patch pass runs forward only; everything else is still
+    counted at 3 x forward (the query passes do need their input gradients, not the frozen layers' weight
+    gradients, so this is an upper bound for them)."""
+    total = 3 * (visual_forward(s, num_frames, mode) + text_forward(s, num_frames, text_lengths, scored_rows))
+    return total - (2 * sum(num_frames) * patch_pass(s) if frozen_vision else 0.0)
 
 
 def dpo_step(

@@ -74,16 +74,19 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     p = plan(size, dry_run, device.type)
     log(f"{size}: building models")
     sft = suite.build_module(size, "answer_only", device)
+    frozen = suite.build_module(size, "answer_only", device, lr_vision=0.0)  # frozen-vision mode
     dpo = suite.build_module(size, "dpo", device)
     shape = ModelShape.of(sft.model)
     vocab = shape.vocab
     # Fused AdamW, as FoveatedModule.configure_optimizers builds it (the optimizer section times both kernels).
     sft_opt = suite.make_optimizer(sft, fused=True)
+    frozen_opt = suite.make_optimizer(frozen, fused=True)
     dpo_opt = suite.make_optimizer(dpo, fused=True)
     batch8 = suite.sft_batch(p["batch_frames"], p["text"], p["image"], vocab)
     mixed = suite.sft_batch(p["mixed"], p["text"], p["image"], vocab, seed=1)
     pairs = suite.preference_batch(p["batch_frames"], p["text"], p["image"], vocab, seed=2)
     flop8 = suite.step_flops(shape, batch8, sft.loss_head)
+    flop8_frozen = suite.step_flops(shape, batch8, sft.loss_head, frozen_vision=True)
     flop_mixed = suite.step_flops(shape, mixed, sft.loss_head)
     flop_dpo = suite.step_flops(shape, pairs, dpo.loss_head, dpo=True)
     out: dict[str, Any] = {"shape": shape.__dict__, "batches": {
@@ -94,6 +97,10 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         res: dict[str, Any] = {}
         log(f"{size}/{precision}: training sft 8 frames")
         res["sft8"] = train_config(env, sft, sft_opt, suite.ce_loss(sft), batch8, flop8, peak, p["steps"], p["warmup"])
+        log(f"{size}/{precision}: training sft 8 frames, frozen vision")
+        res["sft8_frozen_vision"] = train_config(env, frozen, frozen_opt, suite.ce_loss(frozen), batch8, flop8_frozen,
+                                                 peak, p["steps"], p["warmup"])
+        res["sft8_frozen_vision"]["step_vs_trained_vision"] = res["sft8_frozen_vision"]["step_s"] / res["sft8"]["step_s"]
         log(f"{size}/{precision}: training mixed {p['mixed']}")
         res["mixed"] = train_config(env, sft, sft_opt, suite.ce_loss(sft), mixed, flop_mixed, peak, 1, warmup=0)
         log(f"{size}/{precision}: training dpo")
@@ -171,7 +178,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             if precision not in res:
                 continue
             r, tag = res[precision], f"{size}/{precision}"
-            for key, label in (("sft8", "SFT 8-frame"), ("mixed", "SFT mixed 1-64"), ("dpo", "DPO")):
+            for key, label in (("sft8", "SFT 8-frame"), ("sft8_frozen_vision", "SFT 8-frame, frozen vision"),
+                               ("mixed", "SFT mixed 1-64"), ("dpo", "DPO")):
+                if key not in r:
+                    continue
                 t = r[key]
                 rows.append((f"{tag} {label}", f"{fmt(t['samples_per_s'])} samples/s, {fmt(t['step_s'])} s/step, "
                              f"{t['achieved_flop_per_s'] / 1e9:.1f} GFLOP/s = {100 * t['fraction_of_matmul_peak']:.0f}% "
@@ -179,6 +189,9 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                              f"(+{(t['peak_rss_bytes'] - t['rss_before_bytes']) / 2**30:.2f} in the step)"
                              + (f", device {t['peak_device_bytes'] / 2**30:.2f} GiB" if "peak_device_bytes" in t else "")))
             rows.append((f"{tag} DPO step / SFT step", fmt(r["dpo"]["step_vs_sft8_step"])))
+            if "sft8_frozen_vision" in r:
+                rows.append((f"{tag} RATIO frozen vision / trained vision (SFT 8-frame step)",
+                             fmt(r["sft8_frozen_vision"]["step_vs_trained_vision"])))
             ar = r["autoregressive"]
             per_frame = ", ".join(f"{k}: {1e3 * v['per_frame_s']:.1f} ({1e3 * v['loop_per_frame_s']:.1f})"
                                   for k, v in ar["fovlm"].items())

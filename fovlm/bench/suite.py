@@ -211,15 +211,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def build_module(size: str, loss: str, device: torch.device, gradient_checkpointing: bool = False, **model_kwargs):
-    """A configured FoveatedModule of the named size ("tiny" or "real") on ``device``."""
+def build_module(size: str, loss: str, device: torch.device, gradient_checkpointing: bool = False,
+                 lr_vision: float = 1e-5, **model_kwargs):
+    """A configured FoveatedModule of the named size ("tiny" or "real") on ``device`` (``lr_vision`` 0: DINOv2
+    frozen)."""
     from fovlm.module import FoveatedModule
 
     llm, vision = SIZES.get(size, (None, None))
     if llm is None:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     module = FoveatedModule(llm=llm, vision=vision, loss=loss, gradient_checkpointing=gradient_checkpointing,
-                            lr_connector=1e-4, lr_vision=1e-5, lr_llm=1e-5, **model_kwargs)
+                            lr_connector=1e-4, lr_vision=lr_vision, lr_llm=1e-5, **model_kwargs)
     module.configure_model()
     return module.to(device)
 
@@ -292,7 +294,7 @@ def train_steps(env: Env, module, optimizer, loss_fn: Callable[[dict], Tensor], 
     return {key: statistics.median(values) for key, values in parts.items()}
 
 
-def step_flops(shape: flops.ModelShape, batch: dict, loss_head, dpo: bool = False) -> float:
+def step_flops(shape: flops.ModelShape, batch: dict, loss_head, dpo: bool = False, frozen_vision: bool = False) -> float:
     """Model FLOPs of one training step on ``batch`` (see :mod:`fovlm.bench.flops`)."""
     num_frames = batch["num_frames"].tolist()
     if dpo:
@@ -303,7 +305,8 @@ def step_flops(shape: flops.ModelShape, batch: dict, loss_head, dpo: bool = Fals
             scored += int((labels != -100).sum())
         return flops.dpo_step(shape, num_frames, lengths["chosen"], lengths["rejected"], scored)
     labels = shift_labels(batch["input_ids"], loss_head.score_mask(batch["roles"]))
-    return flops.train_step(shape, num_frames, batch["attention_mask"].sum(1).tolist(), int((labels != -100).sum()))
+    return flops.train_step(shape, num_frames, batch["attention_mask"].sum(1).tolist(), int((labels != -100).sum()),
+                            frozen_vision=frozen_vision)
 
 
 def training_figures(timing: dict[str, float], batch_size: int, step_flop: float, peak: float) -> dict[str, float]:
