@@ -67,20 +67,22 @@ class Scene:
     texture_seed: int = 0
 
 
-def _background(scene: Scene) -> np.ndarray:
-    """The static textured background, float32 [H, W, 3] in 0..255, contrast +-10 around the base colour."""
-    h, w = scene.height, scene.width
+def background_image(
+    texture: str, base: tuple[int, int, int], seed: int, width: int, height: int
+) -> np.ndarray:
+    """A static textured background, float32 [H, W, 3] in 0..255, contrast +-10 around the ``base`` colour."""
+    h, w = height, width
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)  # [H, W] each
-    rng = np.random.default_rng(scene.texture_seed)
+    rng = np.random.default_rng(seed)
     # Smooth (band-limited) patterns: visible texture that JPEG stores cheaply and that never has edges as
     # sharp as an object's.
-    if scene.texture == "stripes":
+    if texture == "stripes":
         angle = rng.uniform(0, np.pi)
         pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) / rng.uniform(3.0, 6.0))
-    elif scene.texture == "checks":
+    elif texture == "checks":
         cell = rng.uniform(6.0, 12.0)
         pattern = np.sin(np.pi * xx / cell) * np.sin(np.pi * yy / cell)
-    elif scene.texture == "noise":
+    elif texture == "noise":
         coarse = rng.uniform(-1, 1, size=(h // 16 + 2, w // 16 + 2)).astype(np.float32)
         gy, gx = yy / 16.0, xx / 16.0  # bilinear upsampling of the coarse grid
         y0, x0 = gy.astype(int), gx.astype(int)
@@ -88,12 +90,11 @@ def _background(scene: Scene) -> np.ndarray:
         top = coarse[y0, x0] * (1 - fx) + coarse[y0, x0 + 1] * fx
         bottom = coarse[y0 + 1, x0] * (1 - fx) + coarse[y0 + 1, x0 + 1] * fx
         pattern = top * (1 - fy) + bottom * fy
-    elif scene.texture == "waves":
+    elif texture == "waves":
         pattern = np.sin(xx / rng.uniform(4, 9)) * np.cos(yy / rng.uniform(4, 9))
     else:
-        raise ValueError(f"unknown texture {scene.texture!r}; expected one of {TEXTURES}")
-    base = np.asarray(scene.background, np.float32)
-    return base[None, None, :] + 10.0 * pattern[..., None]  # [H, W, 3]
+        raise ValueError(f"unknown texture {texture!r}; expected one of {TEXTURES}")
+    return np.asarray(base, np.float32)[None, None, :] + 10.0 * pattern[..., None]  # [H, W, 3]
 
 
 def shape_centre(shape: Shape, t: float, duration: float, width: int, height: int) -> tuple[float, float]:
@@ -105,23 +106,23 @@ def shape_centre(shape: Shape, t: float, duration: float, width: int, height: in
     return cx, cy
 
 
-def _shape_mask(shape: Shape, cx: float, cy: float, xx: np.ndarray, yy: np.ndarray, height: int) -> np.ndarray:
-    r = shape.size * height
-    if shape.shape == "circle":
+def shape_mask(shape: str, cx: float, cy: float, r: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Pixels [H, W] (bool) covered by ``shape`` centred at (cx, cy) with radius / half side ``r`` pixels."""
+    if shape == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-    if shape.shape == "square":
+    if shape == "square":
         return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
-    if shape.shape == "triangle":
+    if shape == "triangle":
         # Apex up; the half-width grows linearly from the apex (cy - r) to the base (cy + r).
         rel = (yy - (cy - r)) / (2 * r)
         return (rel >= 0) & (rel <= 1) & (np.abs(xx - cx) <= rel * r)
-    raise ValueError(f"unknown shape {shape.shape!r}; expected one of {SHAPES}")
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def render_scene(scene: Scene) -> np.ndarray:
     """All frames of ``scene`` as uint8 [N, H, W, 3], N = round(duration * fps) (at least 1)."""
     n = max(1, round(scene.duration * scene.fps))
-    background = _background(scene)
+    background = background_image(scene.texture, scene.background, scene.texture_seed, scene.width, scene.height)
     yy, xx = np.mgrid[0 : scene.height, 0 : scene.width].astype(np.float32)  # [H, W]
     frames = np.empty((n, scene.height, scene.width, 3), np.uint8)  # [N, H, W, 3]
     for i in range(n):
@@ -129,7 +130,7 @@ def render_scene(scene: Scene) -> np.ndarray:
         frame = background.copy()
         for shape in scene.shapes:
             cx, cy = shape_centre(shape, t, scene.duration, scene.width, scene.height)
-            frame[_shape_mask(shape, cx, cy, xx, yy, scene.height)] = COLOURS[shape.colour]
+            frame[shape_mask(shape.shape, cx, cy, shape.size * scene.height, xx, yy)] = COLOURS[shape.colour]
         frames[i] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames
 

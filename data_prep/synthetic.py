@@ -32,6 +32,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from data_prep import looking
+from data_prep.cue_scenes import CueScene, render_cue_scene
+from data_prep.looking import LookConfig
 from data_prep.media import MediaOptions
 from data_prep.records import Record, build_record
 from data_prep.scenes import COLOURS, DIRECTIONS, SHAPES, TEXTURES, Scene, Shape, encode_mp4, render_scene
@@ -73,6 +76,14 @@ class SyntheticConfig:
         multi_share: share of scenes with 2-4 smaller objects (the count questions); the rest hold one.
         choice_share: share of SFT and preference questions asked with lettered options (the multiple-choice
             layout of ``fovlm eval``), answered with the option text.
+        look_warmup: cue-then-look SFT clips with only the ringed cell filled (the warm-up, see
+            :mod:`data_prep.looking`).
+        look_train: cue-then-look SFT clips with every cell filled (training split).
+        look_val: the same, validation split.
+        look_test: cue-then-look multiple-choice questions (``look_colour`` and ``look_shape``).
+        look_preference: cue-then-look preference pairs (the rejected answer is another cell's).
+        look_grid: cells per side of the cue-then-look grid.
+        look_reads: seconds (frames at 1 FPS) of shapes after the one-second cue.
     """
 
     seed: int = 0
@@ -92,6 +103,13 @@ class SyntheticConfig:
     clip_fps: int = 8
     multi_share: float = 0.2
     choice_share: float = 0.5
+    look_warmup: int = 600
+    look_train: int = 1600
+    look_val: int = 16
+    look_test: int = 400
+    look_preference: int = 128
+    look_grid: int = 2
+    look_reads: int = 2
 
     def __post_init__(self):
         if not 1 <= self.min_seconds <= self.max_seconds:
@@ -102,6 +120,11 @@ class SyntheticConfig:
             raise ValueError(f"multi_share must be in [0, 1], got {self.multi_share}")
         if not 0.0 <= self.choice_share <= 1.0:
             raise ValueError(f"choice_share must be in [0, 1], got {self.choice_share}")
+        self.look()  # checks the cue-then-look settings
+
+    def look(self) -> LookConfig:
+        """The cue-then-look clip settings (same frame size and rate as the other clips)."""
+        return LookConfig(grid=self.look_grid, reads=self.look_reads, width=self.width, clip_fps=self.clip_fps)
 
 
 # -- scenes --------------------------------------------------------------------------------------------
@@ -235,7 +258,7 @@ class SyntheticItem:
     """A record plus the scene to render into its video file first (None for text-only records)."""
 
     record: Record
-    scene: Scene | None = None
+    scene: Scene | CueScene | None = None
 
     @property
     def item(self) -> str:
@@ -253,19 +276,58 @@ def build_synthetic(key: str, item: SyntheticItem, options: MediaOptions, raw_di
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".mp4.partial")
-            tmp.write_bytes(encode_mp4(render_scene(item.scene), item.scene.fps))
+            frames = render_cue_scene(item.scene) if isinstance(item.scene, CueScene) else render_scene(item.scene)
+            tmp.write_bytes(encode_mp4(frames, item.scene.fps))
             tmp.replace(path)
         record = replace(record, video=str(path))
     return build_record(key, record, options)
 
 
-def _video_item(name: str, scene: Scene, text: dict[str, Any], video_dir: str) -> SyntheticItem:
-    record = Record(name, SOURCE, "video", text, video=f"{video_dir}/{name}.mp4", meta={"video_id": name})
+def _video_item(name: str, scene: Scene | CueScene, text: dict[str, Any], video_dir: str,
+                meta: dict[str, Any] | None = None) -> SyntheticItem:
+    record = Record(name, SOURCE, "video", text, video=f"{video_dir}/{name}.mp4",
+                    meta={"video_id": name, **(meta or {})})
     return SyntheticItem(record, scene)
 
 
+def _asked(rng: random.Random, config: SyntheticConfig, question: str, options: list[str]) -> str:
+    """``question``, in the evaluator's lettered layout (with ``options``) for a ``choice_share`` of questions."""
+    if rng.random() < config.choice_share:
+        return choice_messages(question, options, None)[0]["content"]
+    return question
+
+
+def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[SyntheticItem]:
+    """The items of a cue-then-look set (``kind`` in look_warmup, look_sft, look_preference, look_mcq)."""
+    video_dir = f"{kind}/{split}"
+    rng = random.Random(f"{config.seed}/{kind}/{split}")
+    items = []
+    scenes = looking.balanced_scenes(rng, config.look(), n, distractors=kind != "look_warmup")
+    for i, (category, scene) in enumerate(scenes):
+        name = f"{kind}_{split}_{i:05d}"
+        right = looking.scene_answer(scene, category)
+        question = looking.LOOK_QUESTIONS[category]
+        if kind == "look_mcq":
+            options = looking.choice_options(rng, scene, category)
+            text = {"question": question, "options": options, "answer": options.index(right), "category": category}
+        elif kind == "look_preference":
+            asked = _asked(rng, config, question, looking.choice_options(rng, scene, category))
+            text = {"messages": [{"role": "user", "content": asked}], "chosen": right,
+                    "rejected": looking.wrong_answer(rng, scene, category)}
+        elif kind in ("look_warmup", "look_sft"):
+            asked = _asked(rng, config, question, looking.choice_options(rng, scene, category))
+            text = {"messages": [{"role": "user", "content": asked}, {"role": "assistant", "content": right}]}
+        else:
+            raise ValueError(f"unknown cue-then-look set {kind!r}")
+        items.append(_video_item(name, scene, text, video_dir, {"answer_region": looking.answer_region(scene)}))
+    return items
+
+
 def set_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[SyntheticItem]:
-    """The items of one shard set (``kind`` in caption, sft, text, preference, mcq)."""
+    """The items of one shard set (``kind`` in caption, sft, text, preference, mcq, and the cue-then-look
+    sets of :func:`look_items`)."""
+    if kind.startswith("look_"):
+        return look_items(kind, split, n, config)
     video_dir = f"{kind}/{split}"
     rng = random.Random(f"{config.seed}/{kind}/{split}")
     items: list[SyntheticItem] = []
@@ -353,7 +415,9 @@ def generate(
             ("sft", "train", config.sft_train), ("sft", "val", config.sft_val),
             ("text", "train", config.text_train), ("text", "val", config.text_val),
             ("preference", "train", config.preference_train), ("preference", "val", config.preference_val),
-            ("mcq", "test", config.mcq)]
+            ("mcq", "test", config.mcq), ("look_warmup", "train", config.look_warmup),
+            ("look_sft", "train", config.look_train), ("look_sft", "val", config.look_val),
+            ("look_preference", "train", config.look_preference), ("look_mcq", "test", config.look_test)]
     temporary = raw_dir is None
     raw = Path(tempfile.mkdtemp(prefix="fovlm_synthetic_")) if temporary else Path(raw_dir)
     build = functools.partial(build_synthetic, options=options, raw_dir=str(raw))

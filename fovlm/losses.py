@@ -197,9 +197,11 @@ class CrossEntropyHead:
         *,
         mode: str = "coarse_fine",
         lambda_coarse: float = 0.0,
+        lambda_ar: float = 0.0,
         reference: Any = None,
     ) -> LossOutput:
-        """Run ``model`` on an SFT/caption batch and return the CE (plus ``lambda_coarse`` x coarse CE)."""
+        """Run ``model`` on an SFT/caption batch and return the CE, plus ``lambda_coarse`` x the coarse_only CE
+        and ``lambda_ar`` x the autoregressive CE (auxiliary losses on the same targets)."""
         labels = shift_labels(batch["input_ids"], self.score_mask(batch["roles"]))  # [B, S]
         logits_mask, targets, sample_index = selected_targets(labels)
         batch_size = labels.shape[0]
@@ -211,16 +213,19 @@ class CrossEntropyHead:
             mode=mode,
             logits_mask=logits_mask,
             return_coarse_logits=lambda_coarse > 0,
+            return_autoregressive_logits=lambda_ar > 0,
         )
         nll = token_nll(out.logits, targets)  # [N]
         num_scored = int(nll.numel())
         loss = mean_or_zero(nll, out.logits)
         metrics: dict[str, Tensor] = {}
-        if lambda_coarse > 0:
-            coarse_loss, _ = token_cross_entropy(out.coarse_logits, targets)
-            metrics["loss_fine"] = loss.detach()
-            metrics["loss_coarse"] = coarse_loss.detach()
-            loss = loss + lambda_coarse * coarse_loss
+        for name, weight, logits in (("coarse", lambda_coarse, out.coarse_logits),
+                                     ("autoregressive", lambda_ar, out.autoregressive_logits)):
+            if weight > 0:
+                aux_loss, _ = token_cross_entropy(logits, targets)
+                metrics["loss_fine"] = metrics.get("loss_fine", loss.detach())
+                metrics[f"loss_{name}"] = aux_loss.detach()
+                loss = loss + weight * aux_loss
         sample_loss = per_sample_sums(nll.detach(), sample_index, batch_size)  # [B]
         sample_weight = per_sample_sums(torch.ones_like(nll), sample_index, batch_size)  # [B]
         return LossOutput(loss, num_scored, sample_loss, sample_weight, metrics)
@@ -277,13 +282,14 @@ class DPO:
         *,
         mode: str = "coarse_fine",
         lambda_coarse: float = 0.0,
+        lambda_ar: float = 0.0,
         reference: Any = None,
     ) -> LossOutput:
         """Run policy and reference on a preference batch; ``reference`` runs without gradients."""
         if reference is None:
             raise ValueError("the DPO loss needs a reference model")
-        if lambda_coarse > 0:
-            raise ValueError("the DPO loss has no coarse auxiliary loss (lambda_coarse must be 0)")
+        if lambda_coarse > 0 or lambda_ar > 0:
+            raise ValueError("the DPO loss has no auxiliary losses (lambda_coarse and lambda_ar must be 0)")
         (chosen, rejected), (chosen_labels, rejected_labels) = self._sides(batch)
         batch_size = chosen_labels.shape[0]
 

@@ -188,6 +188,10 @@ class FoveatedModule(L.LightningModule):
         coarse_only: train with the static query only (ablation; one LLM pass); the query head and ``q_init``
             are then unused and frozen.
         lambda_coarse: weight of an auxiliary coarse-pass cross-entropy added to the fine loss (ablation).
+        lambda_ar: weight of an auxiliary autoregressive-mode cross-entropy added to the fine loss. The
+            coarse -> fine pass writes frame t's query from the coarse tokens of the earlier frames, while true
+            inference writes it from the fine tokens it has read; this loss trains that frame-by-frame path
+            too (T sequential LLM steps per batch; not with LLM gradient checkpointing).
         gradient_checkpointing: recompute activations of the LLM decoder layers and of the DINO patch pass
             in backward (less memory, about one more forward of compute).
     """
@@ -216,6 +220,7 @@ class FoveatedModule(L.LightningModule):
         init_from: str | None = None,
         coarse_only: bool = False,
         lambda_coarse: float = 0.0,
+        lambda_ar: float = 0.0,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -223,12 +228,15 @@ class FoveatedModule(L.LightningModule):
         for name, lr in (("lr_connector", lr_connector), ("lr_vision", lr_vision), ("lr_llm", lr_llm)):
             if not lr >= 0:
                 raise ValueError(f"{name} must be >= 0, got {lr}")
-        if lambda_coarse < 0:
-            raise ValueError(f"lambda_coarse must be >= 0, got {lambda_coarse}")
-        if coarse_only and lambda_coarse > 0:
-            raise ValueError("lambda_coarse adds a coarse loss to the fine pass; it has no meaning with coarse_only")
-        if loss == "dpo" and lambda_coarse > 0:
-            raise ValueError("lambda_coarse is a cross-entropy ablation; the DPO loss does not use it")
+        for name, weight in (("lambda_coarse", lambda_coarse), ("lambda_ar", lambda_ar)):
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
+            if coarse_only and weight > 0:
+                raise ValueError(f"{name} adds a loss to the fine pass; it has no meaning with coarse_only")
+            if loss == "dpo" and weight > 0:
+                raise ValueError(f"{name} is an auxiliary cross-entropy; the DPO loss does not use it")
+        if lambda_ar > 0 and gradient_checkpointing:
+            raise ValueError("lambda_ar needs the LLM KV cache, which LLM gradient checkpointing turns off")
         if schedule == "converging" and (target_lr is None or target_lr <= 0):
             raise ValueError("the converging schedule needs a positive target_lr")
         self.loss_head = build_loss_head(loss, beta)
@@ -385,7 +393,8 @@ class FoveatedModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.loss_head(
-            self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse, reference=self.reference
+            self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse,
+            lambda_ar=self.hparams.lambda_ar, reference=self.reference,
         )
         if stage == "train" and int(batch["num_frames"].sum()) == 0:
             out.loss = out.loss + self._zero_touch_trainable()

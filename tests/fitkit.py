@@ -61,6 +61,7 @@ def synthetic_data(root: Path) -> Path:
     config = SyntheticConfig(
         caption_train=24, caption_val=4, sft_train=16, sft_val=0, text_train=8, text_val=0,
         preference_train=12, preference_val=0, mcq=0, min_seconds=2, max_seconds=3, width=64, height=64,
+        look_warmup=0, look_train=0, look_val=0, look_test=0, look_preference=0,
     )
     generate(root, config, MediaOptions(size=56, keep_mp4=False), workers=0, progress=False)
     return root

@@ -126,17 +126,20 @@ class BigramVLM(nn.Module):
         super().__init__()
         self.table = nn.Embedding(vocab, vocab)
         self.coarse_table = nn.Embedding(vocab, vocab)
+        self.ar_table = nn.Embedding(vocab, vocab)
         self.calls = []
 
     def forward(self, frames, num_frames, input_ids, attention_mask, mode="coarse_fine", logits_mask=None,
-                return_coarse_logits=False):
+                return_coarse_logits=False, return_autoregressive_logits=False):
         self.calls.append(mode)
         logits = self.table(input_ids)  # [B, S, V]
         coarse = self.coarse_table(input_ids) if return_coarse_logits else None
+        ar = self.ar_table(input_ids) if return_autoregressive_logits else None
         if logits_mask is not None:
             logits = logits[logits_mask]
             coarse = coarse[logits_mask] if coarse is not None else None
-        return SimpleNamespace(logits=logits, coarse_logits=coarse)
+            ar = ar[logits_mask] if ar is not None else None
+        return SimpleNamespace(logits=logits, coarse_logits=coarse, autoregressive_logits=ar)
 
     def forward_pair(self, frames, num_frames, chosen, rejected, mode="coarse_fine"):
         return tuple(
@@ -193,6 +196,17 @@ def test_ce_head_adds_the_weighted_coarse_loss_and_reports_both_parts():
     fine, coarse = out.metrics["loss_fine"], out.metrics["loss_coarse"]
     assert coarse.item() != fine.item()
     assert out.loss.item() == pytest.approx(fine.item() + 0.5 * coarse.item(), abs=1e-6)
+
+
+def test_ce_head_adds_both_weighted_auxiliary_losses():
+    model = BigramVLM()
+    out = AnswerOnlyCE()(model, sft_batch(), lambda_coarse=0.5, lambda_ar=0.25)
+    fine, coarse, ar = (out.metrics[f"loss_{k}"] for k in ("fine", "coarse", "autoregressive"))
+    assert len({fine.item(), coarse.item(), ar.item()}) == 3
+    assert out.loss.item() == pytest.approx(fine.item() + 0.5 * coarse.item() + 0.25 * ar.item(), abs=1e-6)
+    only_ar = AnswerOnlyCE()(model, sft_batch(), lambda_ar=0.25)
+    assert "loss_coarse" not in only_ar.metrics
+    assert only_ar.loss.item() == pytest.approx(fine.item() + 0.25 * ar.item(), abs=1e-6)
 
 
 def test_ce_head_passes_the_mode_through():
@@ -277,6 +291,8 @@ def test_dpo_head_needs_a_reference_passes_the_mode_and_refuses_a_coarse_loss():
     assert policy.calls == reference.calls == ["coarse_only", "coarse_only"]
     with pytest.raises(ValueError, match="lambda_coarse"):
         DPO()(BigramVLM(), preference_batch(), reference=BigramVLM(), lambda_coarse=0.5)
+    with pytest.raises(ValueError, match="lambda_ar"):
+        DPO()(BigramVLM(), preference_batch(), reference=BigramVLM(), lambda_ar=0.5)
     with pytest.raises(ValueError, match="beta"):
         DPO(beta=0.0)
 

@@ -339,6 +339,19 @@ def test_stage2_answer_only_with_frozen_vision_counts_empty_batches(tmp_path):
     assert "train/lr/vision" not in logged_columns(t)
 
 
+def test_lambda_ar_trains_the_autoregressive_path_and_is_refused_where_meaningless(tmp_path):
+    module = built(loss="answer_only", lambda_ar=0.5)
+    t = trainer(tmp_path, 1)
+    t.fit(module, loader(SFTSet([4, 4], num_frames=[3, 2]), 2))
+    m = t.callback_metrics
+    assert m["train/loss"].item() == pytest.approx(
+        m["train/loss_fine"].item() + 0.5 * m["train/loss_autoregressive"].item(), rel=1e-5)
+    for kwargs, match in (({"coarse_only": True}, "coarse_only"), ({"loss": "dpo"}, "DPO"),
+                          ({"gradient_checkpointing": True}, "checkpointing"), ({"lambda_ar": -1.0}, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            FoveatedModule(**{**TINY, "lambda_ar": 0.5, **kwargs})
+
+
 def test_coarse_only_and_lambda_coarse_train(tmp_path):
     for kwargs in ({"coarse_only": True}, {"lambda_coarse": 0.5}):
         module = built(loss="all_text", **kwargs)

@@ -14,6 +14,9 @@ Native JSON fields (ARCHITECTURE.md section 3):
   ``chosen`` and ``rejected`` (str) for a preference pair, where ``messages`` are the prompt turns, or
   ``question`` / ``options`` (list of str) / ``answer`` (index) and optional ``category`` (multiple choice).
 - optional ``fps``, ``duration`` (seconds, > 0), ``video_id``.
+- optional ``answer_region``: ``{"box": [x0, y0, x1, y1], "from": seconds}``, where the answer is shown: a box
+  in fractions of the (square, centre-cropped) frame the model sees, from ``from`` seconds on (default 0).
+  Evaluation measures how much of each query's attention falls inside it (:mod:`fovlm.eval.looking`).
 
 The fVLM reference's layouts are read as well (REFERENCE.md 4.1), so existing shard sets keep working:
 pre-tokenized ``token_ids`` / ``loss_mask``; raw ``user`` / ``assistant``; a raw ``caption`` or a
@@ -80,6 +83,18 @@ class Message:
 
 
 @dataclass(frozen=True)
+class AnswerRegion:
+    """Where a sample's answer is shown: ``box`` = (x0, y0, x1, y1) in fractions of the frame, from ``start``
+    seconds on."""
+
+    box: tuple[float, float, float, float]
+    start: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"box": list(self.box), "from": self.start}
+
+
+@dataclass(frozen=True)
 class MultipleChoice:
     """A multiple-choice question: ``answer`` indexes ``options``."""
 
@@ -111,6 +126,7 @@ class Sample:
     fps: float | None = None
     duration: float | None = None
     video_id: str | None = None
+    answer_region: AnswerRegion | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,6 +159,8 @@ class Sample:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if self.answer_region is not None:
+            out["answer_region"] = self.answer_region.to_json()
         out.update(self.extra)
         return out
 
@@ -293,7 +311,23 @@ def _common(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
         "fps": _number(obj, "fps", key),
         "duration": _number(obj, "duration", key),
         "video_id": None if video_id is None else str(video_id),
+        "answer_region": _answer_region(obj.get("answer_region"), key),
     }
+
+
+def _answer_region(value: Any, key: str) -> AnswerRegion | None:
+    if value is None:
+        return None
+    box = value.get("box") if isinstance(value, Mapping) else None
+    start = value.get("from", 0.0) if isinstance(value, Mapping) else None
+    numbers = isinstance(box, list) and len(box) == 4 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+    if not numbers or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise SampleError(key, "answer_region", f"expected {{'box': [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                          f"0 <= y0 < y1 <= 1, 'from': seconds}}, got {value!r}")
+    if isinstance(start, bool) or not isinstance(start, int | float) or not math.isfinite(start) or start < 0:
+        raise SampleError(key, "answer_region", f"'from' must be a number of seconds >= 0, got {start!r}")
+    return AnswerRegion(tuple(float(v) for v in box), float(start))  # type: ignore[arg-type]
 
 
 def _source(obj: Mapping[str, Any], key: str, *, required: bool) -> str:

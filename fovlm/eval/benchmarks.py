@@ -96,6 +96,7 @@ class BenchmarkReader:
             key=key, benchmark=self.name, question=choice.question, options=choice.options, answer=choice.answer,
             category=choice.category, frames=frames, media=sample.media,
             times=_frame_times(members, sample.media, frames.shape[0], self.max_frames, sample.duration),
+            answer_region=sample.answer_region,
         )
 
     def _skip(self, reason: str, path: str, key: str, detail: str) -> None:

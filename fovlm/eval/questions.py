@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.data.schema import AnswerRegion
 from fovlm.losses import IGNORE_INDEX, ROLE_ANSWER, shift_labels
 
 # Options are lettered A..Z (fovlm.data.chat.choice_messages renders them).
@@ -38,6 +39,7 @@ class Question:
         frames: uint8 [T, 3, H, W] frames in temporal order; single images already replicated.
         media: "video" or "image".
         times: timestamps (s) of the frames when known (used by baselines that print them).
+        answer_region: where the answer is shown, when the benchmark says (for the attention share).
     """
 
     key: str
@@ -49,6 +51,7 @@ class Question:
     frames: Tensor
     media: str = "video"
     times: tuple[float, ...] | None = None
+    answer_region: AnswerRegion | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= len(self.options) <= MAX_OPTIONS:

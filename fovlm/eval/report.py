@@ -3,13 +3,16 @@
 Accuracy is counted with torchmetrics (``MulticlassAccuracy`` over option indices, micro-averaged, i.e. the
 share of questions whose lowest-NLL option is the answer). The JSON layout follows the reference's results
 file: ``{benchmark: {mode: {accuracy, correct, total, per_category: {cat: {accuracy, correct, total}}}}}``;
-validation losses per mode and source sit under the reserved key ``"val_loss"`` when present.
+validation losses per mode and source sit under the reserved key ``"val_loss"`` when present. Benchmarks
+whose questions say where the answer is shown also get ``attention_share`` (the mean share of the mode's
+query attention inside that region, :mod:`fovlm.eval.looking`) next to each accuracy.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +38,7 @@ class MultipleChoiceReport:
         self._metrics: dict[tuple[str, str, str | None], MulticlassAccuracy] = {}
         self._counts: dict[tuple[str, str, str | None], list[int]] = defaultdict(lambda: [0, 0])
         self._loss: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._shares: dict[tuple[str, str, str | None], list[float]] = defaultdict(lambda: [0.0, 0.0])
 
     def _metric(self, key: tuple[str, str, str | None]) -> MulticlassAccuracy:
         if key not in self._metrics:
@@ -51,6 +55,14 @@ class MultipleChoiceReport:
             self._counts[key][0] += int(prediction == answer)
             self._counts[key][1] += 1
 
+    def update_share(self, benchmark: str, mode: str, category: str | None, share: float) -> None:
+        """Record one question's attention share inside its answer region (a nan share is left out)."""
+        if math.isnan(share):
+            return
+        for key in ((benchmark, mode, None), (benchmark, mode, category or "all")):
+            self._shares[key][0] += float(share)
+            self._shares[key][1] += 1
+
     def update_loss(self, mode: str, source: str, nll_sum: float, tokens: float) -> None:
         """Add a summed token NLL over ``tokens`` scored tokens of one source in one mode."""
         entry = self._loss[(mode, source)]
@@ -63,6 +75,9 @@ class MultipleChoiceReport:
         for (benchmark, mode, category), metric in sorted(self._metrics.items(), key=lambda kv: str(kv[0])):
             correct, total = self._counts[(benchmark, mode, category)]
             entry = {"accuracy": float(metric.compute()), "correct": correct, "total": total}
+            share_sum, shares = self._shares.get((benchmark, mode, category), (0.0, 0))
+            if shares:
+                entry["attention_share"] = share_sum / shares
             node = results.setdefault(benchmark, {}).setdefault(mode, {"per_category": {}})
             if category is None:
                 node.update(entry)
@@ -96,15 +111,21 @@ class MultipleChoiceReport:
                 continue
             for mode, entry in modes.items():
                 writer.add_scalar(f"eval/{benchmark}/{mode}/accuracy", entry["accuracy"], step)
+                if "attention_share" in entry:
+                    writer.add_scalar(f"eval/{benchmark}/{mode}/attention_share", entry["attention_share"], step)
                 for category, cat_entry in entry["per_category"].items():
                     writer.add_scalar(f"eval/{benchmark}/{mode}/{category}", cat_entry["accuracy"], step)
+                    if "attention_share" in cat_entry:
+                        writer.add_scalar(f"eval/{benchmark}/{mode}/{category}/attention_share",
+                                          cat_entry["attention_share"], step)
 
     def table(self, per_category: bool = False) -> str:
         """Accuracy (%) per benchmark (rows) and mode (columns), optionally one row per category, as text."""
         results = self.compute()
         modes = [m for m in MODES if any(m in v for b, v in results.items() if b != "val_loss")]
         modes += sorted({m for b, v in results.items() if b != "val_loss" for m in v} - set(modes))
-        table = Table(title="multiple-choice accuracy (%)")
+        table = Table(title="multiple-choice accuracy (%); attention share: % of the queries' attention in the "
+                            "answer's region")
         table.add_column("benchmark")
         for mode in modes:
             table.add_column(mode, justify="right")
@@ -117,14 +138,13 @@ class MultipleChoiceReport:
                 cats = sorted({c for e in by_mode.values() for c in e["per_category"]})
                 rows += [(f"  {c}", c) for c in cats]
             for label, category in rows:
-                cells, total = [], 0
-                for mode in modes:
-                    entry = by_mode.get(mode)
-                    if entry is not None and category is not None:
-                        entry = entry["per_category"].get(category)
-                    cells.append("-" if entry is None else f"{100 * entry['accuracy']:.1f}")
-                    total = max(total, 0 if entry is None else entry["total"])
-                table.add_row(label, *cells, str(total))
+                entries = [_entry(by_mode, mode, category) for mode in modes]
+                cells = ["-" if e is None else f"{100 * e['accuracy']:.1f}" for e in entries]
+                table.add_row(label, *cells, str(max((e["total"] for e in entries if e is not None), default=0)))
+                if any(e is not None and "attention_share" in e for e in entries):
+                    shares = ["-" if e is None or "attention_share" not in e else f"{100 * e['attention_share']:.1f}"
+                              for e in entries]
+                    table.add_row(f"{label} attention share", *shares, "")
         if "val_loss" in results:
             for source in sorted({s for v in results["val_loss"].values() for s in v}):
                 cells = [
@@ -135,6 +155,13 @@ class MultipleChoiceReport:
         console = Console(width=160, record=True, file=io.StringIO())
         console.print(table)
         return console.export_text()
+
+
+def _entry(by_mode: dict, mode: str, category: str | None) -> dict | None:
+    entry = by_mode.get(mode)
+    if entry is not None and category is not None:
+        entry = entry["per_category"].get(category)
+    return entry
 
 
 def markdown_table(results: dict) -> str:
@@ -148,4 +175,8 @@ def markdown_table(results: dict) -> str:
         ]
         total = max(e["total"] for e in results[benchmark].values())
         lines.append(f"| {benchmark} | " + " | ".join(cells) + f" | {total} |")
+        if any("attention_share" in e for e in results[benchmark].values()):
+            shares = [f"{100 * results[benchmark][m]['attention_share']:.1f}"
+                      if "attention_share" in results[benchmark].get(m, {}) else "-" for m in modes]
+            lines.append(f"| {benchmark}: attention share in the answer region (%) | " + " | ".join(shares) + " | |")
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import torch
 
 from fovlm.data.frames import normalize
 from fovlm.eval.benchmarks import BenchmarkReader
+from fovlm.eval.looking import attention_shares
 from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
 from fovlm.eval.scoring import score_question
@@ -41,7 +42,8 @@ def evaluate(
     report: MultipleChoiceReport | None = None,
     answer_format: str = "letter",
 ) -> MultipleChoiceReport:
-    """Score every question of every benchmark in ``modes``; returns the (updated) report.
+    """Score every question of every benchmark in ``modes``; returns the (updated) report. Questions that say
+    where their answer is shown also get each mode's attention share inside that region.
 
     Args:
         model: FoveatedVLM (put in eval mode here).
@@ -58,9 +60,14 @@ def evaluate(
         start, count = time.perf_counter(), 0
         for question in questions:
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
-            scores = score_question(model, normalize(question.frames).to(device), options, modes)
+            frames = normalize(question.frames).to(device)
+            scores = score_question(model, frames, options, modes)
             for mode, nll in scores.items():
                 report.update(name, mode, question.category, int(nll.argmin()), question.answer)
+            if question.answer_region is not None:
+                shares = attention_shares(model, frames, question.answer_region, question.times, modes)
+                for mode, share in shares.items():
+                    report.update_share(name, mode, question.category, share)
             count += 1
         elapsed = time.perf_counter() - start
         log.info("%s: %d questions in %.1f s (%.2f s/question)", name, count, elapsed, elapsed / max(count, 1))

@@ -205,10 +205,12 @@ class ARPrefix:
 
 @dataclass
 class VLMOutput:
-    """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask."""
+    """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask; the
+    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes."""
 
     logits: Tensor
     coarse_logits: Tensor | None = None
+    autoregressive_logits: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -463,6 +465,7 @@ class FoveatedVLM(nn.Module):
         mode: str = "coarse_fine",
         logits_mask: Tensor | None = None,
         return_coarse_logits: bool = False,
+        return_autoregressive_logits: bool = False,
     ) -> VLMOutput:
         """Logits over text positions for a batch.
 
@@ -474,6 +477,8 @@ class FoveatedVLM(nn.Module):
             mode: "coarse_fine", "coarse_only" or "autoregressive".
             logits_mask: bool [B, S]; lm_head only on these rows (those whose label is scored).
             return_coarse_logits: also return logits of a pass over [coarse tokens ; text] (same rows).
+            return_autoregressive_logits: also return the logits of the autoregressive mode (same rows; the
+                frame-by-frame visual pass reuses this batch's patch pass).
 
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
@@ -489,14 +494,21 @@ class FoveatedVLM(nn.Module):
             visual = self.visual_tokens(cache, num_frames, mode)
             hidden = self.text_hidden(visual.tokens, num_frames, input_ids, attention_mask)
         logits = self.text_logits(hidden, logits_mask)
-        coarse_logits = None
+        coarse_logits = autoregressive_logits = None
         if return_coarse_logits:
             if mode == "coarse_only":
                 coarse_logits = logits
             else:
                 coarse_hidden = self.text_hidden(visual.coarse, num_frames, input_ids, attention_mask)
                 coarse_logits = self.text_logits(coarse_hidden, logits_mask)
-        return VLMOutput(logits=logits, coarse_logits=coarse_logits)
+        if return_autoregressive_logits:
+            if mode == "autoregressive":
+                autoregressive_logits = logits
+            else:
+                prefix = self.autoregressive_prefix(cache, num_frames)
+                ar_hidden = self.continue_text(prefix, input_ids, attention_mask)
+                autoregressive_logits = self.text_logits(ar_hidden, logits_mask)
+        return VLMOutput(logits=logits, coarse_logits=coarse_logits, autoregressive_logits=autoregressive_logits)
 
     def forward_pair(
         self,

@@ -38,6 +38,15 @@ def test_native_caption_round_trip():
     assert parse_sample(sample.to_json(), "s000001") == sample
 
 
+def test_answer_region_round_trip():
+    raw = {"source": "synthetic", "media": "video", "question": "Which?", "options": ["a", "b"], "answer": 1,
+           "answer_region": {"box": [0.5, 0.0, 1.0, 0.5], "from": 1.0}}
+    sample = parse_sample(raw, "k")
+    assert sample.answer_region.box == (0.5, 0.0, 1.0, 0.5) and sample.answer_region.start == 1.0
+    assert sample.to_json() == raw
+    assert parse_sample({**raw, "answer_region": {"box": [0, 0, 1, 1]}}, "k").answer_region.start == 0.0
+
+
 def test_native_messages_and_preference_and_choice():
     msgs = [
         {"role": "user", "content": "What?"},
@@ -99,6 +108,12 @@ def test_native_messages_and_preference_and_choice():
         ),
         ({"source": "x", "media": "video", "caption": "c", "duration": -1}, "duration", "invalid_json"),
         ({"media": "video", "caption": "c"}, "source", "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c", "answer_region": {"box": [0.5, 0, 0.4, 1]}},
+         "answer_region", "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c", "answer_region": {"box": [0, 0, 1, 1], "from": -1}},
+         "answer_region", "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c", "answer_region": [0, 0, 1, 1]}, "answer_region",
+         "invalid_json"),
         (
             {"source": "x", "media": "image", "messages": [{"role": "user", "content": "q"}], "chosen": "a"},
             "rejected",

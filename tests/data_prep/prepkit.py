@@ -13,7 +13,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from data_prep.scenes import encode_mp4
+from data_prep.scenes import COLOURS, encode_mp4
 from fovlm.data.frames import sample_frames
 from fovlm.data.schema import parse_sample
 
@@ -70,3 +70,26 @@ def read_shards(folder: Path) -> list[dict[str, Any]]:
         out.append({"key": key, "json": json.loads(members["json"]), "sample": parsed, "frames": frames,
                     "members": sorted(members)})
     return out
+
+
+# Reading synthetic shapes off decoded frames (uint8 [3, H, W]): backgrounds are near-grey, shapes saturated.
+
+
+def object_pixels(frame: np.ndarray) -> np.ndarray:
+    """Mask [H, W] of the saturated (shape) pixels of a uint8 [3, H, W] frame."""
+    f = frame.astype(np.int32)
+    return (f.max(0) - f.min(0)) > 90  # [H, W]
+
+
+def object_colour(frame: np.ndarray) -> str:
+    """The named colour closest to the mean of the frame's shape pixels."""
+    mean = frame.reshape(3, -1)[:, object_pixels(frame).reshape(-1)].mean(1)
+    return min(COLOURS, key=lambda c: float(np.sum((np.asarray(COLOURS[c]) - mean) ** 2)))
+
+
+def object_shape(frame: np.ndarray) -> str:
+    """circle, square or triangle, by how much of its bounding box the one shape in the frame fills."""
+    mask = object_pixels(frame)
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"

@@ -74,10 +74,15 @@ def test_benchmark_reader_reads_every_question(source, tmp_path):
 
 def test_synthetic_sets_feed_every_stage(tmp_path, smollm2_dir, tokenizer):
     config = SyntheticConfig(seed=5, caption_train=4, caption_val=0, sft_train=5, sft_val=0, text_train=3,
-                             text_val=0, preference_train=4, preference_val=0, mcq=4)
+                             text_val=0, preference_train=4, preference_val=0, mcq=4, look_warmup=2, look_train=3,
+                             look_val=0, look_test=4, look_preference=2)
     generate(tmp_path, config, workers=0, progress=False)
     for cls, name, prefix in [(CaptionDataModule, "caption/train", ""), (SFTDataModule, "sft/train", ""),
-                              (SFTDataModule, "text/train", ""), (PreferenceDataModule, "preference/train", "chosen_")]:
+                              (SFTDataModule, "text/train", ""), (PreferenceDataModule, "preference/train", "chosen_"),
+                              (SFTDataModule, "look_warmup/train", ""), (SFTDataModule, "look_sft/train", ""),
+                              (PreferenceDataModule, "look_preference/train", "chosen_")]:
         assert _read(cls, tmp_path / name, smollm2_dir, tokenizer, tmp_path, prefix) == _expected(tmp_path / name)
     questions = list(BenchmarkReader("synthetic", str(tmp_path / "mcq" / "test"), frame_size=SIZE))
     assert len(questions) == 4 and all(4 <= q.frames.shape[0] <= 8 for q in questions)
+    looks = list(BenchmarkReader("synthetic", str(tmp_path / "look_mcq" / "test"), frame_size=SIZE))
+    assert {q.category for q in looks} == {"look_colour", "look_shape"} and all(q.frames.shape[0] == 3 for q in looks)

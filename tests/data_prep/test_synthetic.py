@@ -7,15 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from prepkit import read_shards
+from prepkit import object_colour, object_pixels, object_shape, read_shards
 
 from data_prep.cli import main
 from data_prep.media import MediaOptions
-from data_prep.scenes import COLOURS
 from data_prep.synthetic import QUESTIONS, SyntheticConfig, alternatives, generate
 
+NO_LOOK = {"look_warmup": 0, "look_train": 0, "look_val": 0, "look_test": 0, "look_preference": 0}
 TINY = SyntheticConfig(seed=3, caption_train=6, caption_val=2, sft_train=9, sft_val=2, text_train=4, text_val=2,
-                       preference_train=6, preference_val=2, mcq=8, multi_share=0.3)
+                       preference_train=6, preference_val=2, mcq=8, multi_share=0.3, **NO_LOOK)
 
 
 def _question(user: str, answer: str) -> str:
@@ -40,19 +40,8 @@ def tiny(tmp_path_factory):
     return out, summary, {name: read_shards(out / name) for name in SETS}
 
 
-def _object_pixels(frame: np.ndarray) -> np.ndarray:
-    """Mask of the saturated (object) pixels of a uint8 [3, H, W] frame; backgrounds are near-grey."""
-    f = frame.astype(np.int32)
-    return (f.max(0) - f.min(0)) > 90  # [H, W]
-
-
-def _colour(frame: np.ndarray) -> str:
-    mean = frame.reshape(3, -1)[:, _object_pixels(frame).reshape(-1)].mean(1)
-    return min(COLOURS, key=lambda c: float(np.sum((np.asarray(COLOURS[c]) - mean) ** 2)))
-
-
 def _centre(frame: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(_object_pixels(frame))
+    ys, xs = np.nonzero(object_pixels(frame))
     return np.array([xs.mean(), ys.mean()])
 
 
@@ -61,13 +50,6 @@ def _direction(frames: np.ndarray) -> str:
     if abs(dx) > abs(dy):
         return "to the right" if dx > 0 else "to the left"
     return "down" if dy > 0 else "up"
-
-
-def _shape(frame: np.ndarray) -> str:
-    mask = _object_pixels(frame)
-    ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
 
 
 def test_every_set_and_split_is_written(tiny):
@@ -107,11 +89,11 @@ def test_answers_match_what_the_frames_show(tiny):
                          for q, a in zip(sample.messages[::2], sample.messages[1::2])]
             for question, answer in pairs:
                 if question == QUESTIONS["colour"]:
-                    assert answer == f"{_colour(frames[0]).capitalize()}.", s["key"]
+                    assert answer == f"{object_colour(frames[0]).capitalize()}.", s["key"]
                 elif question == QUESTIONS["direction"]:
                     assert answer == f"{_direction(frames).capitalize()}.", s["key"]
                 elif question == QUESTIONS["shape"]:
-                    assert answer == f"A {_shape(frames[0])}.", s["key"]
+                    assert answer == f"A {object_shape(frames[0])}.", s["key"]
                 else:
                     assert question == QUESTIONS["count"]
                     continue
@@ -125,7 +107,7 @@ def test_captions_name_the_object_and_its_motion(tiny):
     assert singles
     for s in singles:
         frames = s["frames"].numpy()
-        expected = f"A {_colour(frames[0])} {_shape(frames[0])} moves {_direction(frames)}."
+        expected = f"A {object_colour(frames[0])} {object_shape(frames[0])} moves {_direction(frames)}."
         assert s["sample"].caption == expected
 
 
@@ -163,7 +145,7 @@ def test_multiple_choice_answers_are_balanced(tiny):
 def test_same_seed_same_data_and_rerun_reuses_shards(tiny, tmp_path):
     out, _, _ = tiny
     config = SyntheticConfig(seed=3, caption_train=6, caption_val=0, sft_train=0, sft_val=0, text_train=4,
-                             text_val=0, preference_train=0, preference_val=0, mcq=0, multi_share=0.3)
+                             text_val=0, preference_train=0, preference_val=0, mcq=0, multi_share=0.3, **NO_LOOK)
     again = generate(tmp_path / "again", config, workers=0, progress=False)
     assert set(again["sets"]) == {"caption/train", "text/train"}
     for name in again["sets"]:
@@ -182,6 +164,7 @@ def test_frames_option_and_command_line(tmp_path, capsys):
     code = main(["synthetic", "--output", str(tmp_path), "--caption-train", "3", "--caption-val", "1",
                  "--sft-train", "0", "--sft-val", "0", "--text-train", "2", "--text-val", "0",
                  "--preference-train", "0", "--preference-val", "0", "--mcq", "2", "--no-keep-mp4",
+                 "--look-warmup", "0", "--look-train", "0", "--look-val", "0", "--look-test", "0", "--look-preference", "0",
                  "--size", "64", "--workers", "2", "--no-progress"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)

@@ -33,7 +33,7 @@ def write_mcq_shard(path) -> str:
             "answer": 0, "category": "colour"}).encode(), "png": png_bytes((255, 0, 0))})
         video = {"__key__": "vid0", "json": json.dumps({
             "source": "toy", "media": "video", "question": "Which way?", "options": ["left", "right", "up"],
-            "answer": 2, "category": "motion"}).encode()}
+            "answer": 2, "category": "motion", "answer_region": {"box": [0.5, 0.0, 1.0, 0.5], "from": 0}}).encode()}
         for t in range(3):
             video[f"{t:03d}.png"] = png_bytes((0, 80 * t, 0))
         sink.write(video)

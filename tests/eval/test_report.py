@@ -49,6 +49,24 @@ def test_table_and_tensorboard():
     assert "| toy | 33.3 | 66.7 | 3 |" in md
 
 
+def test_attention_shares_are_averaged_and_reported_beside_the_accuracy(tmp_path):
+    report = _report()
+    for mode, shares in (("coarse_fine", (0.5, 0.7, float("nan"))), ("coarse_only", (0.2, 0.3, 0.1))):
+        for cat, share in zip(("motion", "motion", "colour"), shares):
+            report.update_share("toy", mode, cat, share)
+    results = report.compute()
+    assert results["toy"]["coarse_fine"]["attention_share"] == pytest.approx(0.6)  # the nan is left out
+    assert "attention_share" not in results["toy"]["coarse_fine"]["per_category"]["colour"]
+    assert results["toy"]["coarse_only"]["per_category"]["colour"]["attention_share"] == pytest.approx(0.1)
+    text = report.table(per_category=True)
+    assert "toy attention share" in text and "60.0" in text and "20.0" in text
+    writer = _Writer()
+    report.log_to(writer)
+    assert writer.scalars["eval/toy/coarse_fine/attention_share"][0] == pytest.approx(0.6)
+    assert writer.scalars["eval/toy/coarse_only/motion/attention_share"][0] == pytest.approx(0.25)
+    assert "| toy: attention share in the answer region (%) | 20.0 | 60.0 | |" in markdown_table(results)
+
+
 def test_rejects_out_of_range_index():
     with pytest.raises(ValueError, match="out of range"):
         MultipleChoiceReport(num_classes=4).update("toy", "coarse_fine", None, 4, 0)

@@ -55,6 +55,9 @@ def test_fovlm_eval_command(tmp_path, tokenizer, capsys):
     results = json.loads(out.read_text())
     assert all(results["toy"][mode]["total"] == 2 for mode in MODES)
     assert set(results["toy"]["coarse_fine"]["per_category"]) == {"colour", "motion"}
+    for mode in MODES:  # only the video question says where its answer is
+        per_category = results["toy"][mode]["per_category"]
+        assert 0 < per_category["motion"]["attention_share"] < 1 and "attention_share" not in per_category["colour"]
     assert set(results["val_loss"]["autoregressive"]) == {"alpha", "beta"}
     captured = capsys.readouterr()
     assert "multiple-choice accuracy" in captured.out and "skipped samples {'bad_image': 1}" in captured.err

@@ -195,6 +195,16 @@ def test_batch_invariance(tiny_vlm, mode):
         torch.testing.assert_close(loss_batched, loss_alone, **TOL)
 
 
+def test_auxiliary_autoregressive_logits_equal_the_autoregressive_mode(tiny_vlm):
+    frames, num_frames, ids, mask = mixed_batch()
+    logits_mask = shifted_labels(ids, mask) != IGNORE
+    with torch.no_grad():
+        out = tiny_vlm(frames, num_frames, ids, mask, "coarse_fine", logits_mask, return_autoregressive_logits=True)
+        ar = tiny_vlm(frames, num_frames, ids, mask, "autoregressive", logits_mask)
+    torch.testing.assert_close(out.autoregressive_logits, ar.logits, **TOL)
+    assert not torch.allclose(out.logits, ar.logits, atol=1e-3)  # a different path: the fine pass differs
+
+
 @pytest.mark.parametrize("mode", ["coarse_only", "coarse_fine"])
 def test_forward_pair_equals_two_forwards_and_is_batch_invariant(tiny_vlm, mode):
     frames, num_frames, chosen_ids, chosen_mask = mixed_batch()

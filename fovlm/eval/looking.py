@@ -1,0 +1,84 @@
+"""Where the queries look: the share of a query's attention that falls inside the answer's region.
+
+For a question whose benchmark says where the answer is shown (``answer_region``: a box and the time from which
+it holds, see :mod:`fovlm.data.schema`), the attention share of a query on a frame is the sum of its attention
+weights (last DINO layer, averaged over heads) on the patches whose centres fall inside the box; the CLS key
+counts as outside. It is averaged over the frames taken at or after the region's start time. Measured for the
+static query (``coarse_only``), the LLM-written queries of the coarse -> fine pass (``coarse_fine``) and those of
+true frame-by-frame inference (``autoregressive``): a model that looks where the answer is gives its
+LLM-written queries a higher share than the static one. A query spread evenly over the keys has a share of
+(patches inside) / (1 + patches).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fovlm.data.schema import AnswerRegion
+from fovlm.eval.attention import query_attention_maps
+
+# query_attention_maps' names for the queries of each mode.
+KIND_OF_MODE = {"coarse_only": "static", "coarse_fine": "fine", "autoregressive": "autoregressive"}
+
+
+def region_patches(box: Sequence[float], grid: int) -> Tensor:
+    """bool [grid * grid] (row-major): the patches of a ``grid x grid`` patch grid whose centres lie in ``box``
+    (x0, y0, x1, y1 in fractions of the frame; the lower bound inclusive, the upper exclusive)."""
+    x0, y0, x1, y1 = box
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # [G]
+    inside_x = (centres >= x0) & (centres < x1)  # [G]
+    inside_y = (centres >= y0) & (centres < y1)  # [G]
+    return (inside_y[:, None] & inside_x[None, :]).reshape(-1)  # [G*G]
+
+
+def share_in_region(weights: Tensor, box: Sequence[float]) -> Tensor:
+    """Attention share inside ``box`` per frame: ``weights`` [T, h, K] (K = 1 CLS + G*G patches) -> [T]."""
+    keys = weights.shape[-1]
+    grid = math.isqrt(keys - 1)
+    if grid * grid != keys - 1:
+        raise ValueError(f"{keys} keys is not 1 CLS + a square patch grid")
+    inside = region_patches(box, grid).to(weights.device)
+    return weights.float().mean(dim=-2)[:, 1:][:, inside].sum(dim=-1)  # [T]
+
+
+def frames_from(times: Sequence[float] | None, num_frames: int, start: float) -> Tensor:
+    """bool [T]: the frames taken at or after ``start`` seconds (every frame when their times are unknown)."""
+    if times is None:
+        return torch.ones(num_frames, dtype=torch.bool)
+    if len(times) != num_frames:
+        raise ValueError(f"{len(times)} frame times for {num_frames} frames")
+    return torch.tensor([t >= start for t in times])
+
+
+@torch.no_grad()
+def attention_shares(
+    model, frames: Tensor, region: AnswerRegion, times: Sequence[float] | None, modes: Sequence[str]
+) -> dict[str, float]:
+    """Mean attention share inside ``region`` of each mode's queries over the frames from the region's start.
+
+    Args:
+        model: a FoveatedVLM in eval mode.
+        frames: ImageNet-normalised frames [T, 3, H, W] on the model's device.
+        region: where the answer is shown.
+        times: the frames' timestamps in seconds (None: every frame counts).
+        modes: any of "coarse_only", "coarse_fine", "autoregressive".
+
+    Returns:
+        mode -> share (nan when no frame is taken after the region's start).
+    """
+    maps = query_attention_maps(model, frames)  # kind -> [T, L, h, K]
+    counted = frames_from(times, frames.shape[0], region.start)
+    out = {}
+    for mode in modes:
+        shares = share_in_region(maps[KIND_OF_MODE[mode]][:, -1], region.box)  # last DINO layer: [T]
+        out[mode] = float(shares[counted].mean()) if counted.any() else math.nan
+    return out
+
+
+def uniform_share(region: AnswerRegion, grid: int) -> float:
+    """The share of a query that attends to every key equally: patches inside over 1 + G*G keys."""
+    return int(region_patches(region.box, grid).sum()) / (1 + grid * grid)
