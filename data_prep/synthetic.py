@@ -43,6 +43,7 @@ from fovlm.data.chat import choice_messages
 
 SOURCE = "synthetic"
 CHAT_SOURCE = "synthetic_chat"
+LOOK_SOURCE = "synthetic_look"
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 DIRECTION_TEXT = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 QUESTIONS = {
@@ -84,6 +85,9 @@ class SyntheticConfig:
         look_preference: cue-then-look preference pairs (the rejected answer is another cell's).
         look_grid: cells per side of the cue-then-look grid.
         look_reads: seconds (frames at 1 FPS) of shapes after the one-second cue.
+        look_categories: the cue-then-look question families asked, comma-separated (look_colour, look_shape).
+        look_choice_share: share of cue-then-look SFT and preference questions asked with lettered options
+            (0 by default: the plain question, as ``fovlm eval --answer-format text`` asks it).
     """
 
     seed: int = 0
@@ -109,7 +113,9 @@ class SyntheticConfig:
     look_test: int = 400
     look_preference: int = 128
     look_grid: int = 2
-    look_reads: int = 2
+    look_reads: int = 1
+    look_categories: str = "look_colour,look_shape"
+    look_choice_share: float = 0.0
 
     def __post_init__(self):
         if not 1 <= self.min_seconds <= self.max_seconds:
@@ -118,9 +124,18 @@ class SyntheticConfig:
             raise ValueError(f"width and height must be even (yuv420p), got {self.width}x{self.height}")
         if not 0.0 <= self.multi_share <= 1.0:
             raise ValueError(f"multi_share must be in [0, 1], got {self.multi_share}")
-        if not 0.0 <= self.choice_share <= 1.0:
-            raise ValueError(f"choice_share must be in [0, 1], got {self.choice_share}")
+        for name in ("choice_share", "look_choice_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         self.look()  # checks the cue-then-look settings
+        unknown = set(self.look_category_names) - set(looking.LOOK_CATEGORIES)
+        if unknown or not self.look_category_names:
+            raise ValueError(f"look_categories must name some of {looking.LOOK_CATEGORIES}, got {self.look_categories!r}")
+
+    @property
+    def look_category_names(self) -> tuple[str, ...]:
+        """``look_categories`` as a tuple of names."""
+        return tuple(name.strip() for name in self.look_categories.split(",") if name.strip())
 
     def look(self) -> LookConfig:
         """The cue-then-look clip settings (same frame size and rate as the other clips)."""
@@ -284,15 +299,15 @@ def build_synthetic(key: str, item: SyntheticItem, options: MediaOptions, raw_di
 
 
 def _video_item(name: str, scene: Scene | CueScene, text: dict[str, Any], video_dir: str,
-                meta: dict[str, Any] | None = None) -> SyntheticItem:
-    record = Record(name, SOURCE, "video", text, video=f"{video_dir}/{name}.mp4",
+                meta: dict[str, Any] | None = None, source: str = SOURCE) -> SyntheticItem:
+    record = Record(name, source, "video", text, video=f"{video_dir}/{name}.mp4",
                     meta={"video_id": name, **(meta or {})})
     return SyntheticItem(record, scene)
 
 
-def _asked(rng: random.Random, config: SyntheticConfig, question: str, options: list[str]) -> str:
-    """``question``, in the evaluator's lettered layout (with ``options``) for a ``choice_share`` of questions."""
-    if rng.random() < config.choice_share:
+def _asked(rng: random.Random, share: float, question: str, options: list[str]) -> str:
+    """``question``, in the evaluator's lettered layout (with ``options``) for a ``share`` of questions."""
+    if rng.random() < share:
         return choice_messages(question, options, None)[0]["content"]
     return question
 
@@ -302,7 +317,8 @@ def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[S
     video_dir = f"{kind}/{split}"
     rng = random.Random(f"{config.seed}/{kind}/{split}")
     items = []
-    scenes = looking.balanced_scenes(rng, config.look(), n, distractors=kind != "look_warmup")
+    scenes = looking.balanced_scenes(rng, config.look(), n, distractors=kind != "look_warmup",
+                                     categories=config.look_category_names)
     for i, (category, scene) in enumerate(scenes):
         name = f"{kind}_{split}_{i:05d}"
         right = looking.scene_answer(scene, category)
@@ -311,15 +327,16 @@ def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[S
             options = looking.choice_options(rng, scene, category)
             text = {"question": question, "options": options, "answer": options.index(right), "category": category}
         elif kind == "look_preference":
-            asked = _asked(rng, config, question, looking.choice_options(rng, scene, category))
+            asked = _asked(rng, config.look_choice_share, question, looking.choice_options(rng, scene, category))
             text = {"messages": [{"role": "user", "content": asked}], "chosen": right,
                     "rejected": looking.wrong_answer(rng, scene, category)}
         elif kind in ("look_warmup", "look_sft"):
-            asked = _asked(rng, config, question, looking.choice_options(rng, scene, category))
+            asked = _asked(rng, config.look_choice_share, question, looking.choice_options(rng, scene, category))
             text = {"messages": [{"role": "user", "content": asked}, {"role": "assistant", "content": right}]}
         else:
             raise ValueError(f"unknown cue-then-look set {kind!r}")
-        items.append(_video_item(name, scene, text, video_dir, {"answer_region": looking.answer_region(scene)}))
+        items.append(_video_item(name, scene, text, video_dir, {"answer_region": looking.answer_region(scene)},
+                                 source=LOOK_SOURCE))
     return items
 
 

@@ -574,7 +574,8 @@ class _FixedSample(Callback):
             if not loader:
                 return None
             for batch in loader:
-                sample = _first_video_sample(batch)
+                # The hook a training batch goes through after reaching the device (frames uint8 -> normalised).
+                sample = _first_video_sample(datamodule.on_after_batch_transfer(batch, 0))
                 if sample is not None:
                     return sample
         return None

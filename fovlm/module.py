@@ -194,6 +194,10 @@ class FoveatedModule(L.LightningModule):
             too (T sequential LLM steps per batch; not with LLM gradient checkpointing).
         gradient_checkpointing: recompute activations of the LLM decoder layers and of the DINO patch pass
             in backward (less memory, about one more forward of compute).
+        patch_pass_bf16: run the DINO patch pass under bfloat16 autocast while the rest trains in the run's
+            precision (its keys and values reach the query passes in float32). Meant for frozen vision on a CPU
+            in fp32, where the patch pass is most of a step and bf16 matmuls are several times faster; a training
+            setting (evaluation and export run the patch pass in the model's own precision).
     """
 
     def __init__(
@@ -222,6 +226,7 @@ class FoveatedModule(L.LightningModule):
         lambda_coarse: float = 0.0,
         lambda_ar: float = 0.0,
         gradient_checkpointing: bool = False,
+        patch_pass_bf16: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -288,6 +293,8 @@ class FoveatedModule(L.LightningModule):
             model.q_init.requires_grad_(False)
         if hp.gradient_checkpointing:
             model.set_gradient_checkpointing(llm=True, vision=True)
+        if hp.patch_pass_bf16:
+            model.encoder.patch_dtype = torch.bfloat16
         self.model = model
 
     def train(self, mode: bool = True) -> FoveatedModule:

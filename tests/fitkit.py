@@ -19,7 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# Callbacks of the test runs: the stage configs' list at test intervals (checkpoint every 4 steps).
+# The test runs: the stage configs' callbacks at test intervals (checkpoint every 4 steps), and the demo overlay's
+# model with a tiny random DINOv2 instead of the real one (trained, so its gradients are exercised too).
 TEST_OVERLAY = """\
 trainer:
   enable_progress_bar: false
@@ -42,9 +43,15 @@ trainer:
       init_args: {every_n_steps: EVERY, num_frames: 2}
     - class_path: fovlm.callbacks.SampleGeneration
       init_args: {every_n_steps: EVERY, max_new_tokens: 4}
+model:
+  init_args:
+    vision: tiny
+    vision_init_range: 0.2
+    lr_vision: 1.0e-3
 data:
   init_args:
     frame_size: 56
+    max_frames: 8
     batch_size: 4
     num_workers: 0
     max_length: 128
@@ -84,7 +91,7 @@ def fit_args(
     out.mkdir(parents=True, exist_ok=True)
     text = TEST_OVERLAY.replace("EVERY", str(every))
     if record is not None:
-        text = text.replace("data:\n", f"    - class_path: fitkit.RecordBatches\n      init_args: {{out: {record}}}\ndata:\n")
+        text = text.replace("model:\n", f"    - class_path: fitkit.RecordBatches\n      init_args: {{out: {record}}}\nmodel:\n")
     overlay.write_text(text)
     args = [
         "fit",

@@ -147,3 +147,22 @@ def test_preemption_handles_every_stop_signal_and_leaves_slurm_requeue_to_lightn
         Preemption(signals=["SIGNOPE"])
     with pytest.raises(ValueError, match="SIGHUP"):  # loader workers would die of it: not a stop signal
         Preemption(signals=["SIGHUP"])
+
+
+def test_the_fixed_validation_sample_is_normalised_as_training_batches_are(data, smollm2_dir):
+    """Monitors read the validation sample as the model sees a batch: ImageNet-normalised floats, not the
+    loader's uint8 frames."""
+    from types import SimpleNamespace
+
+    from fovlm.callbacks import AttentionMonitor
+    from fovlm.data.datamodules import CaptionDataModule
+
+    datamodule = CaptionDataModule(train_shards=str(data / "caption/train/*.tar"),
+                                   val_shards=str(data / "caption/val/*.tar"), tokenizer=str(smollm2_dir),
+                                   frame_size=56, batch_size=2, num_workers=0)
+    datamodule.setup("fit")
+    # Under a Trainer the loader leaves frames uint8 (they are normalised after the transfer to the device).
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    assert next(iter(datamodule.val_dataloader()))["frames"].dtype == torch.uint8
+    sample = AttentionMonitor(every_n_steps=1)._val_sample(SimpleNamespace(datamodule=datamodule))
+    assert sample["frames"].dtype == torch.float32 and sample["frames"].min() < 0

@@ -55,3 +55,24 @@ def test_query_path_gradients_equal_those_of_a_trainable_but_unoptimised_backbon
     for name in trained:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5), name
     assert torch.count_nonzero(grads[0]["encoder.query_input_proj.weight"]) > 0  # through the cached K/V
+
+
+def test_patch_pass_in_bf16_hands_float32_keys_and_values_to_the_query_passes():
+    module = FoveatedModule(**TINY, lr_vision=0.0, patch_pass_bf16=True)
+    module.configure_model()
+    encoder = module.model.encoder
+    assert encoder.patch_dtype == torch.bfloat16
+    frames = collate_sft([SFTSet([3])[0]])["frames"]
+    with torch.no_grad():
+        fast = encoder.encode_patches(frames)
+        encoder.patch_dtype = None
+        exact = encoder.encode_patches(frames)
+    for a, b in zip([fast.features, *fast.keys, *fast.values], [exact.features, *exact.keys, *exact.values]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # bf16 keeps about 3 significant digits
+    assert not torch.equal(fast.keys[-1], exact.keys[-1])
+    encoder.patch_dtype = torch.bfloat16
+    batch = collate_sft([SFTSet([3, 5], num_frames=[2, 3])[i] for i in range(2)])
+    out = module.loss_head(module.model, batch, mode="coarse_fine", lambda_coarse=0.5)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and module.model.encoder.query_input_proj.weight.grad.dtype == torch.float32

@@ -110,6 +110,8 @@ def attention_sheet(
     layer: int | None = -1,
     cell: int = 160,
     alpha: float = 0.65,
+    box: Sequence[float] | None = None,
+    box_frames: Sequence[bool] | None = None,
 ) -> Image.Image:
     """One image with a row per query kind and a column per frame, each cell the overlay of that frame.
 
@@ -119,6 +121,8 @@ def attention_sheet(
         layer: layer drawn from [T, L, H, K] weights; ``None`` averages layers.
         cell: side of each drawn cell in pixels.
         alpha: heatmap opacity.
+        box: a region (x0, y0, x1, y1 in fractions of the frame) outlined on the frames ``box_frames`` marks
+            (every frame when None), e.g. where the answer is shown.
     """
     if not maps:
         raise ValueError("no attention maps to draw")
@@ -137,6 +141,9 @@ def attention_sheet(
         for t in range(num_frames):
             grid = patch_grid(weights[t], layer=layer)
             tile = overlay(frames[t], grid, alpha=alpha).resize((cell, cell), Image.BILINEAR)
+            if box is not None and (box_frames is None or box_frames[t]):
+                x0, y0, x1, y1 = (round(v * (cell - 1)) for v in box)
+                ImageDraw.Draw(tile).rectangle((x0, y0, x1, y1), outline=(0, 230, 255), width=2)
             sheet.paste(tile, (label_w + t * cell, top))
             entropies.append(float(attention_entropy(grid.flatten())))
         uniform = math.log(patch_grid(weights[0], layer=layer).numel())

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fovlm.data.frames import normalize
 from fovlm.data.schema import AnswerRegion
-from fovlm.eval.attention import query_attention_maps
+from fovlm.eval.attention import attention_sheet, query_attention_maps
+from fovlm.eval.questions import Question
 
 # query_attention_maps' names for the queries of each mode.
 KIND_OF_MODE = {"coarse_only": "static", "coarse_fine": "fine", "autoregressive": "autoregressive"}
@@ -82,3 +85,20 @@ def attention_shares(
 def uniform_share(region: AnswerRegion, grid: int) -> float:
     """The share of a query that attends to every key equally: patches inside over 1 + G*G keys."""
     return int(region_patches(region.box, grid).sum()) / (1 + grid * grid)
+
+
+@torch.no_grad()
+def save_region_sheet(model, question: Question, path: str | Path) -> Path:
+    """A PNG of where the static, fine and autoregressive queries look on the question's frames (last DINO
+    layer), with the answer's region outlined on the frames it holds for; returns the path."""
+    if question.answer_region is None:
+        raise ValueError(f"question {question.key!r} has no answer region")
+    device = next(model.parameters()).device
+    maps = query_attention_maps(model, normalize(question.frames).to(device))
+    counted = frames_from(question.times, question.frames.shape[0], question.answer_region.start)
+    sheet = attention_sheet(list(question.frames), maps, layer=-1, box=question.answer_region.box,
+                            box_frames=counted.tolist())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path

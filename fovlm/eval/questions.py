@@ -145,7 +145,7 @@ def split_options(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: i
     )
 
 
-ANSWER_FORMATS = ("letter", "text")
+ANSWER_FORMATS = ("letter", "text", "cloze")
 
 
 def render_options(
@@ -155,11 +155,13 @@ def render_options(
 
     Args:
         tokenizer: the model's tokenizer (chat template).
-        question: question text; the user turn lists the lettered options after it in both formats.
+        question: question text; with ``letter`` and ``text`` the user turn lists the lettered options after it.
         options: option texts.
         pad_id: padding id (default: the tokenizer's).
         answer_format: ``"letter"`` scores the answer ``"B. option"`` (the reference's protocol); ``"text"``
-            scores the option text alone, for models trained to answer without letters.
+            scores the option text alone, for models trained to answer without letters; ``"cloze"`` asks the
+            question alone (no options listed) and scores each option text as its answer, for models trained
+            on plain questions only.
     """
     from fovlm.data.chat import choice_messages, render_chat
 
@@ -167,7 +169,10 @@ def render_options(
         raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
     rows = []
     for index in range(len(options)):
-        messages = choice_messages(question, options, index)
+        if answer_format == "cloze":
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": options[index]}]
+        else:
+            messages = choice_messages(question, options, index)
         if answer_format == "text":
             messages[-1] = {"role": "assistant", "content": options[index]}
         ids, roles = render_chat(tokenizer, messages)

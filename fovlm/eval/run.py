@@ -18,12 +18,13 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 
 from fovlm.data.frames import normalize
 from fovlm.eval.benchmarks import BenchmarkReader
-from fovlm.eval.looking import attention_shares
+from fovlm.eval.looking import attention_shares, save_region_sheet
 from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
 from fovlm.eval.scoring import score_question
@@ -41,6 +42,8 @@ def evaluate(
     modes: tuple[str, ...] = MODES,
     report: MultipleChoiceReport | None = None,
     answer_format: str = "letter",
+    attention_dir: str | None = None,
+    attention_examples: int = 0,
 ) -> MultipleChoiceReport:
     """Score every question of every benchmark in ``modes``; returns the (updated) report. Questions that say
     where their answer is shown also get each mode's attention share inside that region.
@@ -51,13 +54,16 @@ def evaluate(
         benchmarks: benchmark name -> questions (e.g. :class:`fovlm.eval.benchmarks.BenchmarkReader`).
         modes: the modes to score.
         report: a report to add to (a new one by default).
-        answer_format: "letter" ("B. option", the reference's protocol) or "text" (the option text alone).
+        answer_format: "letter" ("B. option", the reference's protocol), "text" (the option text alone) or
+            "cloze" (the question without its options, each option text scored as the answer).
+        attention_dir: where to save attention sheets of the first ``attention_examples`` questions with an
+            answer region per benchmark (``<benchmark>_<key>.png``).
     """
     report = report or MultipleChoiceReport()
     model.eval()
     device = next(model.parameters()).device
     for name, questions in benchmarks.items():
-        start, count = time.perf_counter(), 0
+        start, count, drawn = time.perf_counter(), 0, 0
         for question in questions:
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
             frames = normalize(question.frames).to(device)
@@ -68,6 +74,9 @@ def evaluate(
                 shares = attention_shares(model, frames, question.answer_region, question.times, modes)
                 for mode, share in shares.items():
                     report.update_share(name, mode, question.category, share)
+                if attention_dir is not None and drawn < attention_examples:
+                    save_region_sheet(model, question, Path(attention_dir) / f"{name}_{question.key}.png")
+                    drawn += 1
             count += 1
         elapsed = time.perf_counter() - start
         log.info("%s: %d questions in %.1f s (%.2f s/question)", name, count, elapsed, elapsed / max(count, 1))
@@ -124,13 +133,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--limit", type=int, help="at most this many questions per benchmark")
     parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default="letter",
-                        help="score 'B. option' (letter, the reference's protocol) or the option text alone (text)")
+                        help="score 'B. option' (letter, the reference's protocol), the option text alone (text), "
+                             "or the option text after the question without its options listed (cloze)")
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
     parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
     parser.add_argument("--out", default="results.json", help="results JSON path")
     parser.add_argument("--tensorboard", help="also log the results to this TensorBoard folder")
     parser.add_argument("--per-category", action="store_true", help="print one table row per category")
+    parser.add_argument("--attention-examples", type=int, default=0, metavar="N",
+                        help="save where the queries look on the first N questions with an answer region")
+    parser.add_argument("--attention-dir", default="attention", help="folder of those PNGs (default: attention)")
     parser.add_argument("--baseline", help="also score this SmolVLM2 model (hub id or folder) on the same questions")
     parser.add_argument("--val", nargs="+", metavar="SHARDS",
                         help="SFT-format shards: also report the answer-only loss per source in each mode")
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         frames = {"image_frames": args.image_frames or data["image_frames"],
                   "frame_size": args.frame_size or data["frame_size"], "max_frames": args.max_frames or data["max_frames"]}
         readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
-        report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format)
+        report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format,
+                          attention_dir=args.attention_dir, attention_examples=args.attention_examples)
         if args.val:
             from fovlm.data.datamodules import SFTDataModule
 

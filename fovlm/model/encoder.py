@@ -47,6 +47,14 @@ class PatchCache:
         """Number of frames n held in the cache."""
         return self.features.shape[0]
 
+    def to(self, dtype: torch.dtype) -> PatchCache:
+        """The same cache in ``dtype``."""
+        return PatchCache(
+            features=self.features.to(dtype),
+            keys=[k.to(dtype) for k in self.keys],
+            values=[v.to(dtype) for v in self.values],
+        )
+
     def select(self, index: Tensor) -> PatchCache:
         """The cache restricted to the frames ``index`` (long [m]), in that order."""
         return PatchCache(
@@ -147,6 +155,8 @@ class FoveatedEncoder(nn.Module):
         self.query_input_proj = nn.Linear(query_dim, width, bias=False)
         self.output_proj = nn.Linear(width, width)
         self.patch_checkpointing = False
+        # None, or a dtype the patch pass runs in under autocast (its outputs come back in the frames' dtype).
+        self.patch_dtype: torch.dtype | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -161,9 +171,21 @@ class FoveatedEncoder(nn.Module):
     def encode_patches(self, frames: Tensor) -> PatchCache:
         """Patch pass over real frames: final features and every layer's keys/values.
 
+        With ``patch_dtype`` set (and no autocast already active) the pass runs under autocast to that dtype,
+        e.g. bfloat16 for a frozen backbone trained around in float32, and its outputs come back in the dtype of
+        the encoder's own weights, so the query passes and everything after them keep their precision.
+
         Args:
             frames: ImageNet-normalised frames [n, 3, H, W] (n may be 0).
         """
+        device = frames.device.type
+        if self.patch_dtype is not None and not torch.is_autocast_enabled(device):
+            with torch.autocast(device, dtype=self.patch_dtype):
+                cache = self._encode_patches(frames)
+            return cache.to(self.output_proj.weight.dtype)
+        return self._encode_patches(frames)
+
+    def _encode_patches(self, frames: Tensor) -> PatchCache:
         x = self.dino.embeddings(frames)  # [n, N, D]
         keys, values = [], []
         for layer in self.layers:

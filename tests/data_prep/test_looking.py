@@ -14,7 +14,7 @@ from data_prep.cue_scenes import cell_box, render_cue_scene
 from data_prep.looking import LOOK_QUESTIONS, LookConfig, answer_text, balanced_scenes, values
 from data_prep.synthetic import SyntheticConfig, generate, set_items
 
-SIZES = {"look_warmup": 4, "look_train": 6, "look_val": 0, "look_test": 8, "look_preference": 6}
+SIZES = {"look_warmup": 4, "look_train": 6, "look_val": 0, "look_test": 8, "look_preference": 6, "look_reads": 2}
 SETS = {"look_warmup/train": 4, "look_sft/train": 6, "look_mcq/test": 8, "look_preference/train": 6}
 NOTHING_ELSE = {"caption_train": 0, "caption_val": 0, "sft_train": 0, "sft_val": 0, "text_train": 0, "text_val": 0,
                 "preference_train": 0, "preference_val": 0, "mcq": 0}

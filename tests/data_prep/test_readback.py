@@ -85,4 +85,4 @@ def test_synthetic_sets_feed_every_stage(tmp_path, smollm2_dir, tokenizer):
     questions = list(BenchmarkReader("synthetic", str(tmp_path / "mcq" / "test"), frame_size=SIZE))
     assert len(questions) == 4 and all(4 <= q.frames.shape[0] <= 8 for q in questions)
     looks = list(BenchmarkReader("synthetic", str(tmp_path / "look_mcq" / "test"), frame_size=SIZE))
-    assert {q.category for q in looks} == {"look_colour", "look_shape"} and all(q.frames.shape[0] == 3 for q in looks)
+    assert {q.category for q in looks} == {"look_colour", "look_shape"} and all(q.frames.shape[0] == 2 for q in looks)

@@ -122,6 +122,20 @@ def test_sft_asks_both_bare_and_multiple_choice_questions():
     assert not any("\n" in m["content"] for item in none for m in item.record.text["messages"])
 
 
+def test_look_questions_are_plain_unless_a_lettered_share_is_asked():
+    from data_prep.synthetic import set_items
+
+    def users(kind: str, config: SyntheticConfig) -> list[str]:
+        return [m["content"] for item in set_items(kind, "train", 24, config)
+                for m in item.record.text["messages"] if m["role"] == "user"]
+
+    for kind in ("look_warmup", "look_sft", "look_preference"):
+        assert not any("\n" in u for u in users(kind, SyntheticConfig(seed=1)))  # look_choice_share 0
+        assert all("\nA. " in u for u in users(kind, SyntheticConfig(seed=1, look_choice_share=1.0)))
+    with pytest.raises(ValueError, match="look_choice_share"):
+        SyntheticConfig(look_choice_share=1.5)
+
+
 def test_preference_pairs_cover_every_category_in_both_layouts():
     from data_prep.synthetic import set_items
 

@@ -81,3 +81,13 @@ def test_text_answer_format_scores_the_option_text_alone(tokenizer):
     with pytest.raises(ValueError, match="answer_format"):
         render_options(tokenizer, QUESTION, OPTIONS, answer_format="number")
 
+
+def test_cloze_answer_format_asks_the_plain_question(tokenizer):
+    opts = render_options(tokenizer, QUESTION, OPTIONS, answer_format="cloze")
+    for i, option in enumerate(OPTIONS):
+        ids, roles = render_chat(tokenizer, [{"role": "user", "content": QUESTION},
+                                             {"role": "assistant", "content": option}])
+        full = opts.full_ids[i][: len(ids)]
+        assert full.tolist() == ids and (opts.full_roles[i][: len(ids)] == torch.tensor(roles)).all()
+    assert "B." not in tokenizer.decode(opts.prefix_ids)
+

@@ -50,7 +50,8 @@ def test_fovlm_eval_command(tmp_path, tokenizer, capsys):
     sft = write_sft_shard(tmp_path / "sft.tar")
     out = tmp_path / "results.json"
     code = main(["--model", str(tmp_path / "model"), "--benchmark", f"toy={mcq}", "--val", sft, "--out", str(out),
-                 "--tensorboard", str(tmp_path / "tb"), "--per-category"])
+                 "--tensorboard", str(tmp_path / "tb"), "--per-category", "--attention-examples", "3",
+                 "--attention-dir", str(tmp_path / "looks")])
     assert code == 0
     results = json.loads(out.read_text())
     assert all(results["toy"][mode]["total"] == 2 for mode in MODES)
@@ -62,5 +63,6 @@ def test_fovlm_eval_command(tmp_path, tokenizer, capsys):
     captured = capsys.readouterr()
     assert "multiple-choice accuracy" in captured.out and "skipped samples {'bad_image': 1}" in captured.err
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert [p.name for p in (tmp_path / "looks").iterdir()] == ["toy_vid0.png"]  # the one question with a region
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "model"), "--benchmark", "no-equals-sign"])
