@@ -168,7 +168,7 @@ def save_attention_png(
 
 
 @torch.no_grad()
-def query_attention_maps(model, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+def query_attention_maps(model, frames: torch.Tensor, patches=None) -> dict[str, torch.Tensor]:
     """The attention of the static, fine and autoregressive queries of one clip, per frame.
 
     One patch pass serves all three. "static" is ``q_static`` (coarse tokens), "fine" the shifted queries of the
@@ -177,12 +177,14 @@ def query_attention_maps(model, frames: torch.Tensor) -> dict[str, torch.Tensor]
     Args:
         model: a :class:`fovlm.model.vlm.FoveatedVLM`.
         frames: ImageNet-normalised frames [T, 3, H, W] on the model's device.
+        patches: their patch pass (a :class:`fovlm.model.encoder.PatchCache`) when the caller already ran it.
 
     Returns:
         kind -> weights [T, L, h, K] (L DINO layers, h heads, K = 1 + 16*16 keys at 224 px), on the CPU.
     """
     num_frames = torch.tensor([frames.shape[0]], device=frames.device)
-    patches = model.encode_patches(frames)
+    if patches is None:
+        patches = model.encode_patches(frames)
     visual = model.visual_tokens(patches, num_frames, "coarse_fine", return_attention=True)
     prefix = model.autoregressive_prefix(patches, num_frames, return_attention=True)
 

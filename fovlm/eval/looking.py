@@ -23,6 +23,7 @@ from fovlm.data.frames import normalize
 from fovlm.data.schema import AnswerRegion
 from fovlm.eval.attention import attention_sheet, query_attention_maps
 from fovlm.eval.questions import Question
+from fovlm.model.encoder import PatchCache
 
 # query_attention_maps' names for the queries of each mode.
 KIND_OF_MODE = {"coarse_only": "static", "coarse_fine": "fine", "autoregressive": "autoregressive"}
@@ -59,7 +60,8 @@ def frames_from(times: Sequence[float] | None, num_frames: int, start: float) ->
 
 @torch.no_grad()
 def attention_shares(
-    model, frames: Tensor, region: AnswerRegion, times: Sequence[float] | None, modes: Sequence[str]
+    model, frames: Tensor, region: AnswerRegion, times: Sequence[float] | None, modes: Sequence[str],
+    patches: PatchCache | None = None,
 ) -> dict[str, float]:
     """Mean attention share inside ``region`` of each mode's queries over the frames from the region's start.
 
@@ -69,11 +71,12 @@ def attention_shares(
         region: where the answer is shown.
         times: the frames' timestamps in seconds (None: every frame counts).
         modes: any of "coarse_only", "coarse_fine", "autoregressive".
+        patches: the frames' patch pass when the caller already ran it (e.g. for scoring).
 
     Returns:
         mode -> share (nan when no frame is taken after the region's start).
     """
-    maps = query_attention_maps(model, frames)  # kind -> [T, L, h, K]
+    maps = query_attention_maps(model, frames, patches)  # kind -> [T, L, h, K]
     counted = frames_from(times, frames.shape[0], region.start)
     out = {}
     for mode in modes:

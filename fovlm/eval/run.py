@@ -67,11 +67,13 @@ def evaluate(
         for question in questions:
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
             frames = normalize(question.frames).to(device)
-            scores = score_question(model, frames, options, modes)
+            with torch.no_grad():
+                patches = model.encode_patches(frames)  # shared by the scoring and the attention shares
+            scores = score_question(model, frames, options, modes, patches=patches)
             for mode, nll in scores.items():
                 report.update(name, mode, question.category, int(nll.argmin()), question.answer)
             if question.answer_region is not None:
-                shares = attention_shares(model, frames, question.answer_region, question.times, modes)
+                shares = attention_shares(model, frames, question.answer_region, question.times, modes, patches)
                 for mode, share in shares.items():
                     report.update_share(name, mode, question.category, share)
                 if attention_dir is not None and drawn < attention_examples:

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from fovlm.eval.questions import OptionTokens
 from fovlm.losses import IGNORE_INDEX, per_sample_sums, selected_targets, token_nll
+from fovlm.model.encoder import PatchCache
 from fovlm.model.vlm import MODES, shift_queries
 
 # step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values, select bool [n, L])
@@ -122,7 +123,9 @@ def _prefix_on_tokens(model, tokens: Tensor, prefix_ids: Tensor) -> tuple[Dynami
 
 
 @torch.no_grad()
-def score_question(model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES) -> dict[str, Tensor]:
+def score_question(
+    model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES, patches: PatchCache | None = None
+) -> dict[str, Tensor]:
     """Mean answer-token NLL of every option in every mode, sharing all the work the modes and options share.
 
     The DINO patch pass runs once for the question. ``coarse_only`` and ``coarse_fine`` share the static-query
@@ -137,6 +140,7 @@ def score_question(model, frames: Tensor, options: OptionTokens, modes: tuple[st
         frames: ImageNet-normalised frames [T, 3, H, W] of the question (on the model's device).
         options: the question's option layout (:func:`fovlm.eval.questions.render_options`).
         modes: any of "coarse_only", "coarse_fine", "autoregressive".
+        patches: the question's patch pass when the caller already ran it (``model.encode_patches(frames)``).
 
     Returns:
         mode -> float32 [n] mean NLL per option.
@@ -148,7 +152,8 @@ def score_question(model, frames: Tensor, options: OptionTokens, modes: tuple[st
     num_frames = torch.tensor([frames.shape[0]], device=device)
     prefix_ids = options.prefix_ids.to(device)[None]  # [1, P]
     step = _vlm_step(model)
-    patches = model.encode_patches(frames)  # the question's only patch pass
+    if patches is None:
+        patches = model.encode_patches(frames)  # the question's only patch pass
     results: dict[str, Tensor] = {}
     if "coarse_only" in modes or "coarse_fine" in modes:
         coarse, _ = model.read_frames(model.q_static.expand(frames.shape[0], -1), patches)  # [T, Dl]
