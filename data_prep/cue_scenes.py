@@ -49,7 +49,6 @@ class CueScene:
         cue_seconds: how long the ring is shown (the shapes appear right after).
         fps, width, height: the clip's frame rate and size in pixels.
         item_size: a shape's radius (half side) as a fraction of the cell's smaller side.
-        ring_inner: the ring's inner radius as a fraction of its outer one (0: a filled disc).
     """
 
     rows: int
@@ -65,7 +64,6 @@ class CueScene:
     width: int = 112
     height: int = 112
     item_size: float = 0.3
-    ring_inner: float = 0.6
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.cols < 1:
@@ -95,9 +93,9 @@ def cell_box(rows: int, cols: int, index: int, width: int, height: int) -> tuple
     return col * width / cols, row * height / rows, (col + 1) * width / cols, (row + 1) * height / rows
 
 
-def _ring(cx: float, cy: float, outer: float, xx: np.ndarray, yy: np.ndarray, inner: float = 0.6) -> np.ndarray:
+def _ring(cx: float, cy: float, outer: float, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
     distance = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-    return (distance <= outer) & (distance >= inner * outer)
+    return (distance <= outer) & (distance >= 0.6 * outer)
 
 
 def render_cue_scene(scene: CueScene) -> np.ndarray:
@@ -111,7 +109,7 @@ def render_cue_scene(scene: CueScene) -> np.ndarray:
     cell = min(w / scene.cols, h / scene.rows)
     cue_frame = background.copy()
     x0, y0, x1, y1 = boxes[scene.cue]
-    cue_frame[_ring((x0 + x1) / 2, (y0 + y1) / 2, 0.42 * cell, xx, yy, scene.ring_inner)] = MARK_COLOUR
+    cue_frame[_ring((x0 + x1) / 2, (y0 + y1) / 2, 0.42 * cell, xx, yy)] = MARK_COLOUR
     items_frame = background.copy()
     for item, (x0, y0, x1, y1) in zip(scene.items, boxes, strict=True):
         if item is not None:

@@ -87,7 +87,7 @@ class SyntheticConfig:
         look_reads: seconds (frames at 1 FPS) of shapes after the one-second cue.
         look_categories: the cue-then-look question families asked, comma-separated (look_colour, look_shape).
         look_choice_share: share of cue-then-look SFT and preference questions asked with lettered options
-            (0 by default: the plain question, as ``fovlm eval --answer-format text`` asks it).
+            (0 by default: the plain question, as ``fovlm eval --answer-format cloze`` asks it).
     """
 
     seed: int = 0

@@ -91,13 +91,14 @@ def uniform_share(region: AnswerRegion, grid: int) -> float:
 
 
 @torch.no_grad()
-def save_region_sheet(model, question: Question, path: str | Path) -> Path:
+def save_region_sheet(model, question: Question, path: str | Path, patches: PatchCache | None = None) -> Path:
     """A PNG of where the static, fine and autoregressive queries look on the question's frames (last DINO
-    layer), with the answer's region outlined on the frames it holds for; returns the path."""
+    layer), with the answer's region outlined on the frames it holds for; returns the path. ``patches``: the
+    frames' patch pass when the caller already ran it."""
     if question.answer_region is None:
         raise ValueError(f"question {question.key!r} has no answer region")
     device = next(model.parameters()).device
-    maps = query_attention_maps(model, normalize(question.frames).to(device))
+    maps = query_attention_maps(model, normalize(question.frames).to(device), patches)
     counted = frames_from(question.times, question.frames.shape[0], question.answer_region.start)
     sheet = attention_sheet(list(question.frames), maps, layer=-1, box=question.answer_region.box,
                             box_frames=counted.tolist())

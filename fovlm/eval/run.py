@@ -77,7 +77,7 @@ def evaluate(
                 for mode, share in shares.items():
                     report.update_share(name, mode, question.category, share)
                 if attention_dir is not None and drawn < attention_examples:
-                    save_region_sheet(model, question, Path(attention_dir) / f"{name}_{question.key}.png")
+                    save_region_sheet(model, question, Path(attention_dir) / f"{name}_{question.key}.png", patches)
                     drawn += 1
             count += 1
         elapsed = time.perf_counter() - start
