@@ -6,7 +6,7 @@ spread uniformly over longer videos) that the loader uses for ``KEY.mp4``; the f
 JPEGs (``KEY.000.jpg`` ...), or the ``.mp4`` itself is kept (``keep_mp4``) after checking that it decodes.
 
 Images: ``fit="crop"`` resizes to cover ``size x size`` and crops the centre (what the loader does, and
-what the reference did); ``fit="pad"`` resizes to fit inside and pads the borders with the ImageNet mean
+what the fVLM original did); ``fit="pad"`` resizes to fit inside and pads the borders with the ImageNet mean
 colour (which the model sees as zero after normalisation), so nothing of the image is cut away (charts,
 documents, text in the margins).
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fovlm.data.contract import FRAME_SETTINGS, IMAGENET_MEAN
 from fovlm.data.frames import (
-    IMAGENET_MEAN,
     FrameDecodeError,
     decode_video,
     resize_cover_crop,
@@ -67,7 +67,7 @@ class MediaOptions:
         multi_image: ``"grid"`` or ``"frames"``: what a sample with several images becomes (module doc).
     """
 
-    size: int = 224
+    size: int = FRAME_SETTINGS.frame_size
     jpeg_quality: int = 90
     keep_mp4: bool = False
     fps: float = 1.0

@@ -15,7 +15,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,50 @@ def annotation_files(path: str | os.PathLike, pattern: str = "*") -> list[Path]:
     if not files:
         raise SystemExit(f"--input {path}: no annotation file matching {pattern!r}")
     return files
+
+
+@dataclass(frozen=True)
+class VideoRow:
+    """One annotation row that names a video: its id, its file, the row, the video's path or id (as written,
+    not stripped) and the row's schema text fields."""
+
+    item: str
+    path: Path
+    row: Mapping[str, Any]
+    video: str
+    text: dict[str, Any]
+
+
+def video_rows(
+    files: Sequence[Path],
+    column: str,
+    text: Callable[[Mapping[str, Any]], dict[str, Any]],
+    item_id: Callable[[Path, int, Mapping[str, Any]], str],
+    missing: str | None = None,
+) -> Iterator[VideoRow | Skip]:
+    """Every row of the annotation files (:func:`read_rows`, numbered from 0 per file) that names a video, or
+    the skip that says what is wrong with it.
+
+    Args:
+        files: the annotation files, read in order.
+        column: the column holding the video's path or id.
+        text: the row's schema text fields; raises ValueError on a malformed row (a ``bad_row`` skip).
+        item_id: the id a row is listed under, from its file, number and contents.
+        missing: the skip's detail when ``column`` is absent or blank (default ``no '<column>'``).
+    """
+    for path in files:
+        for number, row in enumerate(read_rows(path)):
+            if isinstance(row, Skip):
+                yield row
+                continue
+            item = item_id(path, number, row)
+            video = row.get(column)
+            try:
+                if not isinstance(video, str) or not video.strip():
+                    raise ValueError(missing or f"no '{column}'")
+                yield VideoRow(item, path, row, video, text(row))
+            except ValueError as err:
+                yield Skip(item, "bad_row", str(err))
 
 
 def image_ref(value: Any, base: Path) -> bytes | str:

@@ -12,12 +12,12 @@ Shard sets written under the output folder (each with its own ``manifest.json``;
 | ``preference/{train,val}`` | 3 | ``messages`` = one question (colour, shape, direction, count; about half with lettered options), ``chosen`` = the right answer, ``rejected`` = a wrong one |
 | ``mcq/test`` | eval | ``question``, ``options``, ``answer`` (index), ``category`` (colour, shape, direction, count) |
 
-Made to be learnable on a laptop CPU in minutes (ARCHITECTURE.md section 9): most scenes hold one large
-object whose colour, shape and direction of motion are the answers, the text between the frames and the
-answer is short, and every answer depends on the video (each question's answers are balanced over the
-possible values, so the text prior alone is at chance). Clips last 4-8 s, so they give 4-8 frames at
-1 FPS. Every split draws from its own seeded random stream, so train, val and test scenes differ and the
-same seed gives the same dataset.
+Made to be learnable on a laptop CPU in minutes (docs/measured.md#learning-in-minutes-on-a-cpu): most
+scenes hold one large object whose colour, shape and direction of motion are the answers, the text between
+the frames and the answer is short, and every answer depends on the video (each question's answers are
+balanced over the possible values, so the text prior alone is at chance). Clips last 4-8 s, so they give
+4-8 frames at 1 FPS. Every split draws from its own seeded random stream, so train, val and test scenes
+differ and the same seed gives the same dataset.
 """
 
 from __future__ import annotations

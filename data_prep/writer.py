@@ -214,6 +214,92 @@ class _Results:
             self.pool.join()
 
 
+class _ShardSet:
+    """One run over a shard set's folder: which chunks become shards, and the shards reused and written.
+
+    Args:
+        output: the shard set's folder.
+        options: the conversion options (their repr enters each chunk's fingerprint).
+        bar: progress bar, advanced by one per input item (a whole chunk at once for a reused shard).
+    """
+
+    def __init__(self, output: Path, options: Any, bar: tqdm):
+        self.output = output
+        self.options = options
+        self.bar = bar
+        self.stats: list[ShardStats] = []  # every shard of the set, reused or written
+        self.reused: list[str] = []
+        self.pending: list[tuple[int, str, list[Any]]] = []  # chunks handed to the builders, not yet written
+        self.chunk_count = 0
+        self.written = 0
+        self.frames_written = 0
+        self.videos_written = 0
+
+    def tasks(self, records: Iterable[Any], samples_per_shard: int) -> Iterator[tuple[str, Any]]:
+        """``(key, record)`` of every item whose shard must be built; reused shards are recorded instead."""
+        for index, chunk in enumerate(_chunks(records, samples_per_shard)):
+            self.chunk_count = index + 1
+            digest = fingerprint(chunk, self.options)
+            if self._reuse(index, digest, len(chunk)):
+                continue
+            self.pending.append((index, digest, chunk))
+            for position, record in enumerate(chunk):
+                yield shard_key(index, position), record
+
+    def _reuse(self, index: int, digest: str, items: int) -> bool:
+        """Keep shard ``index`` when its tar exists and its stats carry the chunk's fingerprint."""
+        name = f"{index:06d}.tar"
+        stats = _load_stats(self.output / f"{index:06d}.stats.json")
+        if not ((self.output / name).is_file() and stats is not None and stats.fingerprint == digest):
+            return False
+        self.stats.append(stats)
+        self.reused.append(name)
+        self.bar.update(items)
+        return True
+
+    def write_next(self, results: Iterator[Built]) -> bool:
+        """Write the oldest pending chunk's shard from the next results; False once ``results`` is exhausted."""
+        try:
+            first = next(results)
+        except StopIteration:
+            return False
+        index, digest, chunk = self.pending.pop(0)
+        stats = ShardStats(f"{index:06d}.tar", digest)
+        # An out-of-date tar goes first, so that the new stats can never sit beside old samples.
+        (self.output / stats.name).unlink(missing_ok=True)
+        partial = self.output / f"{index:06d}.tar.partial"
+        writer = wds.ShardWriter(str(self.output / "%06d.tar.partial"), maxcount=len(chunk) + 1, start_shard=index,
+                                 verbose=0, mtime=0.0)
+        try:
+            for position in range(len(chunk)):
+                built = first if position == 0 else next(results)
+                self.bar.update(1)
+                self._add(writer, stats, shard_key(index, position), built)
+        finally:
+            writer.close()
+        # Stats first, tar last: a tar under its final name always has its stats beside it.
+        (self.output / f"{index:06d}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))
+        partial.replace(self.output / stats.name)
+        self.stats.append(stats)
+        self.written += 1
+        return True
+
+    def _add(self, writer: wds.ShardWriter, stats: ShardStats, key: str, built: Built) -> None:
+        """Write one built sample under ``key`` and count it, or list its skip."""
+        if built.skip is not None:
+            if len(stats.skipped) < MAX_LISTED_SKIPS:
+                stats.skipped.append({"item": built.skip.item, "reason": built.skip.reason,
+                                      "detail": built.skip.detail[:500]})
+            return
+        assert built.members is not None
+        writer.write({"__key__": key, **built.members})
+        stats.samples += 1
+        stats.per_source[built.source or "unknown"] += 1
+        stats.frame_histogram[built.num_frames] += 1
+        self.frames_written += built.num_frames
+        self.videos_written += built.num_frames > 0
+
+
 def write_shards(
     records: Iterable[Any],
     output: str | os.PathLike,
@@ -252,83 +338,22 @@ def write_shards(
     output.mkdir(parents=True, exist_ok=True)
     if total is None and hasattr(records, "__len__"):
         total = len(records)  # type: ignore[arg-type]
-    all_stats: list[ShardStats] = []
-    reused: list[str] = []
-    pending: list[tuple[int, str, list[Any]]] = []
     started = time.perf_counter()
     bar = tqdm(total=total, desc=description or output.name, unit="item", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-
-    chunk_count = 0
-
-    def chunk_tasks() -> Iterator[tuple[int, str, list[Any]]]:
-        nonlocal chunk_count
-        for index, chunk in enumerate(_chunks(records, samples_per_shard)):
-            chunk_count = index + 1
-            digest = fingerprint(chunk, options)
-            name = f"{index:06d}.tar"
-            stats = _load_stats(output / f"{index:06d}.stats.json")
-            if (output / name).is_file() and stats is not None and stats.fingerprint == digest:
-                all_stats.append(stats)
-                reused.append(name)
-                bar.update(len(chunk))
-                continue
-            yield index, digest, chunk
-
-    def tasks() -> Iterator[tuple[str, Any]]:
-        for index, digest, chunk in chunk_tasks():
-            pending.append((index, digest, chunk))
-            for position, record in enumerate(chunk):
-                yield shard_key(index, position), record
-
+    shards = _ShardSet(output, options, bar)
     results = _Results(build, workers, item_timeout)
-    written = 0
-    frames_written = 0
-    videos_written = 0
     try:
-        stream = results.run(tasks())
-        while True:
-            try:
-                first = next(stream)
-            except StopIteration:
-                break
-            index, digest, chunk = pending.pop(0)
-            stats = ShardStats(f"{index:06d}.tar", digest)
-            # An out-of-date tar goes first, so that the new stats can never sit beside old samples.
-            (output / stats.name).unlink(missing_ok=True)
-            partial = output / f"{index:06d}.tar.partial"
-            writer = wds.ShardWriter(str(output / "%06d.tar.partial"), maxcount=len(chunk) + 1, start_shard=index,
-                                     verbose=0, mtime=0.0)
-            try:
-                for position in range(len(chunk)):
-                    built = first if position == 0 else next(stream)
-                    bar.update(1)
-                    if built.skip is not None:
-                        if len(stats.skipped) < MAX_LISTED_SKIPS:
-                            stats.skipped.append({"item": built.skip.item, "reason": built.skip.reason,
-                                                  "detail": built.skip.detail[:500]})
-                        continue
-                    assert built.members is not None
-                    writer.write({"__key__": shard_key(index, position), **built.members})
-                    stats.samples += 1
-                    stats.per_source[built.source or "unknown"] += 1
-                    stats.frame_histogram[built.num_frames] += 1
-                    frames_written += built.num_frames
-                    videos_written += built.num_frames > 0
-            finally:
-                writer.close()
-            # Stats first, tar last: a tar under its final name always has its stats beside it.
-            stats_path = output / f"{index:06d}.stats.json"
-            stats_path.write_text(json.dumps(stats.to_json(), indent=1))
-            partial.replace(output / stats.name)
-            all_stats.append(stats)
-            written += 1
+        stream = results.run(shards.tasks(records, samples_per_shard))
+        while shards.write_next(stream):
+            pass
     finally:
         results.close()
         bar.close()
-    removed = _remove_stale(output, chunk_count)
+    removed = _remove_stale(output, shards.chunk_count)
     seconds = time.perf_counter() - started
-    manifest = _manifest(all_stats, reused, written, seconds, videos_written, frames_written, options)
+    manifest = _manifest(shards.stats, shards.reused, shards.written, seconds, shards.videos_written,
+                         shards.frames_written, options)
     manifest["run"]["shards_removed"] = removed
     manifest = {**(info or {}), **manifest}
     (output / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))

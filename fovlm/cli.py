@@ -1,5 +1,11 @@
-"""The ``fovlm`` command line: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+"""The ``fovlm`` command line: one table of commands (:data:`COMMANDS`), ``fovlm --help`` lists them.
 
+``fit`` and ``validate`` are LightningCLI's (:class:`FovlmCLI`); ``eval``, ``predict``, ``export`` and ``summary``
+are fovlm's own. LightningCLI's ``test`` and ``predict`` are not offered: the LightningModule has no
+``test_step`` or ``predict_step`` (benchmarks are ``fovlm eval``, answers about one file ``fovlm predict``).
+
+    fovlm --help                                                  # every command with its one-line description
+    fovlm COMMAND --help                                          # one command's options
     fovlm fit --config configs/stage1.yaml                        # train stage 1
     fovlm fit --config configs/stage1.yaml --ckpt_path last       # resume it after an interruption
     fovlm fit --config configs/stage2.yaml --model.init_args.init_from runs/stage1/checkpoints/best.ckpt
@@ -22,9 +28,9 @@ with ``class_path`` / ``init_args``. Design choices:
   that does not bring its own checkpoint writer).
 - ``init_from`` (the previous stage's weights, loaded by the module) and ``--ckpt_path`` (this stage's full
   state: weights, optimizer, schedule, loop and data position, random generators) are different things. When
-  both are given, the resumed state wins for the trained model (the DPO reference is still built from
+  both are given, the resumed state wins for the trained model (the DPO reference model is still built from
   ``init_from``), and the log says which was loaded.
-- Other commands (evaluation, export, prediction on files) plug in through :data:`EXTRA_COMMANDS`.
+- A new command is one entry of :data:`COMMANDS`: its description and the function that runs it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,37 +51,49 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from fovlm.callbacks import AtomicCheckpointIO  # noqa: E402
-from fovlm.data.pipeline import expand_shards  # noqa: E402
-from fovlm.model.loading import SMOLLM2_FOLDER  # noqa: E402
+from fovlm.data.shards import expand_shards  # noqa: E402
+from fovlm.model.loading import tokenizer_source  # noqa: E402
 from fovlm.module import FoveatedModule  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# Commands outside LightningCLI's fit/validate/test/predict: name -> "module:function"; the function takes the
-# remaining arguments (list[str]) and returns an exit code (or None for 0).
-EXTRA_COMMANDS: dict[str, str] = {
+
+@dataclass(frozen=True)
+class Command:
+    """One ``fovlm`` command: its one-line description and what runs it.
+
+    ``target`` is ``"module:function"``: the function takes the arguments after the command name (``list[str]``)
+    and returns an exit code (``None`` for 0); it is imported only when its command runs. Without a target the
+    command is LightningCLI's subcommand of the same name, run by :class:`FovlmCLI`.
+    """
+
+    help: str
+    target: str | None = None
+
+
+# Every command of `fovlm`, in the order `fovlm --help` lists them.
+COMMANDS: dict[str, Command] = {
+    "fit": Command("train a stage from YAML configs (fovlm fit --config configs/stage1.yaml)"),
+    "validate": Command("the validation loss of a config's model, or of a checkpoint with --ckpt_path"),
     # Benchmarks share a patch pass and KV caches across options and modes, which does not fit test_step.
-    "eval": "fovlm.eval.run:main",
-    "export": "fovlm.export:main",
-    "summary": "fovlm.cli:summary_main",
+    "eval": Command("multiple-choice benchmarks in the three modes (an export or a checkpoint)",
+                    target="fovlm.eval.run:main"),
+    "predict": Command("answer a prompt about a video, an image or a folder of frames",
+                       target="fovlm.eval.predict:main"),
+    "export": Command("a checkpoint as a Hugging Face-style folder with a model card", target="fovlm.export:main"),
+    "summary": Command("first and last training loss of runs, and where their TensorBoard logs are",
+                       target="fovlm.cli:summary_main"),
 }
-# `fovlm predict MEDIA --model M --prompt P` answers about one file; `fovlm predict --config ...` (options first)
-# stays LightningCLI's batch prediction.
-PREDICT_ON_FILE = "fovlm.eval.predict:main"
-
-# Where `make smollm2` (fovlm.model.loading.prepare_smollm2 with its default cache) puts SmolLM2-135M-Instruct.
-TINY_LLM_TOKENIZER = str(Path(".cache") / SMOLLM2_FOLDER)
 
 
-def tokenizer_for(llm: str) -> str:
-    """The tokenizer of an LLM: the LLM's own id or folder; for the random ``tiny`` LLM (shaped like SmolLM2,
-    same vocabulary) the real SmolLM2 tokenizer from the folder ``make smollm2`` prepares."""
-    return TINY_LLM_TOKENIZER if llm == "tiny" else llm
+def linked_tokenizer(llm: str) -> str:
+    """The DataModule's ``tokenizer`` linked from the model's ``llm`` (:func:`tokenizer_source`)."""
+    return tokenizer_source(llm).name_or_path
 
 
-def gguf_for(llm: str, gguf_file: str | None) -> str | None:
-    """The GGUF file the tokenizer is read from: the LLM's own, none for the ``tiny`` LLM."""
-    return None if llm == "tiny" else gguf_file
+def linked_gguf_file(llm: str, gguf_file: str | None) -> str | None:
+    """The DataModule's ``gguf_file`` linked from the model's ``llm`` and ``gguf_file`` (:func:`tokenizer_source`)."""
+    return tokenizer_source(llm, gguf_file).gguf_file
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -138,6 +157,7 @@ class FovlmCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | dict | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", SaveRunConfig)
+        kwargs["parser_kwargs"] = {"prog": "fovlm", **(kwargs.get("parser_kwargs") or {})}
         super().__init__(
             model_class=FoveatedModule,
             datamodule_class=LightningDataModule,
@@ -152,11 +172,17 @@ class FovlmCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands that :data:`COMMANDS` runs through LightningCLI (``fit``, ``validate``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items()
+                if name in COMMANDS and COMMANDS[name].target is None}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The LLM decides the tokenizer: the DataModule's tokenizer and GGUF file are never given separately.
-        parser.link_arguments("model.init_args.llm", "data.init_args.tokenizer", compute_fn=tokenizer_for)
+        parser.link_arguments("model.init_args.llm", "data.init_args.tokenizer", compute_fn=linked_tokenizer)
         parser.link_arguments(
-            ("model.init_args.llm", "model.init_args.gguf_file"), "data.init_args.gguf_file", compute_fn=gguf_for
+            ("model.init_args.llm", "model.init_args.gguf_file"), "data.init_args.gguf_file", compute_fn=linked_gguf_file
         )
 
     def before_instantiate_classes(self) -> None:
@@ -238,19 +264,42 @@ def summary_main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _run_extra(target: str, argv: list[str]) -> int:
+def commands_help() -> str:
+    """The text of ``fovlm --help``: usage and every command of :data:`COMMANDS` with its description."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: fovlm COMMAND [ARGS...]",
+        "",
+        "Foveated video vision-language models: training (LightningCLI), evaluation, prediction and export.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()),
+        "",
+        "fovlm COMMAND --help shows a command's options; options may come before or after positional arguments.",
+    ]
+    return "\n".join(lines)
+
+
+def _run_target(target: str, argv: list[str]) -> int:
     module_name, function_name = target.split(":")
     function: Callable[[list[str]], int | None] = getattr(importlib.import_module(module_name), function_name)
     return int(function(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``fovlm`` console script and ``python -m fovlm``."""
+    """Entry point of the ``fovlm`` console script and ``python -m fovlm``: runs the command named first."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
-        sys.exit(_run_extra(EXTRA_COMMANDS[args[0]], args[1:]))
-    if len(args) > 1 and args[0] == "predict" and not args[1].startswith("-"):
-        sys.exit(_run_extra(PREDICT_ON_FILE, args[1:]))
+    if not args or args[0] in ("-h", "--help"):
+        print(commands_help())
+        sys.exit(0)
+    command = COMMANDS.get(args[0])
+    if command is None:
+        what = "the command comes first, not the option" if args[0].startswith("-") else "unknown command"
+        print(f"fovlm: error: {what} {args[0]!r}; commands: {', '.join(COMMANDS)} (fovlm --help describes them)",
+              file=sys.stderr)
+        sys.exit(2)
+    if command.target is not None:
+        sys.exit(_run_target(command.target, args[1:]))
     # With argv None LightningCLI reads sys.argv itself (passing both makes it warn).
     FovlmCLI(args=None if argv is None else args)
 

@@ -1,19 +1,12 @@
-"""Export a trained FoveatedVLM to a Hugging Face-style folder, load it back, optionally push it to the Hub.
+"""Export a trained FoveatedVLM as a Hugging Face-style folder, optionally push it to the Hub.
 
     fovlm export runs/stage3/checkpoints/last.ckpt exported/fovlm-135m [--results results.json]
                  [--tokenizer DIR] [--push-to-hub user/fovlm-135m [--private]]
 
-The folder holds:
-
-- ``model.safetensors``: every tensor of the model (tied LLM embeddings stored once);
-- ``config.json``: the FoveatedVLM hyperparameters plus the full LLM and DINOv2 configs, so the model rebuilds
-  offline with no hub access and no training code path (no Lightning, no data pipeline), and the frame settings
-  it was trained with (frame size, most frames, image replication: ``data``);
-- the tokenizer (with its chat template);
-- ``README.md``: a model card generated from the config, with the multiple-choice table when results are given.
-
-Nothing here unpickles arbitrary objects: weights are read from safetensors, and a Lightning checkpoint is read
-with ``torch.load(weights_only=True)``.
+The folder (:mod:`fovlm.model.exported`) holds the weights as safetensors, a ``config.json`` that rebuilds the
+model offline with the frame settings it was trained with, the tokenizer with its chat template, and a model
+card (``README.md``) generated from the config, with the multiple-choice table when results are given. The
+checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`fovlm.model.pretrained`).
 """
 
 from __future__ import annotations
@@ -24,27 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_model, save_model
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, Dinov2Config, Dinov2Model
+from safetensors.torch import save_model
+from transformers import PreTrainedTokenizerBase
 
+from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
+from fovlm.eval.report import markdown_table
+from fovlm.model.checkpoint import CheckpointError
+from fovlm.model.exported import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    frame_settings,
+)
+from fovlm.model.pretrained import checkpoint_tokenizer, data_settings, model_from_checkpoint, read_checkpoint
 from fovlm.model.vlm import FoveatedVLM
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
-FORMAT = "fovlm"
-FORMAT_VERSION = 1
-
-
-# How frames reach the model (fovlm.data.frames); exported with the model so inference reads frames the way training
-# did. A checkpoint's DataModule hyperparameters supply them; these are the recipe's values otherwise.
-DATA_DEFAULTS: dict[str, Any] = {"frame_size": 224, "max_frames": 64, "image_frames": 8}
-
-
-class ExportError(ValueError):
-    """A checkpoint or exported folder that cannot be used; the message names the file."""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing
@@ -65,13 +53,13 @@ def model_config(model: FoveatedVLM) -> dict[str, Any]:
 
 def export_model(
     model: FoveatedVLM,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     out_dir: str | Path,
     results: dict | None = None,
     source: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
+    data: FrameSettings = FRAME_SETTINGS,
 ) -> Path:
-    """Write ``model`` and ``tokenizer`` as an exported folder (see the module docstring); returns the folder.
+    """Write ``model`` and ``tokenizer`` as an exported folder (:mod:`fovlm.model.exported`); returns the folder.
 
     Args:
         model: the model to export.
@@ -79,13 +67,13 @@ def export_model(
         out_dir: target folder (created; existing files of the same names are replaced).
         results: multiple-choice results (:meth:`fovlm.eval.report.MultipleChoiceReport.compute`) for the card.
         source: provenance recorded in the config (checkpoint path, LLM/vision names).
-        data: frame settings (``frame_size``, ``max_frames``, ``image_frames``); :data:`DATA_DEFAULTS` fill gaps.
+        data: the frame settings the model was trained with (stored as the config's ``data``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     config["source"] = source or {}
-    config["data"] = {**DATA_DEFAULTS, **(data or {})}
+    config["data"] = data.as_dict()
     save_model(model, str(out / WEIGHTS_NAME))
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
     tokenizer.save_pretrained(out)
@@ -97,8 +85,6 @@ def export_model(
 
 def model_card(config: dict[str, Any], results: dict | None = None) -> str:
     """A model card (markdown) from an exported config and optional multiple-choice results."""
-    from fovlm.eval.report import markdown_table
-
     llm, vision = config["llm_config"], config["vision_config"]
     lines = [
         "---",
@@ -122,7 +108,7 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'} |",
         f"| visual scale | {config['visual_scale']} |",
         "| frames | 1 FPS, at most {max_frames}, {frame_size} px (cover + centre crop); images x{image_frames} |".format(
-            **{**DATA_DEFAULTS, **config.get("data", {})}),
+            **frame_settings(config).as_dict()),
         "",
     ]
     source = config.get("source") or {}
@@ -143,11 +129,11 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         "",
         "```python",
         "from fovlm.eval.predict import answer, load_media",
-        "from fovlm.export import load_any",
+        "from fovlm.model.pretrained import load_any",
         "",
         'model, tokenizer, data = load_any("this-folder")  # or FoveatedVLM.from_pretrained("this-folder")',
-        'frames, _ = load_media("clip.mp4", max_frames=data["max_frames"], image_frames=data["image_frames"],',
-        '                       size=data["frame_size"])',
+        'frames, _ = load_media("clip.mp4", max_frames=data.max_frames, image_frames=data.image_frames,',
+        '                       size=data.frame_size)',
         'print(answer(model, tokenizer, frames, "What happens in this video?"))',
         "```",
         "",
@@ -155,133 +141,6 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# loading
-
-
-def build_from_config(config: dict[str, Any]) -> FoveatedVLM:
-    """A FoveatedVLM with random weights and the exported architecture (no download, no weights loaded)."""
-    if config.get("format") != FORMAT:
-        raise ExportError(f"not a fovlm export config (format {config.get('format')!r})")
-    llm_config = config["llm_config"]
-    if llm_config.get("model_type") not in CONFIG_MAPPING:
-        raise ExportError(f"unknown LLM model_type {llm_config.get('model_type')!r} in the exported config")
-    llm_config = CONFIG_MAPPING[llm_config["model_type"]].from_dict(llm_config)
-    llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation="sdpa")
-    vision = Dinov2Model(Dinov2Config.from_dict(config["vision_config"]))
-    return FoveatedVLM(
-        vision, llm, query_dim=config["query_dim"], visual_scale=config["visual_scale"],
-        deep_query=config["deep_query"],
-    )
-
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> FoveatedVLM:
-    """Load an exported folder into a FoveatedVLM in eval mode (strict: every tensor must match)."""
-    folder = Path(path)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for needed in (config_path, weights_path):
-        if not needed.is_file():
-            raise ExportError(f"{needed} does not exist: {folder} is not an exported fovlm folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{config_path} is not valid JSON: {err}") from err
-    model = build_from_config(config)
-    missing, unexpected = load_model(model, str(weights_path), strict=False)
-    # Tied LLM embeddings are stored once; the other name of the same tensor is "missing" by design.
-    tied = {name for name in missing if _is_tied_alias(model, name)}
-    if set(missing) - tied or unexpected:
-        raise ExportError(
-            f"{weights_path} does not match its config: missing {sorted(set(missing) - tied)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    return model.to(device).eval()
-
-
-def _is_tied_alias(model: torch.nn.Module, name: str) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if name not in params:
-        return False
-    return any(other != name and p is params[name] for other, p in params.items())
-
-
-def load_exported_tokenizer(path: str | Path):
-    """The tokenizer saved in an exported folder."""
-    from fovlm.model.loading import load_tokenizer
-
-    return load_tokenizer(str(path))
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint read with ``weights_only=True`` (tensors and plain containers only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ExportError(f"checkpoint {path} cannot be read safely (weights_only): {err}") from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ExportError(f"checkpoint {path} has no state_dict: not a Lightning checkpoint of a FoveatedModule")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkpoint") -> FoveatedVLM:
-    """Rebuild the FoveatedVLM of a FoveatedModule checkpoint (:func:`read_checkpoint`) and load its weights."""
-    from fovlm.model.loading import build_vlm
-
-    hp = checkpoint.get("hyper_parameters") or {}
-    if "llm" not in hp or "vision" not in hp:
-        raise ExportError(f"checkpoint {path} has no model hyperparameters (llm, vision)")
-    model = build_vlm(
-        hp["llm"], hp["vision"], gguf_file=hp.get("gguf_file"), query_dim=hp.get("query_dim", 384),
-        visual_scale=hp.get("visual_scale", 0.14), deep_query=hp.get("deep_query", True),
-    )
-    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(
-            f"checkpoint {path} does not match the model its hyperparameters describe: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    return model.eval()
-
-
-def data_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """Frame settings of a checkpoint's DataModule (its saved hyperparameters), else :data:`DATA_DEFAULTS`."""
-    data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
-    return {key: data_hp.get(key, default) for key, default in DATA_DEFAULTS.items()}
-
-
-def tokenizer_for(checkpoint: dict[str, Any], explicit: str | None = None):
-    """The tokenizer of a checkpoint: ``explicit`` if given, else its DataModule's, else its LLM's own (the real
-    SmolLM2 one for "tiny"/"smollm2": the tiny LLM is shaped like SmolLM2)."""
-    from fovlm.model.loading import SMOLLM2, TINY, load_tokenizer, prepare_smollm2
-
-    if explicit:
-        return load_tokenizer(explicit)
-    data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
-    if data_hp.get("tokenizer"):
-        return load_tokenizer(str(data_hp["tokenizer"]), gguf_file=data_hp.get("gguf_file"))
-    hp = checkpoint.get("hyper_parameters") or {}
-    llm = hp.get("llm", TINY)
-    if llm in (TINY, SMOLLM2):
-        return load_tokenizer(str(prepare_smollm2()))
-    return load_tokenizer(llm, gguf_file=hp.get("gguf_file"))
-
-
-def load_any(path: str | Path, device: str | torch.device = "cpu", tokenizer: str | None = None):
-    """(model, tokenizer, frame settings) from an exported folder or a Lightning checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        model = load_pretrained(path, device)
-        config = json.loads((path / CONFIG_NAME).read_text())
-        return model, load_exported_tokenizer(tokenizer or path), {**DATA_DEFAULTS, **config.get("data", {})}
-    checkpoint = read_checkpoint(path)
-    return model_from_checkpoint(checkpoint, path).to(device), tokenizer_for(checkpoint, tokenizer), data_settings(
-        checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,6 +159,7 @@ def push_to_hub(folder: str | Path, repo: str, private: bool = False, token: str
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The options of ``fovlm export``; exits with code 2 and a message on a bad combination."""
     parser = argparse.ArgumentParser(
         prog="fovlm export", description="Export a FoveatedModule checkpoint as a Hugging Face-style folder."
     )
@@ -325,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
-        tokenizer = tokenizer_for(checkpoint, args.tokenizer)
+        tokenizer = checkpoint_tokenizer(checkpoint, args.tokenizer)
         results = json.loads(Path(args.results).read_text()) if args.results else None
         hp = checkpoint.get("hyper_parameters") or {}
         source = {"checkpoint": str(args.checkpoint), "llm": hp.get("llm"), "vision": hp.get("vision")}
         out = export_model(model, tokenizer, args.out_dir, results=results, source=source,
                            data=data_settings(checkpoint))
-    except (ExportError, OSError, ValueError) as err:
+    except (CheckpointError, OSError, ValueError) as err:
         print(f"fovlm export: error: {err}", file=sys.stderr)
         return 2
     print(f"exported to {out}")

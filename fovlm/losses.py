@@ -1,8 +1,7 @@
-"""Token roles, the one shift-and-mask convention, cross-entropy, sequence log-probs, DPO, and the loss heads.
+"""The one shift-and-mask convention, cross-entropy, sequence log-probs, DPO, and the loss heads.
 
-This module is the bottom layer every other part imports its constants from:
+The per-token ``roles`` of every batch and ``IGNORE_INDEX`` are the data's (:mod:`fovlm.data.roles`).
 
-- ``IGNORE_INDEX`` and the ``ROLE_*`` values carried per token in every batch (``roles``).
 - ``shift_labels``: labels aligned with text positions, ``labels[b, j]`` is the target predicted at text
   position ``j`` (token ``j + 1`` when it is scored, else ``IGNORE_INDEX``). Text token 0 is never a target,
   in every mode and head, so losses of different heads and modes are directly comparable.
@@ -14,7 +13,7 @@ This module is the bottom layer every other part imports its constants from:
   runs the model forward it needs. Stages 1 and 2 therefore read the same batches.
 
 Cross-entropy is a token mean over every scored token of the batch (no per-sample normalisation, as in the
-reference). A batch without any scored token gives a loss of exactly 0 that still carries a graph (so
+fVLM original). A batch without any scored token gives a loss of exactly 0 that still carries a graph (so
 backward and DDP work) and reports ``num_scored == 0`` so the caller can count it; it never gives NaN.
 """
 
@@ -27,13 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-
-ROLE_PAD = 0  # padding (never scored)
-ROLE_SYSTEM = 1  # every token of the system turn, its markup included
-ROLE_USER = 2  # every token of a user turn, its markup included
-ROLE_TEMPLATE = 3  # assistant-turn markup that is not the answer: "<|im_start|>assistant\n" and the "\n" after <|im_end|>
-ROLE_ANSWER = 4  # assistant content tokens AND that turn's closing <|im_end|>
+from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_PAD
 
 LOSS_NAMES = ("all_text", "answer_only", "dpo")
 
@@ -182,8 +175,25 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
-class CrossEntropyHead:
-    """Token cross-entropy on the tokens chosen by ``score_mask``; shared by the two CE heads."""
+@dataclass(frozen=True)
+class HeadOptions:
+    """How a head runs the model on one batch.
+
+    Args:
+        mode: the model's forward mode (e.g. ``coarse_fine``).
+        lambda_coarse: weight of the auxiliary coarse_only cross-entropy (CE heads).
+        lambda_ar: weight of the auxiliary autoregressive cross-entropy (CE heads).
+        reference: the frozen reference model (DPO).
+    """
+
+    mode: str = "coarse_fine"
+    lambda_coarse: float = 0.0
+    lambda_ar: float = 0.0
+    reference: Any = None
+
+
+class LossHead:
+    """A loss head: decides from a batch's ``roles`` which tokens count, and runs the model passes it needs."""
 
     name = ""
 
@@ -200,8 +210,20 @@ class CrossEntropyHead:
         lambda_ar: float = 0.0,
         reference: Any = None,
     ) -> LossOutput:
+        """The head's loss of ``model`` on ``batch`` (the arguments are :class:`HeadOptions`')."""
+        return self.compute(model, batch, HeadOptions(mode, lambda_coarse, lambda_ar, reference))
+
+    def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
+        raise NotImplementedError
+
+
+class CrossEntropyHead(LossHead):
+    """Token cross-entropy on the tokens chosen by ``score_mask``; shared by the two CE heads."""
+
+    def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
         """Run ``model`` on an SFT/caption batch and return the CE, plus ``lambda_coarse`` x the coarse_only CE
         and ``lambda_ar`` x the autoregressive CE (auxiliary losses on the same targets)."""
+        mode, lambda_coarse, lambda_ar = options.mode, options.lambda_coarse, options.lambda_ar
         labels = shift_labels(batch["input_ids"], self.score_mask(batch["roles"]))  # [B, S]
         logits_mask, targets, sample_index = selected_targets(labels)
         batch_size = labels.shape[0]
@@ -249,7 +271,7 @@ class AnswerOnlyCE(CrossEntropyHead):
         return answer_only_mask(roles)
 
 
-class DPO:
+class DPO(LossHead):
     """Stage 3: sigmoid DPO on preference batches against a frozen reference model.
 
     Args:
@@ -275,20 +297,12 @@ class DPO:
             labels_per_side.append(labels)
         return inputs, labels_per_side
 
-    def __call__(
-        self,
-        model: Any,
-        batch: dict[str, Any],
-        *,
-        mode: str = "coarse_fine",
-        lambda_coarse: float = 0.0,
-        lambda_ar: float = 0.0,
-        reference: Any = None,
-    ) -> LossOutput:
-        """Run policy and reference on a preference batch; ``reference`` runs without gradients."""
+    def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
+        """Run policy and reference model on a preference batch; ``reference`` runs without gradients."""
+        mode, reference = options.mode, options.reference
         if reference is None:
             raise ValueError("the DPO loss needs a reference model")
-        if lambda_coarse > 0 or lambda_ar > 0:
+        if options.lambda_coarse > 0 or options.lambda_ar > 0:
             raise ValueError("the DPO loss has no auxiliary losses (lambda_coarse and lambda_ar must be 0)")
         (chosen, rejected), (chosen_labels, rejected_labels) = self._sides(batch)
         batch_size = chosen_labels.shape[0]
@@ -313,7 +327,7 @@ class DPO:
         return LossOutput(loss, num_scored, losses.detach(), torch.ones_like(losses), metrics)
 
 
-def build_loss_head(loss: str, beta: float = 0.1) -> CrossEntropyHead | DPO:
+def build_loss_head(loss: str, beta: float = 0.1) -> LossHead:
     """The head named by the config's ``loss`` string: ``all_text``, ``answer_only`` or ``dpo``."""
     if loss == "all_text":
         return AllTextCE()

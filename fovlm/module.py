@@ -8,10 +8,10 @@
   LLM: query input/output projections, ``dino_to_llm``, ``llm_to_query``, ``q_static``, ``q_init``),
   ``vision`` (DINOv2) and ``llm``. A group at LR 0 is frozen: ``requires_grad`` False and not in the
   optimizer. No weight decay on 1-D parameters (biases, norm gains), embeddings and the two query vectors.
-- DPO reference: a frozen deep copy of the policy as the stage starts (the ``init_from`` weights). It is a
+- DPO reference model: a frozen deep copy of the policy as the stage starts (the ``init_from`` weights). It is a
   submodule (so it follows the policy's device and precision) but never in the optimizer, always in eval
   mode, run without gradients, and NOT written into checkpoints: a checkpoint stores its fingerprint
-  instead; on resume the reference is rebuilt from ``init_from`` and must match that fingerprint.
+  instead; on resume the reference model is rebuilt from ``init_from`` and must match that fingerprint.
 - Logged once per optimizer step: ``train/loss`` (mean over the step's micro-batches, not the last one),
   ``train/loss/<source>`` (token-weighted over the step's micro-batches, this rank's samples),
   ``train/lr/<group>``, ``train/grad_norm`` (before clipping; clipping is the Trainer's
@@ -27,7 +27,6 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -36,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fovlm.losses import build_loss_head
+from fovlm.model.checkpoint import load_weights
 from fovlm.schedules import lr_lambdas
 
 log = logging.getLogger(__name__)
@@ -111,48 +111,6 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a weights-only checkpoint into ``model`` strictly.
-
-    Accepts a Lightning checkpoint of this module (``state_dict`` with ``model.`` keys; other top-level keys
-    such as optimizer state are ignored), a plain ``torch.save`` state dict of the FoveatedVLM, or a
-    ``.safetensors`` file of it. Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is
-    missing, unreadable, or does not match the model (missing, unexpected or differently shaped tensors).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"init_from checkpoint {path} could not be read: {error}") from error
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"init_from checkpoint {path} holds no state dict of tensors")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    if missing or unexpected or shapes:
-        parts = [
-            f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-            if items
-        ]
-        raise ValueError(f"init_from checkpoint {path} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -169,8 +127,9 @@ class FoveatedModule(L.LightningModule):
         query_dim: width of the foveation query vectors.
         visual_scale: factor applied to the connector output (matches the LLM embedding scale).
         deep_query: run the query through every DINO layer (True) or the shallow single-attention ablation.
-        vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); the demo
-            uses a larger one so that visual tokens differ between clips from the start (ARCHITECTURE.md 9).
+        vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); a from-scratch
+            run uses about 0.2 so that visual tokens differ between clips from the start
+            (docs/measured.md#random-vision-backbones).
         loss: ``all_text`` (stage 1), ``answer_only`` (stage 2) or ``dpo`` (stage 3).
         beta: DPO inverse temperature (only for ``loss: dpo``).
         lr_connector: peak LR of the new parameters (connector, query head, projections, query vectors).
@@ -184,7 +143,7 @@ class FoveatedModule(L.LightningModule):
         target_lr: the LR every group converges to under the ``converging`` schedule.
         min_lr_ratio: floor of the cosine schedule as a fraction of each group's LR.
         init_from: weights-only checkpoint of the previous stage (Lightning ``.ckpt``, ``torch.save`` state
-            dict, or ``.safetensors``); the DPO reference is a frozen copy of the model after loading it.
+            dict, or ``.safetensors``); the DPO reference model is a frozen copy of the model after loading it.
         coarse_only: train with the static query only (ablation; one LLM pass); the query head and ``q_init``
             are then unused and frozen.
         lambda_coarse: weight of an auxiliary coarse-pass cross-entropy added to the fine loss (ablation).
@@ -258,7 +217,7 @@ class FoveatedModule(L.LightningModule):
     # -- model -----------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Build the policy (and the DPO reference) once; later calls are no-ops."""
+        """Build the policy (and the DPO reference model) once; later calls are no-ops."""
         if self.model is not None:
             return
         from fovlm.model.loading import build_vlm
@@ -274,7 +233,7 @@ class FoveatedModule(L.LightningModule):
             vision_init_range=hp.vision_init_range,
         )
         if hp.init_from:
-            load_weights(model, hp.init_from)
+            load_weights(model, hp.init_from, label="init_from checkpoint")
         if hp.loss == "dpo":
             reference = copy.deepcopy(model).eval()
             reference.requires_grad_(False)
@@ -298,7 +257,7 @@ class FoveatedModule(L.LightningModule):
         self.model = model
 
     def train(self, mode: bool = True) -> FoveatedModule:
-        """Switch train/eval mode; the DPO reference always stays in eval mode."""
+        """Switch train/eval mode; the DPO reference model always stays in eval mode."""
         super().train(mode)
         if self.reference is not None:
             self.reference.eval()
@@ -461,7 +420,7 @@ class FoveatedModule(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the DPO reference out of the checkpoint; store its fingerprint and the counters instead."""
+        """Leave the DPO reference model out of the checkpoint; store its fingerprint and the counters instead."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
@@ -472,10 +431,11 @@ class FoveatedModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the rebuilt DPO reference against the stored fingerprint, then put its weights in place.
+        """Check the rebuilt DPO reference model against the stored fingerprint, then put its weights in place.
 
-        The reference's tensors are added to the loaded state dict from the rebuilt reference itself, so the
-        strict load of the policy stays strict and the reference keeps exactly the weights it was built with.
+        The reference model's tensors are added to the loaded state dict from the rebuilt reference model
+        itself, so the strict load of the policy stays strict and the reference model keeps exactly the weights
+        it was built with.
         """
         info = checkpoint.get("fovlm", {})
         self.empty_batches = int(info.get("empty_batches", 0))
@@ -488,11 +448,13 @@ class FoveatedModule(L.LightningModule):
             return
         stored = info.get("reference_fingerprint")
         if stored is None:
-            raise ValueError("the checkpoint has no DPO reference fingerprint: it was not written by a DPO run")
+            raise ValueError(
+                "the checkpoint has no DPO reference-model fingerprint: it was not written by a DPO run"
+            )
         if stored != self.reference_fingerprint:
             raise ValueError(
-                f"the DPO reference rebuilt from init_from={self.hparams.init_from!r} differs from the one this "
-                f"checkpoint was trained against (saved with init_from={info.get('init_from')!r})"
+                f"the DPO reference model rebuilt from init_from={self.hparams.init_from!r} differs from the one "
+                f"this checkpoint was trained against (saved with init_from={info.get('init_from')!r})"
             )
         state = checkpoint["state_dict"]
         for key, value in self.reference.state_dict().items():

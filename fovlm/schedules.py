@@ -1,6 +1,7 @@
 """Learning-rate schedules as per-group multipliers for ``torch.optim.lr_scheduler.LambdaLR``.
 
-Three schedules, all with linear warmup and stepped once per optimizer step (REFERENCE.md 5.3):
+Three schedules, all with linear warmup and stepped once per optimizer step
+(docs/recipe.md#learning-rate-schedules):
 
 - ``cosine``: warmup, then a half-cosine from the group's LR down to ``min_lr_ratio`` x LR (0.1 by default).
 - ``constant``: warmup, then the group's LR.
@@ -8,11 +9,11 @@ Three schedules, all with linear warmup and stepped once per optimizer step (REF
   ``target_lr`` (down for the connector, up for the backbones); every group ends at exactly ``target_lr``.
 
 With W warmup steps, N total steps, ``p = (t - W) / (N - W)`` and ``c(p) = (1 + cos(pi p)) / 2``, the
-reference's multiplier is ``f(t) = t / W`` for ``t < W``, then ``m + (1 - m) c(p)`` (m the floor ratio, or
+fVLM original's multiplier is ``f(t) = t / W`` for ``t < W``, then ``m + (1 - m) c(p)`` (m the floor ratio, or
 ``target_lr / lr`` for converging), and ``m`` from ``t >= N`` on.
 
-The optimizer step with index ``s`` (0-based) runs at ``f(s + 1)``, one step ahead of the reference, which
-ran its first step at ``f(0) = 0``: a wasted step with LR 0. Shifting by one keeps every value of the
+The optimizer step with index ``s`` (0-based) runs at ``f(s + 1)``, one step ahead of the fVLM original,
+which ran its first step at ``f(0) = 0``: a wasted step with LR 0. Shifting by one keeps every value of the
 curve and its end points: step ``W - 1`` is the first at the full LR (the end of warmup) and the last step
 ``N - 1`` runs exactly at the floor / ``target_lr``.
 """
@@ -27,7 +28,7 @@ SCHEDULES = ("cosine", "constant", "converging")
 
 
 def reference_multiplier(t: float, warmup_steps: int, total_steps: int, floor: float) -> float:
-    """The reference's ``f(t)``: linear warmup to 1, half-cosine from 1 to ``floor``, then ``floor``.
+    """The fVLM original's ``f(t)``: linear warmup to 1, half-cosine from 1 to ``floor``, then ``floor``.
 
     ``floor`` may exceed 1 (a converging backbone group, whose LR rises to the target).
     """
@@ -72,7 +73,7 @@ def lr_lambdas(
         schedule: ``cosine``, ``constant`` or ``converging``.
         base_lrs: each group's configured LR (a group at LR 0 stays at 0 under every schedule).
         total_steps: optimizer steps of the whole run (N).
-        warmup_ratio: W = int(N x warmup_ratio), as in the reference.
+        warmup_ratio: W = int(N x warmup_ratio), as in the fVLM original.
         min_lr_ratio: floor of the cosine schedule as a fraction of each group's LR.
         target_lr: the LR every group converges to (required by ``converging``).
     """

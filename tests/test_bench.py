@@ -7,7 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fovlm.bench import flops, naive, suite
+from fovlm.bench import flops, naive
+from fovlm.bench.data_loading import data_figures
+from fovlm.bench.inputs import sft_batch
 from fovlm.model.loading import build_vlm
 
 
@@ -48,7 +50,7 @@ def test_llm_and_head_flops_match_the_counter(model):
 
 def test_forward_flops_of_a_coarse_fine_batch_match_the_counter(model):
     shape = flops.ModelShape.of(model)
-    batch = suite.sft_batch([3, 5], 24, 224, shape.vocab)
+    batch = sft_batch([3, 5], 24, 224, shape.vocab)
     from fovlm.losses import answer_only_mask, selected_targets, shift_labels
 
     logits_mask, _, _ = selected_targets(shift_labels(batch["input_ids"], answer_only_mask(batch["roles"])))
@@ -64,7 +66,7 @@ def test_a_frozen_backbone_skips_the_patch_pass_backward(model):
     """With DINOv2 frozen, backward costs at most 2 x the forward of everything but the patch pass (the patch pass
     runs forward only); trained, it costs more. The analytic frozen step is an upper bound."""
     shape = flops.ModelShape.of(model)
-    batch = suite.sft_batch([3, 5], 24, 224, shape.vocab)
+    batch = sft_batch([3, 5], 24, 224, shape.vocab)
     mask = batch["attention_mask"].bool()
 
     def forward():
@@ -100,7 +102,7 @@ def test_kv_twice_gives_the_same_cache(model):
 
 
 def test_padded_layout_equals_per_sample_when_nothing_is_padded(model):
-    batch = suite.sft_batch([4, 4], 24, 224, 49152)
+    batch = sft_batch([4, 4], 24, 224, 49152)
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         ours = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
@@ -112,7 +114,7 @@ def test_padded_layout_equals_per_sample_when_nothing_is_padded(model):
 
 
 def test_padded_layout_leaks_padding_into_shorter_samples(model):
-    batch = suite.sft_batch([2, 5], 24, 224, 49152)
+    batch = sft_batch([2, 5], 24, 224, 49152)
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
         ours = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
@@ -156,7 +158,7 @@ def test_gpu_dry_run_writes_every_figure(tmp_path):
 
 
 def test_data_figures_read_every_sample(tmp_path, smollm2_dir):
-    result = suite.data_figures(tmp_path, str(smollm2_dir), samples=4, frames=2, source_size=64, batch_size=2,
-                                workers=(0,))
+    result = data_figures(tmp_path, str(smollm2_dir), samples=4, frames=2, source_size=64, batch_size=2,
+                          workers=(0,))
     assert result["datamodule"]["0"]["samples"] == 4
     assert result["raw_decode_frames_per_s"] > 0

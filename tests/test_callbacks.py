@@ -6,9 +6,11 @@ import math
 import subprocess
 import sys
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from fitkit import fit_args, read_events, synthetic_data
+from lightning.pytorch.loggers import Logger
 
 from fovlm.callbacks import AtomicCheckpointIO, SmoothedLoss, atomic_torch_save, batch_counts
 
@@ -29,15 +31,15 @@ def test_tensorboard_holds_scalars_images_and_text(data, tmp_path):
     events = read_events(run)
     scalars = events["scalars"]
     for tag in ("train/loss", "train/loss_smooth", "train/grad_norm", "val/loss", "perf/samples_per_s",
-                "perf/frames_per_s", "perf/tokens_per_s", "data/skipped", "attention/entropy_static",
-                "attention/entropy_dynamic"):
+                "perf/frames_per_s", "perf/tokens_per_s", "data/skipped", "attention/entropy_coarse",
+                "attention/entropy_fine"):
         assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
     assert any(tag.startswith("lr-") for tag in scalars), sorted(scalars)
     assert sorted(scalars["train/loss"]) == list(range(8))  # one value per optimizer step
     # Directly written values share Lightning's step axis: after steps 4 and 8 -> logged at 3 and 7.
-    assert sorted(scalars["attention/entropy_static"]) == [3, 7]
+    assert sorted(scalars["attention/entropy_coarse"]) == [3, 7]
     # Entropy over 1 CLS + 4x4 patches: positive and at most uniform.
-    for kind in ("static", "dynamic"):
+    for kind in ("coarse", "fine"):
         values = list(scalars[f"attention/entropy_{kind}"].values())
         assert values and all(0 < v <= math.log(17) + 1e-4 for v in values)
     for tag in ("perf/samples_per_s", "perf/frames_per_s", "perf/tokens_per_s"):
@@ -52,18 +54,74 @@ def test_tensorboard_holds_scalars_images_and_text(data, tmp_path):
     assert ckpt["global_step"] == 8
 
 
-def test_smoothed_loss_is_a_bias_corrected_ema():
-    callback = SmoothedLoss(window=3)  # alpha = 0.5
-    values = [4.0, 2.0, 1.0]
-    ema = weight = 0.0
-    for v in values:
-        callback.ema = (1 - callback.alpha) * callback.ema + callback.alpha * v
-        callback.weight = (1 - callback.alpha) * callback.weight + callback.alpha
-        ema = 0.5 * ema + 0.5 * v
-        weight = 0.5 * weight + 0.5
-    # By hand: ema = 0.5*1 + 0.25*2 + 0.125*4 = 1.5, weight = 0.875 -> 1.714...
-    assert callback.ema / callback.weight == pytest.approx(1.5 / 0.875)
-    assert ema / weight == pytest.approx(1.5 / 0.875)
+class _Regression(pl.LightningModule):
+    """A linear regression that keeps every micro-batch loss its training step returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class _MemoryLogger(Logger):
+    """Keeps every logged metric as {name: {step: value}}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, dict[int, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, {})[step] = float(value)
+
+
+def test_smoothed_loss_is_a_bias_corrected_ema(tmp_path):
+    """A real fit with gradient accumulation: each logged ``train/loss_smooth`` is the bias-corrected exponential
+    moving average, weight 2 / (window + 1), of the per-step means of the training step's micro-batch losses."""
+    torch.manual_seed(0)
+    x = torch.randn(48, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True) + 1.0), batch_size=4)
+    module, logger, window, accumulate = _Regression(), _MemoryLogger(), 3, 2
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=accumulate, logger=logger,
+        log_every_n_steps=1, callbacks=[SmoothedLoss(window=window)], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+
+    assert len(module.losses) == 6 * accumulate
+    step_losses = [sum(module.losses[i : i + accumulate]) / accumulate for i in range(0, len(module.losses), accumulate)]
+    assert len(set(step_losses)) == len(step_losses)  # distinct per-step losses, so the weighting is tested
+    # Closed form: sum_i (1 - a)^(n - i) x_i / sum_i (1 - a)^(n - i) over the steps so far.
+    decay = 1 - 2 / (window + 1)
+    expected = [
+        sum(decay ** (n - i) * step_losses[i] for i in range(n + 1)) / sum(decay ** (n - i) for i in range(n + 1))
+        for n in range(len(step_losses))
+    ]
+    logged = logger.metrics["train/loss_smooth"]
+    assert sorted(logged) == list(range(6))  # one value per optimizer step
+    assert [logged[step] for step in sorted(logged)] == pytest.approx(expected, rel=1e-5)
+    assert expected[0] == pytest.approx(step_losses[0])  # bias-corrected: the first value is the first step's loss
     with pytest.raises(ValueError):
         SmoothedLoss(window=0)
 

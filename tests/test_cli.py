@@ -1,5 +1,6 @@
-"""The fovlm command line: bad configs fail before training with the key or path named and a non-zero exit code;
-`python -m fovlm`; the run summary command."""
+"""The fovlm command line: one table of commands listed by `fovlm --help`, each with its own `--help`; bad configs
+fail before training with the key or path named and a non-zero exit code; `python -m fovlm`; the run summary
+command."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import pytest
 from fitkit import CONFIGS, fit_args, fovlm_command, subprocess_env, synthetic_data
 
-from fovlm.cli import gguf_for, main, summarize_run, tokenizer_for
+from fovlm.cli import COMMANDS, FovlmCLI, linked_gguf_file, linked_tokenizer, main, summarize_run
+
+# The commands `fovlm --help` must offer (COMMANDS may grow; these may not go missing).
+EXPECTED_COMMANDS = {"fit", "validate", "eval", "predict", "export", "summary"}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +25,67 @@ def _fails(args: list[str], capsys) -> str:
         main(args)
     assert exit_info.value.code not in (0, None)
     return capsys.readouterr().err
+
+
+def _exit(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``fovlm ARGS`` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], []], ids=["--help", "-h", "alone"])
+def test_help_lists_every_command(args, capsys):
+    code, out, _ = _exit(args, capsys)
+    assert code == 0 and out.startswith("usage: fovlm COMMAND")
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  ")}
+    assert set(listed) == set(COMMANDS) and EXPECTED_COMMANDS <= set(listed)
+    for name, command in COMMANDS.items():
+        assert listed[name] == command.help and command.help  # one line each, not empty
+    assert "test" not in listed
+
+
+def test_readme_lists_the_commands_as_help_does(capsys):
+    _, out, _ = _exit(["--help"], capsys)
+    readme = (CONFIGS.parent / "README.md").read_text()
+    for line in out.splitlines():
+        if line.startswith("  "):
+            assert line in readme, line
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_command_has_its_own_help(name, capsys):
+    code, out, _ = _exit([name, "--help"], capsys)
+    assert code == 0
+    usage = out.split("\n", 1)[0]
+    assert usage.startswith("usage: fovlm") and name in usage
+    if COMMANDS[name].target is None:  # LightningCLI's own help for the subcommand
+        assert "--config" in out and "--trainer.max_steps" in out and "--model" in out
+
+
+def test_lightning_offers_only_fit_and_validate():
+    """LightningCLI's test and predict need a test_step / predict_step the module does not have."""
+    assert set(FovlmCLI.subcommands()) == {"fit", "validate"}
+
+
+@pytest.mark.parametrize("order", ["options first", "options last"])
+def test_predict_takes_options_before_or_after_the_media(order, tmp_path, capsys):
+    """Both orders reach the video predict command (its own error for a missing model, not LightningCLI's parser)."""
+    missing = str(tmp_path / "no-model.ckpt")
+    options = ["--model", missing, "--prompt", "What happens?"]
+    media = [str(tmp_path / "clip.mp4")]
+    code, out, err = _exit(["predict", *(options + media if order == "options first" else media + options)], capsys)
+    assert code == 1 and err.startswith("fovlm predict: error") and missing in err
+    assert "Parser key" not in err and not out
+
+
+@pytest.mark.parametrize("args", [["test", "--config", "x.yaml"], ["tset"], ["--config", "x.yaml", "fit"]])
+def test_unknown_command_is_one_line_with_the_commands(args, capsys):
+    code, out, err = _exit(args, capsys)
+    assert code == 2 and not out
+    assert err.count("\n") == 1 and err.startswith("fovlm: error:") and repr(args[0]) in err
+    assert all(name in err for name in COMMANDS)
 
 
 def test_unknown_key_is_named(data, tmp_path, capsys):
@@ -60,6 +125,13 @@ def test_missing_init_from_is_named(data, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "stage2").exists()
 
 
+def test_python_m_fovlm_lists_the_commands():
+    result = subprocess.run(fovlm_command(["--help"]), env=subprocess_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(f"  {name} " in result.stdout for name in EXPECTED_COMMANDS)
+
+
 def test_console_entry_exits_non_zero_with_the_path(data, tmp_path):
     """The real process (`python -m fovlm`): exit code 2 and the message on stderr."""
     missing = str(tmp_path / "none-*.tar")
@@ -74,9 +146,9 @@ def test_console_entry_exits_non_zero_with_the_path(data, tmp_path):
 
 
 def test_tokenizer_follows_the_llm():
-    assert tokenizer_for("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert tokenizer_for("tiny").endswith("smollm2-135m-instruct")
-    assert gguf_for("models/smol", "smol.gguf") == "smol.gguf" and gguf_for("tiny", "smol.gguf") is None
+    assert linked_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert linked_tokenizer("tiny").endswith("smollm2-135m-instruct")
+    assert linked_gguf_file("models/smol", "smol.gguf") == "smol.gguf" and linked_gguf_file("tiny", "smol.gguf") is None
 
 
 def test_summary_reads_first_and_last_loss(tmp_path, capsys):

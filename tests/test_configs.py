@@ -1,15 +1,20 @@
-"""Every YAML in configs/ parses and instantiates (offline, no training) with the demo overlay; the recipe values of
-the stage configs; the LLM -> tokenizer links; the 1.7B overlay's FSDP strategy."""
+"""Every YAML in configs/ instantiates as it is meant to be used (offline, no training): stage configs on their own,
+overlays on top of each stage config; the stage configs with the demo overlay; the recipe values of the stage
+configs; the LLM -> tokenizer links; the 1.7B overlay's FSDP strategy."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
+import torch
+import yaml
 from fitkit import CONFIGS, STAGE_DATA, fovlm_command, subprocess_env, synthetic_data
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from fovlm.callbacks import (
     AtomicCheckpointIO,
@@ -22,8 +27,9 @@ from fovlm.callbacks import (
     StageCheckpoint,
     Throughput,
 )
-from fovlm.cli import TINY_LLM_TOKENIZER, FovlmCLI
+from fovlm.cli import FovlmCLI
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
+from fovlm.model.loading import TINY_LLM_TOKENIZER
 from fovlm.module import FoveatedModule
 
 DATAMODULES = {1: CaptionDataModule, 2: SFTDataModule, 3: PreferenceDataModule}
@@ -36,8 +42,9 @@ def data(tmp_path_factory):
     return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
 
 
-def _args(stage: int, data, tmp_path, *overlays: str) -> list[str]:
-    args = ["--config", str(CONFIGS / f"stage{stage}.yaml")]
+def _compose(config: str, stage: int, data, tmp_path, *overlays: str) -> list[str]:
+    """``--config`` arguments of a stage config and overlays (paths under configs/), the stage's synthetic shards."""
+    args = ["--config", str(CONFIGS / config)]
     for overlay in overlays:
         args += ["--config", str(CONFIGS / overlay)]
     for key, pattern in STAGE_DATA[stage].items():
@@ -49,9 +56,68 @@ def _args(stage: int, data, tmp_path, *overlays: str) -> list[str]:
     return args
 
 
+def _args(stage: int, data, tmp_path, *overlays: str) -> list[str]:
+    return _compose(f"stage{stage}.yaml", stage, data, tmp_path, *overlays)
+
+
+# ---- every file the glob finds -----------------------------------------------------------------------------------
+# A stage config names its LightningModule and DataModule (model.class_path); any other YAML is an overlay and is
+# composed after each stage config, as `fovlm fit --config configs/stageN.yaml --config OVERLAY` does.
+
+CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+def _stage_of(name: str) -> int | None:
+    """The stage of a config naming its DataModule (by the DataModule's class), None for an overlay."""
+    config = yaml.safe_load((CONFIGS / name).read_text()) or {}
+    if not (config.get("model") or {}).get("class_path"):
+        return None
+    data_class = config["data"]["class_path"]
+    stages = [s for s, cls in DATAMODULES.items() if f"{cls.__module__}.{cls.__name__}" == data_class]
+    assert stages, f"{name}: no synthetic test data for {data_class} (add it to DATAMODULES and STAGE_DATA)"
+    return stages[0]
+
+
+STAGE_CONFIGS = {name: stage for name in CONFIG_FILES if (stage := _stage_of(name)) is not None}
+OVERLAYS = [name for name in CONFIG_FILES if name not in STAGE_CONFIGS]
+COMPOSITIONS = [(base, overlay) for base in STAGE_CONFIGS for overlay in [None, *OVERLAYS]]
+
+
 def test_every_config_file_is_covered():
-    files = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")}
-    assert files == {"stage1.yaml", "stage2.yaml", "stage3.yaml", "demo.yaml", "size/360m.yaml", "size/1.7b.yaml"}
+    assert {"stage1.yaml", "stage2.yaml", "stage3.yaml"} <= set(STAGE_CONFIGS)
+    assert {"demo.yaml", "size/360m.yaml", "size/1.7b.yaml"} <= set(OVERLAYS)
+    assert {name for pair in COMPOSITIONS for name in pair if name} == set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize(("config", "overlay"), COMPOSITIONS,
+                         ids=[f"{b}+{o}" if o else b for b, o in COMPOSITIONS])
+def test_every_config_file_instantiates(config, overlay, data, tmp_path, monkeypatch):
+    """Model, DataModule and Trainer of each composition, with the tiny models and no network: a Trainer whose
+    strategy needs a GPU (FSDP) is built only where there is one, its strategy object everywhere."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a config tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.chdir(tmp_path)  # nothing may be written by instantiation
+    gpu_only = (FSDPStrategy, ModelParallelStrategy)
+
+    class CLI(FovlmCLI):
+        def instantiate_trainer(self, **kwargs):
+            strategy = (self._get(self.config_init, "trainer") or {}).get("strategy")
+            if isinstance(strategy, gpu_only) and not torch.cuda.is_available():
+                return strategy
+            return super().instantiate_trainer(**kwargs)
+
+    stage = STAGE_CONFIGS[config]
+    tiny = ["--model.init_args.llm", "tiny", "--model.init_args.vision", "tiny"]
+    cli = CLI(args=_compose(config, stage, data, tmp_path, *([overlay] if overlay else [])) + tiny, run=False)
+    assert isinstance(cli.model, FoveatedModule) and cli.model.model is None
+    assert type(cli.datamodule) is DATAMODULES[stage] and cli.model.hparams.loss == LOSSES[stage]
+    assert isinstance(cli.trainer, (Trainer, *gpu_only))
+    if isinstance(cli.trainer, Trainer):
+        assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not list(tmp_path.glob("runs"))
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -76,7 +142,7 @@ def test_stage_config_instantiates_with_demo_overlay(stage, size, data, tmp_path
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_recipe_values(stage, data, tmp_path):
-    """Without the demo overlay: the 135M recipe of REFERENCE.md 5.11, hub ids, tokenizer linked to the LLM."""
+    """Without the demo overlay: the 135M recipe of docs/recipe.md#stages-at-a-glance, hub ids, tokenizer linked to the LLM."""
 
     class NoTrainer(FovlmCLI):
         def instantiate_trainer(self, **kwargs):

@@ -7,14 +7,9 @@ import lightning as L
 import pytest
 import torch
 
-from fovlm.export import (
-    ExportError,
-    load_exported_tokenizer,
-    load_pretrained,
-    main,
-    parse_args,
-    read_checkpoint,
-)
+from fovlm.export import main, parse_args
+from fovlm.model.checkpoint import CheckpointError
+from fovlm.model.pretrained import load_exported_tokenizer, load_pretrained, read_checkpoint
 from fovlm.model.vlm import MODES
 from fovlm.module import FoveatedModule
 
@@ -71,12 +66,12 @@ def test_export_round_trip_gives_the_checkpoint_logits(checkpoint, tmp_path, cap
 
 def test_loading_refuses_pickled_objects_and_incomplete_folders(tmp_path):
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": ExportError("arbitrary object")}, evil)
-    with pytest.raises(ExportError, match="weights_only"):
+    torch.save({"state_dict": {}, "payload": CheckpointError("arbitrary object")}, evil)
+    with pytest.raises(CheckpointError, match="weights_only"):
         read_checkpoint(evil)
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
-    with pytest.raises(ExportError, match="not an exported fovlm folder"):
+    with pytest.raises(CheckpointError, match="not an exported fovlm folder"):
         load_pretrained(tmp_path)
 
 

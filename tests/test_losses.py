@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_PAD, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 from fovlm.losses import (
     DPO,
-    IGNORE_INDEX,
-    ROLE_ANSWER,
-    ROLE_PAD,
-    ROLE_SYSTEM,
-    ROLE_TEMPLATE,
-    ROLE_USER,
     AllTextCE,
     AnswerOnlyCE,
     build_loss_head,

@@ -1,5 +1,5 @@
 """Tests for fovlm.module.FoveatedModule: parameter groups, freezing, short fits of every stage, accumulation,
-init_from errors and the DPO reference's checkpoint handling. Tiny random models, hand-built batches, CPU."""
+init_from errors and the DPO reference model's checkpoint handling. Tiny random models, hand-built batches, CPU."""
 
 import csv
 import math
@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from fovlm.losses import ROLE_ANSWER, ROLE_PAD, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
+from fovlm.data.roles import ROLE_ANSWER, ROLE_PAD, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 from fovlm.module import FoveatedModule, no_decay_parameters, parameter_groups
 
 PAD_ID = 2

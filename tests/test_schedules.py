@@ -1,4 +1,4 @@
-"""Tests for fovlm.schedules against the values of REFERENCE.md 5.3."""
+"""Tests for fovlm.schedules against the values of docs/recipe.md#learning-rate-schedules."""
 
 import math
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from data_prep.records import MediaIndex, Record, annotation_files, llava_messages, read_rows
+from data_prep.records import MediaIndex, Record, VideoRow, annotation_files, llava_messages, video_rows
 from data_prep.writer import Skip
 
 
@@ -17,20 +18,19 @@ def llava_records(name: str, input: Path, media: Path | None, pattern: str = "*"
     (default: the folder of the annotations)."""
     files = annotation_files(input, pattern)
     index = MediaIndex(media or (input if input.is_dir() else input.parent))
-    for path in files:
-        for number, row in enumerate(read_rows(path)):
-            if isinstance(row, Skip):
-                yield row
-                continue
-            item = str(row.get("id") or f"{path.name}[{number}]")
-            video = row.get("video")
-            if not isinstance(video, str) or not video.strip():
-                yield Skip(item, "bad_row", "no 'video' path")
-                continue
-            try:
-                messages = llava_messages(row.get("conversations"))
-            except ValueError as err:
-                yield Skip(item, "bad_row", str(err))
-                continue
-            meta = {"video_id": str(row.get("id") or Path(video).stem)}
-            yield Record(item, name, "video", {"messages": messages}, video=index.find(video.strip()), meta=meta)
+    for entry in video_rows(files, "video", _text, _item_id, missing="no 'video' path"):
+        yield entry if isinstance(entry, Skip) else _record(name, entry, index)
+
+
+def _item_id(path: Path, number: int, row: dict[str, Any]) -> str:
+    return str(row.get("id") or f"{path.name}[{number}]")
+
+
+def _record(name: str, entry: VideoRow, index: MediaIndex) -> Record:
+    meta = {"video_id": str(entry.row.get("id") or Path(entry.video).stem)}
+    return Record(entry.item, name, "video", entry.text, video=index.find(entry.video.strip()), meta=meta)
+
+
+def _text(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's turns as schema messages."""
+    return {"messages": llava_messages(row.get("conversations"))}

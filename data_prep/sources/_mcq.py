@@ -13,8 +13,8 @@ from data_prep.records import (
     Record,
     annotation_files,
     answer_index,
-    read_rows,
     strip_option_letter,
+    video_rows,
 )
 from data_prep.writer import Skip
 
@@ -38,27 +38,17 @@ def mcq_records(name: str, input: Path, media: Path | None, video_folder) -> Ite
     else:
         json_dir, root = input, input.parent.parent  # .../json/{task}.json -> ...
     index = MediaIndex(media or root / "video")
-    for path in annotation_files(json_dir, "*.json"):
-        task = path.stem
-        for number, row in enumerate(read_rows(path)):
-            item = f"{task}[{number}]"
-            if isinstance(row, Skip):
-                yield row
-                continue
-            video = row.get("video")
-            try:
-                if not isinstance(video, str) or not video.strip():
-                    raise ValueError("no 'video'")
-                text = mcq_text(row)
-            except ValueError as err:
-                yield Skip(item, "bad_row", str(err))
-                continue
-            category = row.get("question_type") if isinstance(row.get("question_type"), str) else task
-            text["category"] = category
-            meta: dict[str, Any] = {"video_id": Path(video).stem, "task": task}
-            clip = None
-            if isinstance(row.get("start"), int | float) and isinstance(row.get("end"), int | float):
-                if row["end"] > row["start"]:
-                    clip = (float(row["start"]), float(row["end"]))
-            yield Record(item, name, "video", text, video=index.find(f"{video_folder(task)}/{video.strip()}"),
-                         meta=meta, clip=clip)
+    files = annotation_files(json_dir, "*.json")
+    for entry in video_rows(files, "video", mcq_text, lambda path, number, _row: f"{path.stem}[{number}]"):
+        if isinstance(entry, Skip):
+            yield entry
+            continue
+        task, row, video, text = entry.path.stem, entry.row, entry.video, entry.text
+        text["category"] = row.get("question_type") if isinstance(row.get("question_type"), str) else task
+        meta: dict[str, Any] = {"video_id": Path(video).stem, "task": task}
+        clip = None
+        if isinstance(row.get("start"), int | float) and isinstance(row.get("end"), int | float):
+            if row["end"] > row["start"]:
+                clip = (float(row["start"]), float(row["end"]))
+        yield Record(entry.item, name, "video", text, video=index.find(f"{video_folder(task)}/{video.strip()}"),
+                     meta=meta, clip=clip)

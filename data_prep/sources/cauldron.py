@@ -6,8 +6,8 @@ files with columns ``images`` (a list of ``{"bytes", "path"}``) and ``texts`` (a
 (image ``bytes`` as base64 text, or a ``path`` relative to the file).
 
 ``input``: the dataset folder (every subset) or one subset folder or file; the subset name is the parent
-folder's name, and ``source`` is ``cauldron/{subset}``. Every turn of ``texts`` is kept (the reference kept
-only the last one) and every image is kept: one image is one frame; several become one grid image or a
+folder's name, and ``source`` is ``cauldron/{subset}``. Every turn of ``texts`` is kept (the fVLM
+original kept only the last one) and every image is kept: one image is one frame; several become one grid image or a
 frame sequence (``--multi-image``, see :mod:`data_prep.media`).
 """
 

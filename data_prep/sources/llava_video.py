@@ -7,8 +7,8 @@ Published layout: one folder per subset holding ``*_cap_processed.json`` (captio
 archives that extract to the relative ``video`` paths, below the subset folder.
 
 ``input``: the subset folder (every ``*processed.json`` in it) or one JSON; ``media``: default the subset
-folder. The reference joined all answers of a video into one string (LESSONS.md W10); here each entry is
-its own sample and multi-turn QA keeps its turns.
+folder. The fVLM original joined all answers of a video into one string (docs/differences.md#data); here
+each entry is its own sample and multi-turn QA keeps its turns.
 """
 
 from __future__ import annotations

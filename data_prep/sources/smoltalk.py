@@ -2,8 +2,8 @@
 
 Published layout: ``data/{config}/train-XXXXX-of-YYYYY.parquet`` (``all`` or one of its sources) with
 columns ``messages`` (a list of ``{"role", "content"}``) and ``source``; a ``.jsonl`` export with the same
-columns is read too. ``input``: a file or a folder of them. Whole conversations are kept (the reference
-collapsed them to their last user / assistant pair), system turns included; ``media`` is ``text``.
+columns is read too. ``input``: a file or a folder of them. Whole conversations are kept (the fVLM
+original collapsed them to their last user / assistant pair), system turns included; ``media`` is ``text``.
 """
 
 from __future__ import annotations

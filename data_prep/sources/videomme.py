@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.records import MediaIndex, Record, annotation_files, read_rows
+from data_prep.records import MediaIndex, Record, annotation_files, video_rows
 from data_prep.sources._mcq import mcq_text
 from data_prep.writer import Skip
 
@@ -25,23 +25,18 @@ NAME = "videomme"
 def records(input: Path, media: Path | None = None) -> Iterator[Record | Skip]:
     files = annotation_files(input)
     index = MediaIndex(media or files[0].parent.parent / "data")
-    for path in files:
-        for number, row in enumerate(read_rows(path)):
-            if isinstance(row, Skip):
-                yield row
-                continue
-            item = str(row.get("question_id") or f"{path.stem}[{number}]")
-            video = row.get("videoID")
-            try:
-                if not isinstance(video, str) or not video.strip():
-                    raise ValueError("no 'videoID'")
-                text = mcq_text(row)
-            except ValueError as err:
-                yield Skip(item, "bad_row", str(err))
-                continue
-            text["category"] = str(row.get("task_type") or "unknown")
-            meta = {"video_id": video.strip()}
-            for src, dst in (("duration", "duration_group"), ("domain", "domain"), ("sub_category", "sub_category")):
-                if isinstance(row.get(src), str):
-                    meta[dst] = row[src]
-            yield Record(item, NAME, "video", text, video=index.find(f"{video.strip()}.mp4"), meta=meta)
+    for entry in video_rows(files, "videoID", mcq_text, _item_id):
+        if isinstance(entry, Skip):
+            yield entry
+            continue
+        row, video, text = entry.row, entry.video.strip(), entry.text
+        text["category"] = str(row.get("task_type") or "unknown")
+        meta = {"video_id": video}
+        for src, dst in (("duration", "duration_group"), ("domain", "domain"), ("sub_category", "sub_category")):
+            if isinstance(row.get(src), str):
+                meta[dst] = row[src]
+        yield Record(entry.item, NAME, "video", text, video=index.find(f"{video}.mp4"), meta=meta)
+
+
+def _item_id(path: Path, number: int, row: dict) -> str:
+    return str(row.get("question_id") or f"{path.stem}[{number}]")

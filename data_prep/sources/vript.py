@@ -9,7 +9,7 @@ line, or one clip object per line: both are read). The clips (``vript_*_videos_c
 
 ``input``: a caption file, or a folder of them. ``media``: the extracted clips (default: ``clips/`` beside
 the captions), searched by ``{video_id}/{clip_id}.mp4`` and then by file name. Each scene becomes a caption
-sample ``"{scene_title}: {content}"`` (the reference's text), with the per-source prompt as user turn.
+sample ``"{scene_title}: {content}"`` (the fVLM original's text), with the per-source prompt as user turn.
 """
 
 from __future__ import annotations

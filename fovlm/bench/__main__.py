@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fovlm.bench import runner, suite
+from fovlm.bench import runner
+from fovlm.bench.inputs import SIZES
+from fovlm.bench.measure import Env, matmul_peaks, thread_check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,33 +33,29 @@ def main(argv: list[str] | None = None) -> int:
     sizes = ["tiny"] if args.dry_run else [s for s in args.sizes.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
     for name in sizes:
-        if name not in suite.SIZES:
+        if name not in SIZES:
             parser.error(f"unknown size {name!r}; expected tiny or real")
     for name in precisions:
         if name not in ("fp32", "bf16"):
             parser.error(f"unknown precision {name!r}; expected fp32 or bf16")
     started = time.time()
     results = {"meta": runner.meta(args.dry_run)}
-    cpu = suite.Env(torch.device("cpu"), "fp32")
+    cpu = Env(torch.device("cpu"), "fp32")
     runner.log("matmul peak")
     seconds, size = (0.3, 256) if args.dry_run else (3.0, args.matmul_size)
-    results["matmul"] = {"fp32": suite.matmul_rate(cpu, torch.float32, size, seconds),
-                         "bf16": suite.matmul_rate(cpu, torch.bfloat16, size, seconds)}
+    results["matmul"] = matmul_peaks(cpu, size, seconds)
     if not args.dry_run:
         runner.log("thread check")
-        results["threads"] = suite.thread_check()
+        results["threads"] = thread_check()
     for name in sizes:
         results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"))
         runner.save(results, Path(args.out))  # partial report: a long run interrupted later keeps what it measured
     # Measured again at the end: on a shared machine the first measurement may have been taken under load; the
     # shares of the matmul rate use the better of the two.
     runner.log("matmul peak, again")
-    results["matmul_end"] = {"fp32": suite.matmul_rate(cpu, torch.float32, size, seconds),
-                             "bf16": suite.matmul_rate(cpu, torch.bfloat16, size, seconds)}
+    results["matmul_end"] = matmul_peaks(cpu, size, seconds)
     runner.rescale_to_best_peak(results)
-    if not args.no_data:
-        results["data"] = runner.data_section(args.dry_run, (0, 2))
-    runner.finish(results, Path(args.out), started)
+    runner.finish(results, Path(args.out), started, args.dry_run, None if args.no_data else (0, 2))
     return 0
 
 

@@ -16,8 +16,9 @@ width, Dkv LLM key/value width, Fl LLM MLP width, V vocabulary):
 A coarse_fine training sample with T frames and S text tokens costs one patch pass per frame, two query
 passes per frame, an LLM pass over T coarse tokens, the query head, an LLM pass over T + S tokens and the
 lm_head on its scored rows. Training = 3 x forward (backward costs twice the forward). A DPO step = policy
-forward + backward (3x) + frozen reference forward (1x) = 4x the pair forward, where the pair forward shares
-the visual part and runs the LLM over both texts. Norms, activations, softmax and the loss are not counted.
+forward + backward (3x) + frozen reference model forward (1x) = 4x the pair forward, where the pair forward
+shares the visual part and runs the LLM over both texts. Norms, activations, softmax and the loss are not
+counted.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def dpo_step(
     scored_rows: int,
     mode: str = "coarse_fine",
 ) -> float:
-    """Model FLOPs of one DPO step: policy forward + backward (3x) and the reference forward (1x).
+    """Model FLOPs of one DPO step: policy forward + backward (3x) and the reference model forward (1x).
 
     ``scored_rows`` counts the scored rows of both sides together.
     """

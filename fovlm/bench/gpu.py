@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 
-from fovlm.bench import runner, suite
+from fovlm.bench import runner
 from fovlm.bench.flops import ModelShape
+from fovlm.bench.inputs import build_module, sft_batch, to_device
+from fovlm.bench.measure import Env, PeakRSS, matmul_peaks
+from fovlm.data.contract import FRAME_SETTINGS
 
 
 def smollm2_1p7b_config():
@@ -34,19 +37,19 @@ def smollm2_1p7b_config():
                            intermediate_size=8192, max_position_embeddings=8192)
 
 
-def memory_step(env: suite.Env, model, batch: dict) -> dict[str, Any]:
+def memory_step(env: Env, model, batch: dict) -> dict[str, Any]:
     """One stage-1 training step (all-text CE, AdamW) -> seconds and peak device memory (or RSS on the CPU)."""
     from fovlm.losses import build_loss_head
 
     head = build_loss_head("all_text")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   fused=env.device.type == "cuda")
-    batch = suite.to_device(batch, env.device)
+    batch = to_device(batch, env.device)
     model.train()
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(env.device)
-    with suite.PeakRSS() as rss:
+    with PeakRSS() as rss:
         start = env.now()
         with env.autocast():
             loss = head(model, batch, mode="coarse_fine").loss
@@ -61,7 +64,7 @@ def memory_step(env: suite.Env, model, batch: dict) -> dict[str, Any]:
     return out
 
 
-def memory_sections(env: suite.Env, dry_run: bool) -> dict[str, Any]:
+def memory_sections(env: Env, dry_run: bool) -> dict[str, Any]:
     """Peak memory of stage 1 at batch 8 x 64 frames (135M), and of the 1.7B shape at batch 1 x 64 frames."""
     from transformers import Dinov2Model, LlamaForCausalLM
 
@@ -73,8 +76,8 @@ def memory_sections(env: suite.Env, dry_run: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for checkpointing in (False, True):
         runner.log(f"memory: stage 1, batch {batch_size} x {frames} frames, checkpointing {checkpointing}")
-        module = suite.build_module(size, "all_text", env.device, gradient_checkpointing=checkpointing)
-        batch = suite.sft_batch([frames] * batch_size, 64, 224, ModelShape.of(module.model).vocab)
+        module = build_module(size, "all_text", env.device, gradient_checkpointing=checkpointing)
+        batch = sft_batch([frames] * batch_size, 64, FRAME_SETTINGS.frame_size, ModelShape.of(module.model).vocab)
         key = "stage1_135m_checkpointing" if checkpointing else "stage1_135m"
         out[key] = {"batch": batch_size, "frames": frames, **memory_step(env, module.model, batch)}
         del module
@@ -84,7 +87,7 @@ def memory_sections(env: suite.Env, dry_run: bool) -> dict[str, Any]:
         llm = LlamaForCausalLM(tiny_llm_config() if dry_run else smollm2_1p7b_config())
         model = FoveatedVLM(vision, llm)
     model.set_gradient_checkpointing(llm=True, vision=True)
-    batch = suite.sft_batch([frames], 64, 224, llm.config.vocab_size)
+    batch = sft_batch([frames], 64, FRAME_SETTINGS.frame_size, llm.config.vocab_size)
     out["shape_1p7b_checkpointing"] = {"batch": 1, "frames": frames, **memory_step(env, model, batch)}
     return out
 
@@ -101,22 +104,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
-    env = suite.Env(device, "bf16")
+    env = Env(device, "bf16")
     started = time.time()
     results: dict[str, Any] = {"meta": runner.meta(args.dry_run)}
     if device.type == "cuda":
         results["meta"]["device"] = torch.cuda.get_device_name(device)
     runner.log("matmul peak")
     seconds, size = (0.3, 256) if args.dry_run else (3.0, 8192)
-    results["matmul"] = {"fp32": suite.matmul_rate(env, torch.float32, size, seconds),
-                         "bf16": suite.matmul_rate(env, torch.bfloat16, size, seconds)}
+    results["matmul"] = matmul_peaks(env, size, seconds)
     size_name = "tiny" if args.dry_run else "real"
     results[size_name] = runner.run_size(size_name, ["bf16"], results["matmul"], args.dry_run, device)
     runner.save(results, Path(args.out))  # partial report, in case the memory sections run out of memory
     results["memory"] = memory_sections(env, args.dry_run)
-    if not args.no_data:
-        results["data"] = runner.data_section(args.dry_run, (0, 4))
-    runner.finish(results, Path(args.out), started)
+    runner.finish(results, Path(args.out), started, args.dry_run, None if args.no_data else (0, 4))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The reference's ways of computing, kept to measure fovlm's design choices against (never used to train).
+"""The fVLM original's ways of computing, kept to measure fovlm's design choices against (never used to train).
 
 - :func:`patch_pass_kv_twice`: each DINO layer runs as Hugging Face's ``Dinov2Layer`` (which projects K and
   V inside its attention) and K/V are projected a second time from the same normalised input for the cache.
@@ -6,9 +6,9 @@
   padded frame becomes a token (the connector applied to a zero vector) that is not masked; the text of every
   sample starts after T_max visual tokens; the LLM runs with a pure causal mask over [B, T_max + S]. With
   ``encode_padding`` the padded (all-zero) frames also go through DINO and both query passes (the plainest
-  padded batch); without it DINO and the query passes run on real frames only, as the reference did.
+  padded batch); without it DINO and the query passes run on real frames only, as the fVLM original did.
 - :func:`autoregressive_naive`: the autoregressive visual pass of one clip, either rebuilding the padded
-  per-layer K/V buffer from the compact cache at every step (the reference) or, in addition, running the LLM
+  per-layer K/V buffer from the compact cache at every step (the fVLM original) or, in addition, running the LLM
   over the whole visual prefix at every step instead of one cached step.
 
 Shapes: B samples, T_max longest clip, F real frames, S text width, Dv DINO width, Dl LLM width.
@@ -83,7 +83,8 @@ def padded_coarse_fine_logits(
 
 
 def _rebuilt_frame(cache: PatchCache, real: Tensor, t: int) -> PatchCache:
-    """Scatter the whole compact cache into a zero padded buffer and slice frame t (the reference, every step)."""
+    """Scatter the whole compact cache into a zero padded buffer and slice frame t (the fVLM original's way,
+    at every step)."""
     batch, t_max = real.shape
     index = real.flatten().nonzero().squeeze(1)
 
@@ -100,7 +101,7 @@ def _rebuilt_frame(cache: PatchCache, real: Tensor, t: int) -> PatchCache:
 
 @torch.no_grad()
 def autoregressive_naive(model, cache: PatchCache, recompute_llm: bool = False) -> Tensor:
-    """Autoregressive visual pass of ONE clip (every cached frame), the reference's way -> tokens [T, Dl].
+    """Autoregressive visual pass of ONE clip (every cached frame), the fVLM original's way -> tokens [T, Dl].
 
     Args:
         model: a FoveatedVLM in eval mode.

@@ -25,25 +25,31 @@ from typing import Any
 
 import torch
 
-from fovlm.bench import suite
+from fovlm.bench import inputs, training
+from fovlm.bench.answering import generation_figures, scoring_figures
+from fovlm.bench.data_loading import data_figures
+from fovlm.bench.encoding import autoregressive_figures, kv_once_vs_twice
 from fovlm.bench.flops import ModelShape
+from fovlm.bench.measure import Env, PeakRSS, timed
+from fovlm.bench.table import print_table, summary_rows
+from fovlm.data.contract import FRAME_SETTINGS
 
 
 def plan(size: str, dry_run: bool, device: str = "cpu") -> dict[str, Any]:
     """How much of each section to run (small at real size on the CPU, so the whole run stays ~10 min)."""
     if dry_run:
-        return dict(steps=1, warmup=1, batch_frames=(2, 2), mixed=(1, 3), text=32, image=224, ar=(2, 4),
+        return dict(steps=1, warmup=1, batch_frames=(2, 2), mixed=(1, 3), text=32, image=FRAME_SETTINGS.frame_size, ar=(2, 4),
                     ar_naive=(2, 4), ar_repeats=1, ar_warmup=1, kv_frames=2, kv_repeats=1, gen_tokens=4, score_frames=2,
                     naive_precisions=("fp32", "bf16"), full_padding=True)
     if device == "cuda":
-        return dict(steps=5, warmup=2, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224,
+        return dict(steps=5, warmup=2, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size,
                     ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=64, kv_repeats=5, gen_tokens=64,
                     score_frames=8, naive_precisions=("bf16",), full_padding=True)
     if size == "tiny":
-        return dict(steps=3, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224,
+        return dict(steps=3, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size,
                     ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=16, kv_repeats=3, gen_tokens=32,
                     score_frames=8, naive_precisions=("fp32", "bf16"), full_padding=True)
-    return dict(steps=2, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=224, ar=(8, 16, 32, 64),
+    return dict(steps=2, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size, ar=(8, 16, 32, 64),
                 ar_naive=(8, 64), ar_repeats=1, ar_warmup=0, kv_frames=8, kv_repeats=1, gen_tokens=32, score_frames=8,
                 naive_precisions=("bf16",), full_padding=False)
 
@@ -53,15 +59,15 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def train_config(env: suite.Env, module, optimizer, loss_fn, batch: dict, flop: float, peak: float, steps: int,
+def train_config(env: Env, module, optimizer, loss_fn, batch: dict, flop: float, peak: float, steps: int,
                  warmup: int = 1) -> dict[str, float]:
     """Time one training configuration under a peak-RSS watch (and the peak device memory on CUDA)."""
-    batch = suite.to_device(batch, env.device)
+    batch = inputs.to_device(batch, env.device)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    with suite.PeakRSS() as rss:
-        timing = suite.train_steps(env, module, optimizer, loss_fn, batch, steps, warmup)
-    out = {**suite.training_figures(timing, len(batch["num_frames"]), flop, peak), "peak_rss_bytes": rss.peak,
+    with PeakRSS() as rss:
+        timing = training.train_steps(env, module, optimizer, loss_fn, batch, steps, warmup)
+    out = {**training.training_figures(timing, len(batch["num_frames"]), flop, peak), "peak_rss_bytes": rss.peak,
            "rss_before_bytes": rss.start}
     if env.device.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated(env.device)
@@ -73,181 +79,85 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     """Every model section at one size; ``peaks`` holds the measured matmul FLOP/s per precision."""
     p = plan(size, dry_run, device.type)
     log(f"{size}: building models")
-    sft = suite.build_module(size, "answer_only", device)
-    frozen = suite.build_module(size, "answer_only", device, lr_vision=0.0)  # frozen-vision mode
-    dpo = suite.build_module(size, "dpo", device)
+    sft = inputs.build_module(size, "answer_only", device)
+    frozen = inputs.build_module(size, "answer_only", device, lr_vision=0.0)  # frozen-vision mode
+    dpo = inputs.build_module(size, "dpo", device)
     shape = ModelShape.of(sft.model)
     vocab = shape.vocab
     # Fused AdamW, as FoveatedModule.configure_optimizers builds it (the optimizer section times both kernels).
-    sft_opt = suite.make_optimizer(sft, fused=True)
-    frozen_opt = suite.make_optimizer(frozen, fused=True)
-    dpo_opt = suite.make_optimizer(dpo, fused=True)
-    batch8 = suite.sft_batch(p["batch_frames"], p["text"], p["image"], vocab)
-    mixed = suite.sft_batch(p["mixed"], p["text"], p["image"], vocab, seed=1)
-    pairs = suite.preference_batch(p["batch_frames"], p["text"], p["image"], vocab, seed=2)
-    flop8 = suite.step_flops(shape, batch8, sft.loss_head)
-    flop8_frozen = suite.step_flops(shape, batch8, sft.loss_head, frozen_vision=True)
-    flop_mixed = suite.step_flops(shape, mixed, sft.loss_head)
-    flop_dpo = suite.step_flops(shape, pairs, dpo.loss_head, dpo=True)
+    sft_opt = inputs.make_optimizer(sft, fused=True)
+    frozen_opt = inputs.make_optimizer(frozen, fused=True)
+    dpo_opt = inputs.make_optimizer(dpo, fused=True)
+    batch8 = inputs.sft_batch(p["batch_frames"], p["text"], p["image"], vocab)
+    mixed = inputs.sft_batch(p["mixed"], p["text"], p["image"], vocab, seed=1)
+    pairs = inputs.preference_batch(p["batch_frames"], p["text"], p["image"], vocab, seed=2)
+    flop8 = training.step_flops(shape, batch8, sft.loss_head)
+    flop8_frozen = training.step_flops(shape, batch8, sft.loss_head, frozen_vision=True)
+    flop_mixed = training.step_flops(shape, mixed, sft.loss_head)
+    flop_dpo = training.step_flops(shape, pairs, dpo.loss_head, dpo=True)
     out: dict[str, Any] = {"shape": shape.__dict__, "batches": {
         "sft8_num_frames": list(p["batch_frames"]), "mixed_num_frames": list(p["mixed"]), "text_tokens": p["text"]}}
     for precision in precisions:
-        env = suite.Env(device, precision)
+        env = Env(device, precision)
         peak = peaks[precision]
         res: dict[str, Any] = {}
         log(f"{size}/{precision}: training sft 8 frames")
-        res["sft8"] = train_config(env, sft, sft_opt, suite.ce_loss(sft), batch8, flop8, peak, p["steps"], p["warmup"])
+        res["sft8"] = train_config(env, sft, sft_opt, training.ce_loss(sft), batch8, flop8, peak, p["steps"], p["warmup"])
         log(f"{size}/{precision}: training sft 8 frames, frozen vision")
-        res["sft8_frozen_vision"] = train_config(env, frozen, frozen_opt, suite.ce_loss(frozen), batch8, flop8_frozen,
-                                                 peak, p["steps"], p["warmup"])
+        res["sft8_frozen_vision"] = train_config(env, frozen, frozen_opt, training.ce_loss(frozen), batch8,
+                                                 flop8_frozen, peak, p["steps"], p["warmup"])
         res["sft8_frozen_vision"]["step_vs_trained_vision"] = res["sft8_frozen_vision"]["step_s"] / res["sft8"]["step_s"]
         log(f"{size}/{precision}: training mixed {p['mixed']}")
-        res["mixed"] = train_config(env, sft, sft_opt, suite.ce_loss(sft), mixed, flop_mixed, peak, 1, warmup=0)
+        res["mixed"] = train_config(env, sft, sft_opt, training.ce_loss(sft), mixed, flop_mixed, peak, 1, warmup=0)
         log(f"{size}/{precision}: training dpo")
-        res["dpo"] = train_config(env, dpo, dpo_opt, suite.ce_loss(dpo), pairs, flop_dpo, peak, p["steps"], p["warmup"])
+        res["dpo"] = train_config(env, dpo, dpo_opt, training.ce_loss(dpo), pairs, flop_dpo, peak, p["steps"], p["warmup"])
         res["dpo"]["step_vs_sft8_step"] = res["dpo"]["step_s"] / res["sft8"]["step_s"]
         if precision in p["naive_precisions"]:
             log(f"{size}/{precision}: naive padded layout on the mixed batch")
-            res["mixed_padded"] = train_config(env, sft, sft_opt, suite.padded_ce_loss(sft, False), mixed,
+            res["mixed_padded"] = train_config(env, sft, sft_opt, training.padded_ce_loss(sft, False), mixed,
                                                flop_mixed, peak, 1, warmup=0)
             res["mixed_padded"]["ratio_vs_per_sample"] = res["mixed_padded"]["step_s"] / res["mixed"]["step_s"]
             if p["full_padding"]:
                 res["mixed_padded_frames_encoded"] = train_config(
-                    env, sft, sft_opt, suite.padded_ce_loss(sft, True), mixed, flop_mixed, peak, 1, warmup=0)
+                    env, sft, sft_opt, training.padded_ce_loss(sft, True), mixed, flop_mixed, peak, 1, warmup=0)
                 res["mixed_padded_frames_encoded"]["ratio_vs_per_sample"] = (
                     res["mixed_padded_frames_encoded"]["step_s"] / res["mixed"]["step_s"])
             log(f"{size}/{precision}: lm_head over every text position")
-            res["sft8_full_lm_head"] = train_config(env, sft, sft_opt, suite.full_lm_head_ce_loss(sft), batch8,
+            res["sft8_full_lm_head"] = train_config(env, sft, sft_opt, training.full_lm_head_ce_loss(sft), batch8,
                                                     flop8, peak, 1, warmup=0)
             res["sft8_full_lm_head"]["ratio_vs_scored_rows"] = res["sft8_full_lm_head"]["step_s"] / res["sft8"]["step_s"]
             log(f"{size}/{precision}: K/V once vs twice")
             frames = torch.randn(p["kv_frames"], 3, p["image"], p["image"], device=device)
-            res["kv"] = suite.kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
+            res["kv"] = kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
         log(f"{size}/{precision}: autoregressive")
         naive_counts = p["ar_naive"] if precision in p["naive_precisions"] else ()
-        res["autoregressive"] = suite.autoregressive_figures(env, sft.model, p["ar"], naive_counts, p["image"],
-                                                             p["ar_repeats"], p["ar_warmup"])
+        res["autoregressive"] = autoregressive_figures(env, sft.model, p["ar"], naive_counts, p["image"],
+                                                       p["ar_repeats"], p["ar_warmup"])
         log(f"{size}/{precision}: generation")
-        res["generation"] = suite.generation_figures(env, sft.model, p["batch_frames"][0], 40, p["gen_tokens"],
-                                                     p["image"], vocab)
+        res["generation"] = generation_figures(env, sft.model, p["batch_frames"][0], 40, p["gen_tokens"],
+                                               p["image"], vocab)
         log(f"{size}/{precision}: scoring")
-        res["scoring"] = suite.scoring_figures(env, sft.model, p["score_frames"], 4, p["image"], vocab,
-                                               naive=precision in p["naive_precisions"])
+        res["scoring"] = scoring_figures(env, sft.model, p["score_frames"], 4, p["image"], vocab,
+                                         naive=precision in p["naive_precisions"])
         out[precision] = res
     log(f"{size}: optimizer step, fused vs foreach")
-    out["optimizer"] = optimizer_figures(sft, suite.to_device(batch8, device), device)
+    out["optimizer"] = optimizer_figures(sft, inputs.to_device(batch8, device), device)
     return out
 
 
 def optimizer_figures(module, batch: dict, device: torch.device) -> dict[str, float]:
     """AdamW step time over the SFT parameter groups: fused kernel vs foreach (fp32 master weights)."""
-    env = suite.Env(device, "fp32")
+    env = Env(device, "fp32")
     module.train()
-    loss = suite.ce_loss(module)(batch)
+    loss = training.ce_loss(module)(batch)
     loss.backward()
     out = {"parameters": sum(p.numel() for p in module.model.parameters() if p.requires_grad)}
     for name, fused in (("foreach", False), ("fused", True)):
-        optimizer = suite.make_optimizer(module, fused=fused)
-        out[f"{name}_step_s"] = suite.timed(env, optimizer.step, 3)
+        optimizer = inputs.make_optimizer(module, fused=fused)
+        out[f"{name}_step_s"] = timed(env, optimizer.step, 3)
     out["foreach_vs_fused"] = out["foreach_step_s"] / out["fused_step_s"]
     module.model.zero_grad(set_to_none=True)
     return out
-
-
-def summary_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """The printed table: (figure, value) rows."""
-    rows: list[tuple[str, str]] = []
-    fmt = suite.format_value
-    for name, rate in results["matmul"].items():
-        text = f"{rate / 1e9:.1f} GFLOP/s"
-        if "matmul_start" in results:
-            text += (f" (better of {results['matmul_start'][name] / 1e9:.1f} at the start and "
-                     f"{results['matmul_end'][name] / 1e9:.1f} at the end)")
-        rows.append((f"matmul peak {name}", text))
-    if "threads" in results:
-        t = results["threads"]
-        default = t["default_threads"]
-        rows.append((f"patch pass fp32, {t['frames']} frames: 1 thread / {default} threads",
-                     f"{fmt(t['patch_pass_s_1_threads'])} s / {fmt(t[f'patch_pass_s_{default}_threads'])} s "
-                     f"(speed-up {fmt(t['default_vs_one_thread_speedup'])})"))
-    for size in ("tiny", "real"):
-        if size not in results:
-            continue
-        res = results[size]
-        for precision in ("fp32", "bf16"):
-            if precision not in res:
-                continue
-            r, tag = res[precision], f"{size}/{precision}"
-            for key, label in (("sft8", "SFT 8-frame"), ("sft8_frozen_vision", "SFT 8-frame, frozen vision"),
-                               ("mixed", "SFT mixed 1-64"), ("dpo", "DPO")):
-                if key not in r:
-                    continue
-                t = r[key]
-                rows.append((f"{tag} {label}", f"{fmt(t['samples_per_s'])} samples/s, {fmt(t['step_s'])} s/step, "
-                             f"{t['achieved_flop_per_s'] / 1e9:.1f} GFLOP/s = {100 * t['fraction_of_matmul_peak']:.0f}% "
-                             f"of matmul, peak RSS {t['peak_rss_bytes'] / 2**30:.2f} GiB "
-                             f"(+{(t['peak_rss_bytes'] - t['rss_before_bytes']) / 2**30:.2f} in the step)"
-                             + (f", device {t['peak_device_bytes'] / 2**30:.2f} GiB" if "peak_device_bytes" in t else "")))
-            rows.append((f"{tag} DPO step / SFT step", fmt(r["dpo"]["step_vs_sft8_step"])))
-            if "sft8_frozen_vision" in r:
-                rows.append((f"{tag} RATIO frozen vision / trained vision (SFT 8-frame step)",
-                             fmt(r["sft8_frozen_vision"]["step_vs_trained_vision"])))
-            ar = r["autoregressive"]
-            per_frame = ", ".join(f"{k}: {1e3 * v['per_frame_s']:.1f} ({1e3 * v['loop_per_frame_s']:.1f})"
-                                  for k, v in ar["fovlm"].items())
-            rows.append((f"{tag} autoregressive ms/frame (loop only)", per_frame))
-            rows.append((f"{tag} autoregressive per-frame growth max/min frames",
-                         f"{fmt(ar['per_frame_growth'])} (loop only {fmt(ar['loop_per_frame_growth'])})"))
-            for key, label in (("naive_rebuilt_cache", "rebuilt K/V cache"), ("naive_recomputed_llm", "recomputed LLM")):
-                for count, v in ar[key].items():
-                    rows.append((f"{tag} RATIO autoregressive {label} / cached, {count} frames",
-                                 f"{fmt(v['ratio_vs_fovlm_loop'])} ({1e3 * v['loop_per_frame_s']:.1f} ms/frame)"))
-            g = r["generation"]
-            rows.append((f"{tag} generation", f"{fmt(g['tokens_per_s'])} tokens/s, answer of {g['new_tokens']} tokens "
-                         f"after {g['frames']} frames in {fmt(g['answer_s'])} s"))
-            s = r["scoring"]
-            text = f"{fmt(s['shared_s'])} s shared"
-            if "ratio" in s:
-                text += f", {fmt(s['naive_per_option_s'])} s per-option; RATIO {fmt(s['ratio'])}"
-            rows.append((f"{tag} 3-mode scoring, 4 options, {s['frames']} frames", text))
-            if "mixed_padded" in r:
-                rows.append((f"{tag} RATIO padded layout / per-sample (mixed batch step)",
-                             fmt(r["mixed_padded"]["ratio_vs_per_sample"])))
-            if "mixed_padded_frames_encoded" in r:
-                rows.append((f"{tag} RATIO padded frames through DINO / per-sample",
-                             fmt(r["mixed_padded_frames_encoded"]["ratio_vs_per_sample"])))
-            if "sft8_full_lm_head" in r:
-                rows.append((f"{tag} RATIO lm_head on all text / scored rows (step)",
-                             fmt(r["sft8_full_lm_head"]["ratio_vs_scored_rows"])))
-            if "kv" in r:
-                kv = r["kv"]
-                rows.append((f"{tag} RATIO K/V twice / once (patch pass, {kv['frames']} frames)",
-                             f"forward {fmt(kv['ratio_forward'])}, forward+backward {fmt(kv['ratio_train'])}"))
-        o = res["optimizer"]
-        rows.append((f"{size} AdamW step foreach / fused ({o['parameters'] / 1e6:.1f}M params)",
-                     f"{fmt(o['foreach_step_s'])} s / {fmt(o['fused_step_s'])} s = {fmt(o['foreach_vs_fused'])}"))
-    for name, m in results.get("memory", {}).items():
-        device = f"{m['peak_device_bytes'] / 2**30:.2f} GiB device" if "peak_device_bytes" in m else "no device"
-        rows.append((f"memory {name}, batch {m['batch']} x {m['frames']} frames",
-                     f"{device}, peak RSS {m['peak_rss_bytes'] / 2**30:.2f} GiB, step {fmt(m['step_s'])} s, "
-                     f"{m['parameters'] / 1e6:.0f}M params"))
-    if "data" in results:
-        d = results["data"]
-        rows.append(("raw JPEG decode+resize", f"{fmt(d['raw_decode_frames_per_s'])} frames/s = "
-                     f"{fmt(d['raw_decode_samples_per_s'])} samples/s of {d['frames_per_sample']} frames"))
-        for workers, v in d["datamodule"].items():
-            rows.append((f"SFTDataModule, {workers} workers", f"{fmt(v['samples_per_s'])} samples/s "
-                         f"({fmt(v['vs_raw_decode'])} x raw decode; first batch after {fmt(v['first_batch_s'])} s)"))
-    return rows
-
-
-def print_table(rows: list[tuple[str, str]]) -> None:
-    """Two aligned columns on stdout."""
-    width = max(len(name) for name, _ in rows)
-    print("\n" + "-" * (width + 60))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-    print("-" * (width + 60))
 
 
 def meta(dry_run: bool) -> dict[str, Any]:
@@ -264,8 +174,7 @@ def data_section(dry_run: bool, workers: tuple[int, ...]) -> dict[str, Any]:
     log("data: DataModule vs raw decode")
     with tempfile.TemporaryDirectory(prefix="fovlm-bench-") as tmp:
         samples = 8 if dry_run else 96
-        return suite.data_figures(Path(tmp), str(prepare_smollm2()), samples, 8, 320, 4,
-                                  (0,) if dry_run else workers)
+        return data_figures(Path(tmp), str(prepare_smollm2()), samples, 8, 320, 4, (0,) if dry_run else workers)
 
 
 def rescale_to_best_peak(results: dict[str, Any]) -> None:
@@ -273,7 +182,7 @@ def rescale_to_best_peak(results: dict[str, Any]) -> None:
     start, end = results["matmul"], results.pop("matmul_end")
     results["matmul_start"], results["matmul_end"] = dict(start), end
     results["matmul"] = {p: max(start[p], end[p]) for p in start}
-    for size in suite.SIZES:
+    for size in inputs.SIZES:
         for precision, peak in results["matmul"].items():
             for figures in results.get(size, {}).get(precision, {}).values():
                 if isinstance(figures, dict) and "achieved_flop_per_s" in figures:
@@ -286,8 +195,19 @@ def save(results: dict[str, Any], out: Path) -> None:
     out.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def finish(results: dict[str, Any], out: Path, started: float) -> None:
-    """Write the JSON report and print the table."""
+def finish(results: dict[str, Any], out: Path, started: float, dry_run: bool,
+           data_workers: tuple[int, ...] | None) -> None:
+    """The end of a run: the DataModule section, then the JSON report and the table.
+
+    Args:
+        results: the report so far (its ``meta`` gets the end load average and the wall time).
+        out: JSON report path.
+        started: ``time.time()`` when the run began.
+        dry_run: the data section reads a small shard with the loader in this process only.
+        data_workers: DataModule worker counts to measure; None leaves the data section out.
+    """
+    if data_workers is not None:
+        results["data"] = data_section(dry_run, data_workers)
     results["meta"]["load_average_end"] = os.getloadavg()
     results["meta"]["wall_s"] = time.time() - started
     save(results, out)

@@ -1,1 +1,2 @@
-"""Data: the shard schema, frames, chat rendering, the streaming pipeline, collation, DataModules."""
+"""Data: the frame contract, token roles, the shard schema, frames, chat rendering, shards, the epoch plan, the
+batch stream, collation, DataModules."""

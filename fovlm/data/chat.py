@@ -12,13 +12,13 @@ it with the real SmolLM2 tokenizer) and matches what generation sees after the g
 
 - The system prompt is "You are a helpful AI assistant." unless the sample carries its own system turn
   (it then belongs to the data); SmolLM2's template would otherwise inject its own default.
-- A caption-only sample gets the per-source user prompt of REFERENCE.md 4.4; a multiple-choice sample
-  renders "question\\nA. option ..." and the answer "X. option".
+- A caption-only sample gets the per-source user prompt (docs/shards.md#per-source-prompts); a
+  multiple-choice sample renders "question\\nA. option ..." and the answer "X. option".
 - Truncation keeps the first ``max_length`` tokens and is reported (``Encoded.truncated``); a sample whose
   answers would be cut away entirely raises :class:`ChatError` with reason ``truncated_away``.
-- The reference's pre-tokenized samples get their roles from their ChatML markup (so a shard built with an
-  all-ones mask still trains answer-only where the head asks for it); ids without markup fall back to
-  their ``loss_mask`` (1 -> answer, 0 -> user).
+- Pre-tokenized samples of fVLM's original shards get their roles from their ChatML markup (so a shard
+  built with an all-ones mask still trains answer-only where the head asks for it); ids without markup fall
+  back to their ``loss_mask`` (1 -> answer, 0 -> user).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fovlm.data.roles import ROLE_ANSWER, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 from fovlm.data.schema import Message, Sample
-from fovlm.losses import ROLE_ANSWER, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 
 SYSTEM_PROMPT = "You are a helpful AI assistant."
 

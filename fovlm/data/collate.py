@@ -1,16 +1,16 @@
 """Per-sample encoding (shard members -> frames + token ids + roles) and batch collation.
 
-Batches are exactly the contract's dicts (see ``collate_sft`` / ``collate_preference``): every real frame
-of the batch concatenated in sample order (``[F, 3, H, W]``, ImageNet-normalised, no padded frames), the
-per-sample frame counts, right-padded text with its attention mask and roles. Which of a batch's samples
-are read together, and the optional frame budget per batch, are decided by the epoch plan
-(:mod:`fovlm.data.pipeline`), since it knows every sample's frame count before reading it.
+Batches are exactly the contract's dicts (see :func:`collate`): every real frame of the batch concatenated
+in sample order (``[F, 3, H, W]``, ImageNet-normalised, no padded frames), the per-sample frame counts,
+right-padded text with its attention mask and roles. Which of a batch's samples are read together, and the
+optional frame budget per batch, are decided by the epoch plan (:mod:`fovlm.data.plan`), since it knows every
+sample's frame count before reading it.
 
 Encoding checks the text first and decodes frames only for samples that have a usable text, so a bad
 sample costs no image decoding. Frames stay uint8 through the loader workers (4x less to copy between
 processes, and to the GPU) and are normalised at the last moment by :func:`normalize_frames`: after the
 transfer to the device under Lightning (the DataModules' ``on_after_batch_transfer``), or by the loader
-itself otherwise. ``collate_sft`` / ``collate_preference`` normalise directly unless told not to.
+itself otherwise. :func:`collate` normalises directly unless told not to.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from fovlm.data.chat import SYSTEM_PROMPT, ChatError, encode_preference, encode_sample
-from fovlm.data.frames import DEFAULT_FRAME_SIZE, DEFAULT_IMAGE_FRAMES, sample_frames
+from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
 from fovlm.data.frames import normalize as normalize_uint8
-from fovlm.data.pipeline import SkipSample
+from fovlm.data.frames import sample_frames
+from fovlm.data.roles import ROLE_PAD
 from fovlm.data.schema import parse_sample
-from fovlm.losses import ROLE_PAD
+from fovlm.data.stream import SkipSample
 
 
 @dataclass
@@ -37,18 +38,14 @@ class SampleEncoder:
         tokenizer: a Hugging Face tokenizer with a chat template.
         max_length: text tokens kept per sequence (longer ones are truncated and counted).
         preference: encode preference pairs (chosen + rejected) instead of SFT / caption samples.
-        frame_size: frames are resized to cover and centre-cropped to ``frame_size`` squared.
-        max_frames: at most this many frames per video (uniformly thinned beyond).
-        image_frames: a single image is replicated to this many frames.
+        frames: frame size, frames per video and image replication.
         system_prompt: the system turn for samples that carry none.
     """
 
     tokenizer: Any
     max_length: int
     preference: bool = False
-    frame_size: int = DEFAULT_FRAME_SIZE
-    max_frames: int = 64
-    image_frames: int = DEFAULT_IMAGE_FRAMES
+    frames: FrameSettings = FRAME_SETTINGS
     system_prompt: str = SYSTEM_PROMPT
 
     def __call__(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
@@ -75,8 +72,10 @@ class SampleEncoder:
                 out["truncated"] = encoded.truncated
         except ChatError as err:
             raise SkipSample(err.reason, f"sample {key!r}: {err}") from err
-        frames = sample_frames(members, sample.media, self.frame_size, self.max_frames, self.image_frames)
-        out["frames"] = frames  # uint8 [T, 3, size, size] or None (text)
+        settings = self.frames
+        out["frames"] = sample_frames(  # uint8 [T, 3, size, size] or None (text)
+            members, sample.media, settings.frame_size, settings.max_frames, settings.image_frames
+        )
         return out
 
 
@@ -119,47 +118,30 @@ def pad_text(
     return ids, mask, role
 
 
-def collate_sft(
+def collate(
     samples: Sequence[dict[str, Any]],
     pad_id: int,
-    frame_size: int = DEFAULT_FRAME_SIZE,
+    preference: bool = False,
+    frame_size: int = FRAME_SETTINGS.frame_size,
     normalize: bool = True,
 ) -> dict[str, Any]:
-    """Caption / SFT batch: frames [F,3,H,W], num_frames [B], input_ids / attention_mask / roles [B,S],
-    source and key (lists of B strings). ``normalize=False`` leaves the frames uint8 (see
-    :func:`normalize_frames`)."""
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    frames, num_frames = _frames(samples, frame_size, normalize)
-    ids, mask, roles = pad_text([s["input_ids"] for s in samples], [s["roles"] for s in samples], pad_id)
-    return {
-        "frames": frames,
-        "num_frames": num_frames,
-        "input_ids": ids,
-        "attention_mask": mask,
-        "roles": roles,
-        "source": [s["source"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
+    """A batch of encoded samples: frames [F,3,H,W], num_frames [B], the text, and source and key (lists of B
+    strings).
 
-
-def collate_preference(
-    samples: Sequence[dict[str, Any]],
-    pad_id: int,
-    frame_size: int = DEFAULT_FRAME_SIZE,
-    normalize: bool = True,
-) -> dict[str, Any]:
-    """Preference batch: frames, num_frames, source, key, and chosen_* / rejected_* (input_ids,
-    attention_mask, roles), each side padded to its own longest sequence."""
+    The text of a caption / SFT batch is input_ids / attention_mask / roles [B,S]; a preference batch
+    (``preference``) has chosen_* and rejected_* instead, each side padded to its own longest sequence.
+    ``frame_size`` shapes the empty frame stack of a text-only batch; ``normalize=False`` leaves the frames
+    uint8 (see :func:`normalize_frames`).
+    """
     if not samples:
         raise ValueError("cannot collate an empty batch")
     frames, num_frames = _frames(samples, frame_size, normalize)
     batch: dict[str, Any] = {"frames": frames, "num_frames": num_frames}
-    for side in ("chosen", "rejected"):
+    for prefix in ("chosen_", "rejected_") if preference else ("",):
         ids, mask, roles = pad_text(
-            [s[f"{side}_input_ids"] for s in samples], [s[f"{side}_roles"] for s in samples], pad_id
+            [s[f"{prefix}input_ids"] for s in samples], [s[f"{prefix}roles"] for s in samples], pad_id
         )
-        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_roles": roles})
+        batch.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}roles": roles})
     batch["source"] = [s["source"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
     return batch
@@ -167,14 +149,19 @@ def collate_preference(
 
 @dataclass
 class Collator:
-    """A picklable collate function for the loader workers."""
+    """A picklable collate function for the loader workers.
+
+    Args:
+        pad_id: the tokenizer's padding token id.
+        frames: the frame settings (the frame size of text-only batches).
+        preference: collate preference pairs instead of caption / SFT samples.
+        normalize: normalise the frames (else they stay uint8, see :func:`normalize_frames`).
+    """
 
     pad_id: int
-    frame_size: int = DEFAULT_FRAME_SIZE
+    frames: FrameSettings = FRAME_SETTINGS
     preference: bool = False
     normalize: bool = True
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        if self.preference:
-            return collate_preference(samples, self.pad_id, self.frame_size, self.normalize)
-        return collate_sft(samples, self.pad_id, self.frame_size, self.normalize)
+        return collate(samples, self.pad_id, self.preference, self.frames.frame_size, self.normalize)

@@ -6,7 +6,7 @@
 - The typed ``__init__`` arguments are the configuration (LightningCLI); ``__init__`` does no I/O. ``setup``
   loads the tokenizer, expands the shard patterns, indexes the shards (cached) and builds the epoch plans;
   the loaders are built on demand.
-- The training loader is a :class:`~fovlm.data.pipeline.ShardLoader` (torchdata ``StatefulDataLoader``):
+- The training loader is a :class:`~fovlm.data.stream.ShardLoader` (torchdata ``StatefulDataLoader``):
   Lightning saves its position in checkpoints and restores it on resume; the epoch it reads is the
   Trainer's ``current_epoch``.
 - ``skip_counts()`` returns the samples skipped (and truncated / padded) by reason so far, summed over the
@@ -25,16 +25,10 @@ import torch
 
 from fovlm.data.chat import SYSTEM_PROMPT
 from fovlm.data.collate import Collator, SampleEncoder, normalize_frames
-from fovlm.data.pipeline import (
-    EpochPlanner,
-    PlanConfig,
-    ShardGroup,
-    ShardLoader,
-    ShardStream,
-    build_index,
-    expand_shards,
-    group_counts,
-)
+from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
+from fovlm.data.plan import EpochPlanner, PlanConfig, ShardGroup, group_counts
+from fovlm.data.shards import build_index, expand_shards
+from fovlm.data.stream import ShardLoader, ShardStream
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +44,7 @@ def _groups(spec: ShardSpec | None, prefix: str) -> list[tuple[str, list[str]]]:
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Shared base: shards -> resumable, rank- and worker-split batches (see :mod:`fovlm.data.pipeline`).
+    """Shared base: shards -> resumable, rank- and worker-split batches (see :mod:`fovlm.data.plan`).
 
     Args:
         train_shards: training shards: a pattern (glob or brace range), a list of patterns, or a mapping
@@ -80,6 +74,9 @@ class ShardDataModule(L.LightningDataModule):
             ``~/.cache/fovlm/shard_index``).
         pin_memory: pin batches in page-locked memory (for GPU training).
         prefetch_factor: batches prefetched per worker (default of the DataLoader when None).
+
+    ``frame_size``, ``max_frames`` and ``image_frames`` make up the run's frame settings (``frames``, a
+    :class:`~fovlm.data.contract.FrameSettings`); their defaults are the contract's.
     """
 
     preference: bool = False
@@ -95,9 +92,9 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         gguf_file: str | None = None,
         max_length: int = 1024,
-        image_frames: int = 8,
-        frame_size: int = 224,
-        max_frames: int = 64,
+        image_frames: int = FRAME_SETTINGS.image_frames,
+        frame_size: int = FRAME_SETTINGS.frame_size,
+        max_frames: int = FRAME_SETTINGS.max_frames,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         max_frames_per_batch: int | None = None,
@@ -127,9 +124,7 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.gguf_file = gguf_file
         self.max_length = max_length
-        self.image_frames = image_frames
-        self.frame_size = frame_size
-        self.max_frames = max_frames
+        self.frames = FrameSettings(frame_size=frame_size, max_frames=max_frames, image_frames=image_frames)
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.max_frames_per_batch = max_frames_per_batch
@@ -145,6 +140,21 @@ class ShardDataModule(L.LightningDataModule):
         self._counts: Counter[str] = Counter()
         self._train_planner: EpochPlanner | None = None
         self._val_planner: EpochPlanner | None = None
+
+    @property
+    def frame_size(self) -> int:
+        """Frame side in pixels (``frames.frame_size``)."""
+        return self.frames.frame_size
+
+    @property
+    def max_frames(self) -> int:
+        """Most frames per video (``frames.max_frames``)."""
+        return self.frames.max_frames
+
+    @property
+    def image_frames(self) -> int:
+        """Frames an image is replicated to (``frames.image_frames``)."""
+        return self.frames.image_frames
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
@@ -223,8 +233,7 @@ class ShardDataModule(L.LightningDataModule):
             shuffle=shuffle,
             shuffle_buffer=self.shuffle_buffer,
             max_frames_per_batch=self.max_frames_per_batch,
-            image_frames=self.image_frames,
-            max_frames=self.max_frames,
+            frames=self.frames,
         )
         shard_groups = [ShardGroup(name, tuple(shards)) for name, shards in groups]
         return EpochPlanner(shard_groups, index, counts, config)
@@ -233,17 +242,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def _stream(self, planner: EpochPlanner) -> ShardStream:
         encoder = SampleEncoder(
-            self.tokenizer,
-            self.max_length,
-            preference=self.preference,
-            frame_size=self.frame_size,
-            max_frames=self.max_frames,
-            image_frames=self.image_frames,
-            system_prompt=self.system_prompt,
+            self.tokenizer, self.max_length, self.preference, self.frames, self.system_prompt
         )
-        collator = Collator(
-            self.tokenizer.pad_token_id, self.frame_size, preference=self.preference, normalize=False
-        )
+        collator = Collator(self.tokenizer.pad_token_id, self.frames, self.preference, normalize=False)
         rank, world_size = self._distributed()
         return ShardStream(planner, encoder, collator, rank=rank, world_size=world_size)
 

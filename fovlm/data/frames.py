@@ -2,7 +2,7 @@
 
 - :func:`select_frame_times` is THE frame-selection rule (the shard converters and the loader both call it):
   1 frame per second at the centre of each second, ``min(duration, 64)`` frames, and over videos longer
-  than 64 s, 64 frames spread uniformly over the whole video (the reference kept only the first 64 s).
+  than 64 s, 64 frames spread uniformly over the whole video (the fVLM original kept only the first 64 s).
 - Frames are decoded to ``uint8 [T, 3, H, W]`` (resize so the image covers ``size x size``, then centre
   crop); :func:`normalize` turns a stack into ImageNet-normalised float32. Keeping uint8 until collation
   makes worker-to-main transfers 4x smaller.
@@ -22,10 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-DEFAULT_FRAME_SIZE = 224
-DEFAULT_IMAGE_FRAMES = 8
+from fovlm.data.contract import FRAME_SETTINGS
 
 
 class FrameDecodeError(ValueError):
@@ -36,7 +33,9 @@ class FrameDecodeError(ValueError):
         self.reason = reason
 
 
-def select_frame_times(duration_s: float, fps: float = 1.0, max_frames: int = 64) -> list[float]:
+def select_frame_times(
+    duration_s: float, fps: float = FRAME_SETTINGS.fps, max_frames: int = FRAME_SETTINGS.max_frames
+) -> list[float]:
     """Timestamps (seconds) of the frames to keep from a video of ``duration_s`` seconds.
 
     At ``fps`` frames per second, each frame taken at the centre of its ``1/fps`` interval, so a clip
@@ -75,7 +74,7 @@ def times_to_indices(times: Sequence[float], video_fps: float, num_frames: int) 
     return [min(max(int(t * video_fps), 0), num_frames - 1) for t in times]
 
 
-def select_frame_indices(count: int, max_frames: int = 64) -> list[int]:
+def select_frame_indices(count: int, max_frames: int = FRAME_SETTINGS.max_frames) -> list[int]:
     """Which of ``count`` frames already sampled at 1 FPS to keep: all of them up to ``max_frames``,
     else ``max_frames`` spread uniformly (the same rule as :func:`select_frame_times`)."""
     if count < 1:
@@ -83,7 +82,7 @@ def select_frame_indices(count: int, max_frames: int = 64) -> list[int]:
     return times_to_indices(select_frame_times(float(count), 1.0, max_frames), 1.0, count)
 
 
-def resize_cover_crop(image: Image.Image, size: int = DEFAULT_FRAME_SIZE) -> Image.Image:
+def resize_cover_crop(image: Image.Image, size: int = FRAME_SETTINGS.frame_size) -> Image.Image:
     """Resize so the image covers ``size x size`` (aspect kept), then crop the centre square.
 
     Bicubic with reducing_gap, which is PIL's antialiased downscale (no aliasing on large frames)."""
@@ -106,7 +105,7 @@ def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # [3, H, W] uint8
 
 
-def decode_image(data: bytes, size: int = DEFAULT_FRAME_SIZE) -> torch.Tensor:
+def decode_image(data: bytes, size: int = FRAME_SETTINGS.frame_size) -> torch.Tensor:
     """Decode JPEG/PNG bytes to ``uint8 [3, size, size]`` (RGB, resized to cover and centre-cropped)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -120,7 +119,7 @@ def decode_image(data: bytes, size: int = DEFAULT_FRAME_SIZE) -> torch.Tensor:
     return _to_uint8_chw(frame)
 
 
-def decode_images(datas: Sequence[bytes], size: int = DEFAULT_FRAME_SIZE) -> torch.Tensor:
+def decode_images(datas: Sequence[bytes], size: int = FRAME_SETTINGS.frame_size) -> torch.Tensor:
     """Decode a sequence of frame images to ``uint8 [T, 3, size, size]``."""
     if not datas:
         raise FrameDecodeError("no frame to decode", "no_frames")
@@ -174,7 +173,10 @@ def _decode_video_av(data: bytes, size: int, fps: float, max_frames: int) -> tor
 
 
 def decode_video(
-    data: bytes, size: int = DEFAULT_FRAME_SIZE, fps: float = 1.0, max_frames: int = 64
+    data: bytes,
+    size: int = FRAME_SETTINGS.frame_size,
+    fps: float = FRAME_SETTINGS.fps,
+    max_frames: int = FRAME_SETTINGS.max_frames,
 ) -> torch.Tensor:
     """Decode an mp4 to ``uint8 [T, 3, size, size]`` at ``fps`` (see :func:`select_frame_times`).
 
@@ -195,7 +197,7 @@ def decode_video(
     raise FrameDecodeError("cannot decode video (" + "; ".join(errors) + ")", "bad_video")
 
 
-def replicate_image(frames: torch.Tensor, n: int = DEFAULT_IMAGE_FRAMES) -> torch.Tensor:
+def replicate_image(frames: torch.Tensor, n: int = FRAME_SETTINGS.image_frames) -> torch.Tensor:
     """Repeat a one-frame image stack ``[1, 3, H, W]`` to ``[n, 3, H, W]``."""
     if frames.shape[0] != 1:
         raise ValueError(f"an image has exactly one frame, got {frames.shape[0]}")
@@ -206,9 +208,9 @@ def replicate_image(frames: torch.Tensor, n: int = DEFAULT_IMAGE_FRAMES) -> torc
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, H, W]`` -> float32 ImageNet-normalised (same shape): ``(x / 255 - mean) / std``."""
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=frames.device).view(3, 1, 1)
+    std = torch.tensor(FRAME_SETTINGS.std, dtype=torch.float32, device=frames.device).view(3, 1, 1)
     scale = 1.0 / (255.0 * std)
-    bias = -torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=frames.device).view(3, 1, 1) / std
+    bias = -torch.tensor(FRAME_SETTINGS.mean, dtype=torch.float32, device=frames.device).view(3, 1, 1) / std
     # One conversion and two in-place passes (4x faster than the textbook three temporaries).
     return frames.to(torch.float32).mul_(scale).add_(bias)  # [..., 3, H, W] float32
 
@@ -216,15 +218,15 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
 def sample_frames(
     members: dict[str, bytes],
     media: str,
-    size: int = DEFAULT_FRAME_SIZE,
-    max_frames: int = 64,
-    image_frames: int = DEFAULT_IMAGE_FRAMES,
-    fps: float = 1.0,
+    size: int = FRAME_SETTINGS.frame_size,
+    max_frames: int = FRAME_SETTINGS.max_frames,
+    image_frames: int = FRAME_SETTINGS.image_frames,
+    fps: float = FRAME_SETTINGS.fps,
 ) -> torch.Tensor | None:
     """A sample's frames as ``uint8 [T, 3, size, size]`` from its tar members (suffix -> bytes), or None for
     a text sample.
 
-    Precedence as in the reference: ``mp4``, then the numbered frames (``000.jpg`` ...; more than
+    Precedence as in the fVLM original: ``mp4``, then the numbered frames (``000.jpg`` ...; more than
     ``max_frames`` are thinned uniformly), then an un-numbered image. An image sample must have exactly one
     frame and is replicated to ``image_frames``; a video keeps its count, even one.
 

@@ -4,7 +4,7 @@ A sample is a group of tar members sharing a key (no dots). ``KEY.json`` holds t
 frames are ``KEY.000.jpg`` ... (JPEG or PNG, temporal order) or ``KEY.mp4``; a text-only sample has no
 media member.
 
-Native JSON fields (ARCHITECTURE.md section 3):
+Native JSON fields (docs/shards.md#native-json-fields):
 
 - ``source`` (str, required): dataset name; picks the prompt, the mixing group and per-source metrics.
 - ``media`` (``"video"``, ``"image"`` or ``"text"``, required): explicit, never inferred from counts.
@@ -18,12 +18,12 @@ Native JSON fields (ARCHITECTURE.md section 3):
   in fractions of the (square, centre-cropped) frame the model sees, from ``from`` seconds on (default 0).
   Evaluation measures how much of each query's attention falls inside it (:mod:`fovlm.eval.looking`).
 
-The fVLM reference's layouts are read as well (REFERENCE.md 4.1), so existing shard sets keep working:
-pre-tokenized ``token_ids`` / ``loss_mask``; raw ``user`` / ``assistant``; a raw ``caption`` or a
-``KEY.txt`` member; ``user`` / ``chosen_assistant`` / ``rejected_assistant`` pairs. Those layouts carry no
-``media`` field; their media is taken from the members that are present (an ``.mp4`` or several frames: a
-video; one frame or one image: an image, which the reference also replicated; none: text), and that is the
-only place where media is inferred.
+The layouts of fVLM's original shards (docs/shards.md#layouts-of-fvlms-original-shards) are read as well,
+so existing shard sets keep working: pre-tokenized ``token_ids`` / ``loss_mask``; raw ``user`` /
+``assistant``; a raw ``caption`` or a ``KEY.txt`` member; ``user`` / ``chosen_assistant`` /
+``rejected_assistant`` pairs. Those layouts carry no ``media`` field; their media is taken from the members
+that are present (an ``.mp4`` or several frames: a video; one frame or one image: an image, which the fVLM
+original also replicated; none: text), and that is the only place where media is inferred.
 
 Design choices: parsing is a pure function of the JSON and the member names, so the converters
 (``data_prep``) validate what they write with the same code the loader uses to read; every error is a
@@ -39,12 +39,14 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fovlm.data.contract import FRAME_SETTINGS
+
 Media = Literal["video", "image", "text"]
 MEDIA_KINDS: tuple[str, ...] = ("video", "image", "text")
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
-MAX_FRAMES = 64
-"""At most this many frames per video (ARCHITECTURE.md section 3); member names have 3 digits."""
+MAX_FRAMES = FRAME_SETTINGS.max_frames
+"""At most this many frames per video (docs/shards.md#frames); member names have 3 digits."""
 
 FRAME_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png")
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4",)
@@ -196,7 +198,7 @@ def frame_fields(member_names: Collection[str]) -> list[str]:
 
 
 def single_image_field(member_names: Collection[str]) -> str | None:
-    """The un-numbered image member (``jpg``/``jpeg``/``png``) if any: the reference's single-image layout."""
+    """The un-numbered image member (``jpg``/``jpeg``/``png``), if any: fVLM's original single-image layout."""
     for ext in FRAME_EXTENSIONS:
         if ext in member_names:
             return ext
@@ -420,7 +422,8 @@ def _parse_legacy(
     if "chosen_assistant" in obj or "rejected_assistant" in obj:
         chosen = _text(obj, "chosen_assistant", key)
         rejected = _text(obj, "rejected_assistant", key)
-        # An empty user turn means "use the per-source prompt", as in the reference (REFERENCE.md 4.8).
+        # An empty user turn means "use the per-source prompt", as in the fVLM original
+        # (docs/shards.md#layouts-of-fvlms-original-shards).
         messages = (Message("user", user),) if user.strip() else ()
         return Sample(
             key,

@@ -3,7 +3,7 @@
 Schedulers and terminals deliver a stop to a whole process group (SLURM's ``scancel`` and preemption signal every
 process of the job, ``timeout`` and Ctrl-C signal the foreground group). Left to PyTorch's defaults a loader
 worker dies of it at once, the main process then fails with "DataLoader worker ... is killed by signal" before
-it can write its checkpoint. So, in every worker of a :class:`~fovlm.data.pipeline.ShardLoader`:
+it can write its checkpoint. So, in every worker of a :class:`~fovlm.data.stream.ShardLoader`:
 
 - the stop signals (:data:`STOP_SIGNALS`) are blocked from the moment the worker is forked (the main thread
   blocks them while it starts workers, and a child inherits its parent's signal mask), so they can never

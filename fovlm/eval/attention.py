@@ -3,8 +3,10 @@
 The deep query attends, in every DINO layer and head, to the frame's CLS token plus its patches
 (257 keys at 224 px). This module turns such weights into a patch-grid heatmap (CLS dropped, heads
 averaged, one layer or the mean over layers), blends it over the frame, and lays out several frames and
-query kinds (static, fine, autoregressive) as one labelled PNG. Entropy over the keys is provided too: a
-uniform query has entropy ln(257) ~ 5.549, a foveating one clearly less.
+query kinds as one labelled PNG. The kinds (:data:`KINDS`) are "coarse" (the static query ``q_static``, the
+same on every frame), "fine" (the queries the LLM writes from the coarse tokens) and "autoregressive" (the
+queries written frame by frame at inference). Entropy over the keys is provided too: a uniform query has
+entropy ln(257) ~ 5.549, a foveating one clearly less.
 
 Everything here is a pure function of tensors/images except :func:`save_attention_png`, which writes the file.
 """
@@ -20,8 +22,10 @@ import torch
 from PIL import Image, ImageDraw
 
 # ImageNet statistics: frames reach the model normalised with them, so drawing undoes it.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fovlm.data.contract import IMAGENET_MEAN, IMAGENET_STD
+
+# The query kinds whose attention :func:`query_attention_maps` returns, in its order.
+KINDS = ("coarse", "fine", "autoregressive")
 
 # Anchor colours of a dark-to-bright heat scale (black, purple, red, orange, pale yellow), interpolated linearly.
 _HEAT_ANCHORS = np.array(
@@ -117,7 +121,7 @@ def attention_sheet(
 
     Args:
         frames: T frames (normalised [3, H, W] tensors, uint8 arrays or PIL images).
-        maps: query kind (e.g. "static", "fine", "autoregressive") -> weights [T, K], [T, H, K] or [T, L, H, K].
+        maps: query kind (e.g. "coarse", "fine", "autoregressive") -> weights [T, K], [T, H, K] or [T, L, H, K].
         layer: layer drawn from [T, L, H, K] weights; ``None`` averages layers.
         cell: side of each drawn cell in pixels.
         alpha: heatmap opacity.
@@ -168,31 +172,40 @@ def save_attention_png(
 
 
 @torch.no_grad()
-def query_attention_maps(model, frames: torch.Tensor, patches=None) -> dict[str, torch.Tensor]:
-    """The attention of the static, fine and autoregressive queries of one clip, per frame.
+def query_attention_maps(
+    model, frames: torch.Tensor, patches=None, kinds: Sequence[str] = KINDS
+) -> dict[str, torch.Tensor]:
+    """The attention of the coarse, fine and autoregressive queries of one clip, per frame.
 
-    One patch pass serves all three. "static" is ``q_static`` (coarse tokens), "fine" the shifted queries of the
-    coarse -> fine training pass, "autoregressive" the queries of true frame-by-frame inference.
+    One patch pass serves all three. "coarse" is ``q_static`` (the query of the coarse tokens), "fine" the shifted
+    queries of the coarse -> fine training pass, "autoregressive" the queries of true frame-by-frame inference.
 
     Args:
         model: a :class:`fovlm.model.vlm.FoveatedVLM`.
         frames: ImageNet-normalised frames [T, 3, H, W] on the model's device.
         patches: their patch pass (a :class:`fovlm.model.encoder.PatchCache`) when the caller already ran it.
+        kinds: the kinds wanted (any of :data:`KINDS`); the autoregressive pass runs only when it is asked for.
 
     Returns:
-        kind -> weights [T, L, h, K] (L DINO layers, h heads, K = 1 + 16*16 keys at 224 px), on the CPU.
+        kind -> weights [T, L, h, K] (L DINO layers, h heads, K = 1 + 16*16 keys at 224 px), on the CPU, in the
+        order of :data:`KINDS`.
     """
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown query kinds {unknown}; expected some of {KINDS}")
     num_frames = torch.tensor([frames.shape[0]], device=frames.device)
     if patches is None:
         patches = model.encode_patches(frames)
-    visual = model.visual_tokens(patches, num_frames, "coarse_fine", return_attention=True)
-    prefix = model.autoregressive_prefix(patches, num_frames, return_attention=True)
 
     def stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([w[:, :, 0] for w in per_layer], dim=1).float().cpu()  # [T, L, h, K]
 
-    return {
-        "static": stack(visual.coarse_attention),
-        "fine": stack(visual.fine_attention),
-        "autoregressive": stack(prefix.attention),
-    }
+    maps = {}
+    if "coarse" in kinds or "fine" in kinds:
+        visual = model.visual_tokens(patches, num_frames, "coarse_fine", return_attention=True)
+        maps["coarse"] = stack(visual.coarse_attention)
+        maps["fine"] = stack(visual.fine_attention)
+    if "autoregressive" in kinds:
+        prefix = model.autoregressive_prefix(patches, num_frames, return_attention=True)
+        maps["autoregressive"] = stack(prefix.attention)
+    return {kind: maps[kind] for kind in KINDS if kind in kinds}

@@ -31,9 +31,9 @@ from transformers.models.smolvlm.processing_smolvlm import (
 )
 
 from fovlm.data.chat import SYSTEM_PROMPT, choice_messages
+from fovlm.data.roles import ROLE_ANSWER, ROLE_USER
 from fovlm.eval.questions import Question, split_options
 from fovlm.eval.scoring import hf_step, score_on_prefix
-from fovlm.losses import ROLE_ANSWER, ROLE_USER
 
 IMAGE_TOKEN = "<image>"
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"

@@ -1,7 +1,7 @@
 """Benchmark adapters: multiple-choice shards -> :class:`fovlm.eval.questions.Question` records.
 
 Every benchmark (MVBench, Video-MME, MLVU, ScienceQA-style image questions, the synthetic demo split) is
-converted by ``data_prep`` into shards of the one format (ARCHITECTURE.md section 3) whose JSON carries
+converted by ``data_prep`` into shards of the one format (docs/shards.md#native-json-fields) whose JSON carries
 ``question``, ``options``, ``answer`` and optionally ``category``. This module reads such shards in order
 (no shuffling: results must be reproducible), validates each sample with :mod:`fovlm.data.schema`, decodes
 its frames with :mod:`fovlm.data.frames` (1 FPS, at most 64 spread uniformly; single images replicated to
@@ -19,9 +19,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from fovlm.data.contract import FRAME_SETTINGS
 from fovlm.data.frames import FrameDecodeError, sample_frames, select_frame_indices
-from fovlm.data.pipeline import ShardReadError, expand_shards, iter_tar_samples
 from fovlm.data.schema import SampleError, parse_sample
+from fovlm.data.shards import ShardReadError, expand_shards, iter_tar_samples
 from fovlm.eval.questions import Question
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ class BenchmarkReader:
         self,
         name: str,
         shards: str | Sequence[str],
-        image_frames: int = 8,
-        max_frames: int = 64,
-        frame_size: int = 224,
+        image_frames: int = FRAME_SETTINGS.image_frames,
+        max_frames: int = FRAME_SETTINGS.max_frames,
+        frame_size: int = FRAME_SETTINGS.frame_size,
         limit: int | None = None,
     ) -> None:
         self.name = name
@@ -123,7 +124,7 @@ def _frame_times(
     if media != "video":
         return None
     if "mp4" in members:
-        times = select_frame_times(duration, 1.0, max_frames) if duration else []
+        times = select_frame_times(duration, FRAME_SETTINGS.fps, max_frames) if duration else []
         return tuple(times) if len(times) == count else None
     numbered = frame_fields(list(members))
     times = [i + 0.5 for i in select_frame_indices(len(numbered), max_frames)]

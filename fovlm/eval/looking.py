@@ -4,10 +4,10 @@ For a question whose benchmark says where the answer is shown (``answer_region``
 it holds, see :mod:`fovlm.data.schema`), the attention share of a query on a frame is the sum of its attention
 weights (last DINO layer, averaged over heads) on the patches whose centres fall inside the box; the CLS key
 counts as outside. It is averaged over the frames taken at or after the region's start time. Measured for the
-static query (``coarse_only``), the LLM-written queries of the coarse -> fine pass (``coarse_fine``) and those of
-true frame-by-frame inference (``autoregressive``): a model that looks where the answer is gives its
-LLM-written queries a higher share than the static one. A query spread evenly over the keys has a share of
-(patches inside) / (1 + patches).
+coarse (static) query (``coarse_only``), the fine queries the LLM writes in the coarse -> fine pass
+(``coarse_fine``) and those of true frame-by-frame inference (``autoregressive``): a model that looks where the
+answer is gives its LLM-written queries a higher share than the coarse one. A query spread evenly over the keys
+has a share of (patches inside) / (1 + patches).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fovlm.eval.questions import Question
 from fovlm.model.encoder import PatchCache
 
 # query_attention_maps' names for the queries of each mode.
-KIND_OF_MODE = {"coarse_only": "static", "coarse_fine": "fine", "autoregressive": "autoregressive"}
+KIND_OF_MODE = {"coarse_only": "coarse", "coarse_fine": "fine", "autoregressive": "autoregressive"}
 
 
 def region_patches(box: Sequence[float], grid: int) -> Tensor:
@@ -92,7 +92,7 @@ def uniform_share(region: AnswerRegion, grid: int) -> float:
 
 @torch.no_grad()
 def save_region_sheet(model, question: Question, path: str | Path, patches: PatchCache | None = None) -> Path:
-    """A PNG of where the static, fine and autoregressive queries look on the question's frames (last DINO
+    """A PNG of where the coarse, fine and autoregressive queries look on the question's frames (last DINO
     layer), with the answer's region outlined on the frames it holds for; returns the path. ``patches``: the
     frames' patch pass when the caller already ran it."""
     if question.answer_region is None:

@@ -10,8 +10,7 @@ to the values the model was trained with (stored by ``fovlm export``, or the che
 :func:`fovlm.model.generate.generate` (autoregressive visual pass, then greedy or sampled decoding until
 ``<|im_end|>``). A file that cannot be decoded ends the command with a message naming it and exit code 1.
 
-``fovlm predict --config ...`` (options first) stays LightningCLI's batch prediction; a media path as the first
-argument selects this command.
+Options may come before or after the media path (``fovlm predict --model M clip.mp4``).
 """
 
 from __future__ import annotations
@@ -24,9 +23,8 @@ import torch
 from torch import Tensor
 
 from fovlm.data.chat import SYSTEM_PROMPT
+from fovlm.data.contract import FRAME_SETTINGS
 from fovlm.data.frames import (
-    DEFAULT_FRAME_SIZE,
-    DEFAULT_IMAGE_FRAMES,
     FrameDecodeError,
     decode_image,
     decode_images,
@@ -35,7 +33,9 @@ from fovlm.data.frames import (
     replicate_image,
     select_frame_indices,
 )
-from fovlm.model.generate import generate
+from fovlm.model.checkpoint import CheckpointError
+from fovlm.model.generate import Sampling, generate
+from fovlm.model.pretrained import load_any
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
@@ -48,10 +48,10 @@ class MediaError(ValueError):
 
 def load_media(
     path: str | Path,
-    fps: float = 1.0,
-    max_frames: int = 64,
-    image_frames: int = DEFAULT_IMAGE_FRAMES,
-    size: int = DEFAULT_FRAME_SIZE,
+    fps: float = FRAME_SETTINGS.fps,
+    max_frames: int = FRAME_SETTINGS.max_frames,
+    image_frames: int = FRAME_SETTINGS.image_frames,
+    size: int = FRAME_SETTINGS.frame_size,
 ) -> tuple[Tensor, str]:
     """Frames of a video file, an image file or a folder of frames -> (uint8 [T, 3, size, size], media kind)."""
     path = Path(path)
@@ -108,7 +108,7 @@ def answer(
         generator = torch.Generator(device=device).manual_seed(seed)
     result = generate(
         model, normalize(frames).to(device), prompt_ids(tokenizer, prompt), stop_ids(tokenizer),
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+        max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, generator),
     )
     return tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
 
@@ -135,18 +135,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fovlm predict MEDIA --model M --prompt P``; prints the answer, returns the exit code."""
-    from fovlm.export import ExportError, load_any
-
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
-        frames, _ = load_media(
-            args.media, max_frames=args.max_frames or data["max_frames"],
-            image_frames=args.image_frames or data["image_frames"], size=args.frame_size or data["frame_size"],
-        )
+        settings = data.overridden(args.frame_size, args.max_frames, args.image_frames)
+        frames, _ = load_media(args.media, max_frames=settings.max_frames, image_frames=settings.image_frames,
+                               size=settings.frame_size)
         text = answer(model, tokenizer, frames, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                       args.seed)
-    except (MediaError, ExportError, FileNotFoundError) as err:
+    except (MediaError, CheckpointError, FileNotFoundError) as err:
         print(f"fovlm predict: error: {err}", file=sys.stderr)
         return 1
     print(text)

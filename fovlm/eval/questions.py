@@ -1,6 +1,6 @@
 """Multiple-choice questions: the record every scorer takes, prompt formatting, and the option token layout.
 
-A question is asked the way the reference asks it (REFERENCE.md 6.1), rendered by
+A question is asked the way the fVLM original asks it (docs/differences.md#evaluation), rendered by
 :func:`fovlm.data.chat.choice_messages`: the user turn holds the question followed by one line per option
 (``"A. ..."``), and each candidate answer is the lettered option (``"B. a red ball"``) as the assistant turn. Every option of a question therefore shares the same text
 prefix (system turn, user turn, ``<|im_start|>assistant\\n``) and differs only in its answer tokens.
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER
 from fovlm.data.schema import AnswerRegion
-from fovlm.losses import IGNORE_INDEX, ROLE_ANSWER, shift_labels
+from fovlm.losses import shift_labels
 
 # Options are lettered A..Z (fovlm.data.chat.choice_messages renders them).
 MAX_OPTIONS = 26
@@ -158,7 +159,7 @@ def render_options(
         question: question text; with ``letter`` and ``text`` the user turn lists the lettered options after it.
         options: option texts.
         pad_id: padding id (default: the tokenizer's).
-        answer_format: ``"letter"`` scores the answer ``"B. option"`` (the reference's protocol); ``"text"``
+        answer_format: ``"letter"`` scores the answer ``"B. option"`` (the fVLM original's protocol); ``"text"``
             scores the option text alone, for models trained to answer without letters; ``"cloze"`` asks the
             question alone (no options listed) and scores each option text as its answer, for models trained
             on plain questions only.

@@ -1,8 +1,8 @@
 """Multiple-choice results per benchmark, mode and category: accumulation, JSON, a table, TensorBoard.
 
 Accuracy is counted with torchmetrics (``MulticlassAccuracy`` over option indices, micro-averaged, i.e. the
-share of questions whose lowest-NLL option is the answer). The JSON layout follows the reference's results
-file: ``{benchmark: {mode: {accuracy, correct, total, per_category: {cat: {accuracy, correct, total}}}}}``;
+share of questions whose lowest-NLL option is the answer). The JSON layout follows the fVLM original's
+results file: ``{benchmark: {mode: {accuracy, correct, total, per_category: {cat: {accuracy, correct, total}}}}}``;
 validation losses per mode and source sit under the reserved key ``"val_loss"`` when present. Benchmarks
 whose questions say where the answer is shown also get ``attention_share`` (the mean share of the mode's
 query attention inside that region, :mod:`fovlm.eval.looking`) next to each accuracy.

@@ -29,6 +29,8 @@ from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
 from fovlm.eval.scoring import score_question
 from fovlm.losses import AnswerOnlyCE
+from fovlm.model.checkpoint import CheckpointError
+from fovlm.model.pretrained import load_any
 from fovlm.model.vlm import MODES
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ def evaluate(
         benchmarks: benchmark name -> questions (e.g. :class:`fovlm.eval.benchmarks.BenchmarkReader`).
         modes: the modes to score.
         report: a report to add to (a new one by default).
-        answer_format: "letter" ("B. option", the reference's protocol), "text" (the option text alone) or
+        answer_format: "letter" ("B. option", the fVLM original's protocol), "text" (the option text alone) or
             "cloze" (the question without its options, each option text scored as the answer).
         attention_dir: where to save attention sheets of the first ``attention_examples`` questions with an
             answer region per benchmark (``<benchmark>_<key>.png``).
@@ -102,7 +104,7 @@ def evaluate_baseline(
 def validation_losses(
     model, batches: Iterable[dict], modes: tuple[str, ...] = MODES, report: MultipleChoiceReport | None = None
 ) -> MultipleChoiceReport:
-    """Answer-only token cross-entropy per source in each mode, over SFT-format batches (``collate_sft``).
+    """Answer-only token cross-entropy per source in each mode, over SFT-format batches (:func:`fovlm.data.collate.collate`).
 
     Sums token NLLs and counts per source, so each source's loss is its token mean over the whole set.
     """
@@ -135,7 +137,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--limit", type=int, help="at most this many questions per benchmark")
     parser.add_argument("--answer-format", choices=ANSWER_FORMATS, default="letter",
-                        help="score 'B. option' (letter, the reference's protocol), the option text alone (text), "
+                        help="score 'B. option' (letter, the fVLM original's protocol), the option text alone (text), "
                              "or the option text after the question without its options listed (cloze)")
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
@@ -157,14 +159,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fovlm eval``; returns the exit code."""
-    from fovlm.export import ExportError, load_any
-
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
-        frames = {"image_frames": args.image_frames or data["image_frames"],
-                  "frame_size": args.frame_size or data["frame_size"], "max_frames": args.max_frames or data["max_frames"]}
+        frames = data.overridden(args.frame_size, args.max_frames, args.image_frames).as_dict()
         readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
         report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format,
                           attention_dir=args.attention_dir, attention_examples=args.attention_examples)
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             from fovlm.eval.baseline import SmolVLMScorer
 
             evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), readers, report)
-    except (ExportError, FileNotFoundError) as err:
+    except (CheckpointError, FileNotFoundError) as err:
         print(f"fovlm eval: error: {err}", file=sys.stderr)
         return 1
     for reader in readers.values():

@@ -2,14 +2,15 @@
 
 Each option's score is the mean NLL of its answer tokens (the lettered option text and the closing end-of-turn
 token: ``ROLE_ANSWER``, targets from :func:`fovlm.losses.shift_labels`); the lowest score wins
-(REFERENCE.md 6.1). The options of a question differ only after a common prefix, so the prefix (visual tokens,
+(docs/model.md#scoring-and-generation). The options of a question differ only after a common prefix, so the prefix (visual tokens,
 system turn, question) runs once and leaves an LLM KV cache; :func:`score_on_prefix` then expands that cache
 to one row per option and runs only each option's own tokens. Any Hugging Face causal LM (or image-text
 model, for the baseline) that takes ``input_ids`` with ``past_key_values`` works here.
 
 For :class:`fovlm.model.vlm.FoveatedVLM`, :func:`score_question` also shares the DINO patch pass between
-every option and every mode (one patch pass per question); :func:`score_question_naive` is the reference's
-way (every option and mode with its own patch pass and full sequence), kept to check and measure against.
+every option and every mode (one patch pass per question); :func:`score_question_naive` is the fVLM
+original's way (every option and mode with its own patch pass and full sequence), kept to check and measure
+against.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from fovlm.data.roles import IGNORE_INDEX
 from fovlm.eval.questions import OptionTokens
-from fovlm.losses import IGNORE_INDEX, per_sample_sums, selected_targets, token_nll
+from fovlm.losses import per_sample_sums, selected_targets, token_nll
 from fovlm.model.encoder import PatchCache
-from fovlm.model.vlm import MODES, shift_queries
+from fovlm.model.layout import shift_queries
+from fovlm.model.vlm import MODES
 
 # step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values, select bool [n, L])
 #   -> logits [N, V] at the selected positions (row order = select.nonzero())
@@ -179,7 +182,8 @@ def score_question(
 def score_question_naive(
     model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES
 ) -> dict[str, Tensor]:
-    """The reference's way (REFERENCE.md 6.1), kept as the yardstick for :func:`score_question`.
+    """The fVLM original's way (docs/differences.md#evaluation), kept as the yardstick for
+    :func:`score_question`.
 
     Per mode, every option runs as a full sequence in one batch with its own copy of the frames, so the patch
     pass runs once per option and mode and the prompt is recomputed for every option.

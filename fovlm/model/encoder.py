@@ -228,7 +228,7 @@ class FoveatedEncoder(nn.Module):
         return z, (weights if return_attention else None)
 
     def _shallow_query(self, queries: Tensor, cache: PatchCache, return_attention: bool):
-        """One cross-attention of the projected query on the final features, as in the reference ablation."""
+        """One cross-attention of the projected query on the final features, as in the fVLM original's ablation."""
         last = self.layers[-1]
         attn = last.attention
         normed = last.norm1(cache.features)  # [n, N, D]

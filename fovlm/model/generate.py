@@ -55,6 +55,24 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen (:func:`next_token`).
+
+    Attributes:
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_p: nucleus mass for sampling.
+        generator: random generator for reproducible sampling.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+
+GREEDY = Sampling()
+
+
 @dataclass
 class Generation:
     """Decoded token ids (without the stop token) and whether the stop token ended them."""
@@ -71,9 +89,7 @@ def decode(
     last_logits: Tensor,
     stop_ids: Sequence[int],
     max_new_tokens: int = 200,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampling: Sampling = GREEDY,
 ) -> Generation:
     """Decode one sequence on a prefix cache.
 
@@ -84,9 +100,7 @@ def decode(
         last_logits: [V] or [1, V] logits at the prefix's last position.
         stop_ids: token ids that end the answer (``<|im_end|>``); not included in the output.
         max_new_tokens: most tokens generated.
-        temperature: 0 for greedy decoding, else the sampling temperature.
-        top_p: nucleus mass for sampling.
-        generator: random generator for reproducible sampling.
+        sampling: how each token is chosen (greedy by default).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -94,7 +108,7 @@ def decode(
     tokens: list[int] = []
     stop = set(int(s) for s in stop_ids)
     for _ in range(max_new_tokens):
-        token = next_token(logits, temperature, top_p, generator)  # [1]
+        token = next_token(logits, sampling.temperature, sampling.top_p, sampling.generator)  # [1]
         if int(token) in stop:
             return Generation(tokens, True)
         tokens.append(int(token))
@@ -116,9 +130,7 @@ def generate(
     prompt_ids: Tensor,
     stop_ids: Sequence[int],
     max_new_tokens: int = 200,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    sampling: Sampling = GREEDY,
 ) -> Generation:
     """Answer a rendered prompt about one clip: autoregressive visual pass, prompt on the cache, then decoding.
 
@@ -127,7 +139,7 @@ def generate(
         frames: ImageNet-normalised frames [T, 3, H, W] (T may be 0 for a text-only prompt).
         prompt_ids: long [P] the rendered chat up to and including ``<|im_start|>assistant\\n``.
         stop_ids: token ids that end the answer (``<|im_end|>``).
-        max_new_tokens, temperature, top_p, generator: as in :func:`decode`.
+        max_new_tokens, sampling: as in :func:`decode`.
     """
     device = frames.device
     num_frames = torch.tensor([frames.shape[0]], device=device)
@@ -137,13 +149,5 @@ def generate(
     cache = prefix.past_key_values
     # The LLM embeds the generated ids itself: the same embedding the prompt went through (embed_text).
     return decode(
-        model.llm,
-        cache,
-        cache.get_seq_length(),
-        model.lm_head(hidden[0, -1]),
-        stop_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        generator=generator,
+        model.llm, cache, cache.get_seq_length(), model.lm_head(hidden[0, -1]), stop_ids, max_new_tokens, sampling
     )

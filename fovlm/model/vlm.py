@@ -4,9 +4,9 @@ New parameters on top of the two pretrained networks: ``encoder.query_input_proj
 ``encoder.output_proj``, the connector ``dino_to_llm`` (its output scaled by ``visual_scale``), the query head
 ``llm_to_query`` and the two query vectors ``q_static`` / ``q_init`` [1, Dq] (standard normal: std 1).
 
-Sequence layout: sample i is [its T_i visual tokens, its S_i text tokens] at positions 0..T_i+S_i-1 with all
-padding on the right; a text-only sample has no visual token. No sample sees another's padding, so outputs are
-batch-invariant.
+Sequence layout (:mod:`fovlm.model.layout`): sample i is [its T_i visual tokens, its S_i text tokens] at positions
+0..T_i+S_i-1 with all padding on the right; a text-only sample has no visual token. No sample sees another's
+padding, so outputs are batch-invariant.
 
 Modes (``forward(mode=...)``); every mode returns lm_head logits over text positions only:
     coarse_only     q_static on every frame -> tokens -> LLM over [tokens ; text].
@@ -29,105 +29,20 @@ from transformers import Dinov2Model, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
 from fovlm.model.encoder import FoveatedEncoder, PatchCache
+from fovlm.model.exported import load_exported
+from fovlm.model.layout import (
+    assemble,
+    build_layout,
+    check_batch,
+    frame_order,
+    frame_starts,
+    gather_text,
+    pad_right,
+    select_rows,
+    shift_queries,
+)
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
-
-
-# ----------------------------------------------------------------------------------------------- layout (pure)
-
-
-@dataclass
-class SequenceLayout:
-    """Where every visual and text token of a batch sits in the flattened [B * L] LLM input.
-
-    Attributes:
-        attention_mask: long [B, L], 1 on each sample's T_i + S_i real tokens (a prefix of the row).
-        position_ids: long [B, L], 0..L-1 on every row (each sample starts at position 0).
-        visual_index: long [F], flat row (b * L + t) of each visual token, in frame order.
-        text_index: long [B, S], flat row of each text position; padded text positions point at some row of
-            the same sample and must be ignored (``text_valid``).
-        text_valid: bool [B, S], the real text positions.
-    """
-
-    attention_mask: Tensor
-    position_ids: Tensor
-    visual_index: Tensor
-    text_index: Tensor
-    text_valid: Tensor
-
-    @property
-    def width(self) -> int:
-        """Sequence width L."""
-        return self.attention_mask.shape[1]
-
-
-def frame_starts(num_frames: Tensor) -> Tensor:
-    """Index of each sample's first frame in the concatenated frame list: long [B]."""
-    return torch.cumsum(num_frames, 0) - num_frames
-
-
-def frame_sample_ids(num_frames: Tensor) -> Tensor:
-    """Sample index of every frame: long [F]."""
-    return torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)
-
-
-def build_layout(num_frames: Tensor, text_mask: Tensor) -> SequenceLayout:
-    """Per-sample layout: sample b = [its num_frames[b] visual tokens, its text], right-padded.
-
-    Args:
-        num_frames: long [B], visual tokens per sample (0 for text-only).
-        text_mask: [B, S], 1 on real text tokens; must be right-padded (ones, then zeros).
-    """
-    batch, width_s = text_mask.shape
-    device = num_frames.device
-    text_len = text_mask.sum(1)  # [B]
-    lengths = num_frames + text_len  # [B]
-    width = int(lengths.max()) if batch else 0
-    arange = torch.arange(width, device=device)
-    attention_mask = (arange[None] < lengths[:, None]).long()  # [B, L]
-    position_ids = arange[None].expand(batch, width)  # [B, L]
-    sample = frame_sample_ids(num_frames)  # [F]
-    frame_in_sample = torch.arange(len(sample), device=device) - frame_starts(num_frames)[sample]  # [F]
-    visual_index = sample * width + frame_in_sample  # [F]
-    text_pos = num_frames[:, None] + torch.arange(width_s, device=device)[None]  # [B, S]
-    text_index = torch.arange(batch, device=device)[:, None] * width + text_pos.clamp(max=max(width - 1, 0))
-    return SequenceLayout(attention_mask, position_ids, visual_index, text_index, text_mask.bool())
-
-
-def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
-    """Place visual token embeddings [F, Dl] and text embeddings [B, S, Dl] into the LLM input [B, L, Dl].
-
-    Padding rows are zero (they are masked). The result has the text embeddings' dtype.
-    """
-    batch, _, dim = text.shape
-    flat = text.new_zeros(batch * layout.width, dim)  # [B*L, Dl]
-    flat = flat.index_copy(0, layout.visual_index, visual.to(flat.dtype))
-    flat = flat.index_copy(0, layout.text_index[layout.text_valid], text[layout.text_valid])
-    return flat.view(batch, layout.width, dim)
-
-
-def gather_text(layout: SequenceLayout, hidden: Tensor) -> Tensor:
-    """Hidden states [B, L, Dl] at the text positions -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
-    return hidden.reshape(-1, hidden.shape[-1])[layout.text_index]
-
-
-def shift_queries(queries: Tensor, num_frames: Tensor, q_init: Tensor) -> Tensor:
-    """One-frame query shift: frame t of a sample gets the query made at its frame t-1, frame 0 gets q_init.
-
-    Args:
-        queries: [F, Dq], the query head's output at every visual position (frame order).
-        num_frames: long [B].
-        q_init: [1, Dq].
-    """
-    previous = torch.cat([queries.new_zeros(1, queries.shape[1]), queries[:-1]])  # [F, Dq]
-    is_first = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    is_first[frame_starts(num_frames)[num_frames > 0]] = True
-    return torch.where(is_first[:, None], q_init.to(previous.dtype), previous)  # [F, Dq]
-
-
-def select_rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    """[B, S, ...] -> [N, ...] rows where ``mask`` is True (row order = mask.nonzero()); all of x when None."""
-    return x if mask is None else x[mask]
 
 
 # ------------------------------------------------------------------------------------------------- results
@@ -253,11 +168,13 @@ class FoveatedVLM(nn.Module):
         """Load a folder written by ``fovlm export`` (safetensors weights + config), in eval mode.
 
         Rebuilds the LLM and DINOv2 from the configs stored in the folder (no hub access, no Lightning) and
-        loads the weights strictly; nothing is unpickled. See :func:`fovlm.export.load_pretrained`.
-        """
-        from fovlm.export import load_pretrained  # the export format lives with the exporter
+        loads the weights strictly; nothing is unpickled. See :mod:`fovlm.model.exported`.
 
-        return load_pretrained(path, device)
+        Args:
+            path: the exported folder.
+            device: where the model is put.
+        """
+        return load_exported(path, cls, device)
 
     # ---------------------------------------------------------------------------------------- building blocks
 
@@ -432,8 +349,8 @@ class FoveatedVLM(nn.Module):
         order = torch.cat(frame_ids)  # frame index of every step-major row
         attention = None
         if return_attention:
-            attention = [_frame_order([s[i] for s in attn_steps], order) for i in range(len(attn_steps[0]))]
-        return ARPrefix(kv, history, num_frames.clone(), _frame_order(token_steps, order), attention)
+            attention = [frame_order([s[i] for s in attn_steps], order) for i in range(len(attn_steps[0]))]
+        return ARPrefix(kv, history, num_frames.clone(), frame_order(token_steps, order), attention)
 
     def _slot_embeddings(self, tokens: Tensor, rows: Tensor, batch: int) -> Tensor:
         """One step's LLM input: the active samples' tokens [n, Dl] at their rows, zeros elsewhere -> [B, 1, Dl]."""
@@ -483,7 +400,9 @@ class FoveatedVLM(nn.Module):
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
         """
-        check_batch(frames, num_frames, input_ids, attention_mask, logits_mask, mode)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        check_batch(frames, num_frames, input_ids, attention_mask, logits_mask)
         cache = self.encode_patches(frames)
         if mode == "autoregressive":
             hidden = self.continue_text(
@@ -533,70 +452,15 @@ class FoveatedVLM(nn.Module):
             raise ValueError(f"forward_pair supports coarse_only / coarse_fine, not {mode!r}")
         for name, (ids, mask, lmask) in (("chosen", chosen), ("rejected", rejected)):
             try:
-                check_batch(frames, num_frames, ids, mask, lmask, mode)
+                check_batch(frames, num_frames, ids, mask, lmask)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err
         tokens = self.visual_tokens(self.encode_patches(frames), num_frames, mode).tokens  # [F, Dl]
         width = max(chosen[0].shape[1], rejected[0].shape[1])
-        ids = torch.cat([_pad_right(chosen[0], width), _pad_right(rejected[0], width)])  # [2B, S]
-        mask = torch.cat([_pad_right(chosen[1], width), _pad_right(rejected[1], width)])  # [2B, S]
+        ids = torch.cat([pad_right(chosen[0], width), pad_right(rejected[0], width)])  # [2B, S]
+        mask = torch.cat([pad_right(chosen[1], width), pad_right(rejected[1], width)])  # [2B, S]
         hidden = self.text_hidden(torch.cat([tokens, tokens]), torch.cat([num_frames, num_frames]), ids, mask)
         batch = len(num_frames)
         chosen_hidden = hidden[:batch, : chosen[0].shape[1]]  # [B, Sc, Dl]
         rejected_hidden = hidden[batch:, : rejected[0].shape[1]]  # [B, Sr, Dl]
         return self.text_logits(chosen_hidden, chosen[2]), self.text_logits(rejected_hidden, rejected[2])
-
-
-def _frame_order(steps: list[Tensor], order: Tensor) -> Tensor:
-    """Per-step results concatenated step-major, with ``order`` the frame of each row -> frame order [F, ...]."""
-    stacked = torch.cat(steps)
-    return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
-
-
-def _pad_right(x: Tensor, width: int) -> Tensor:
-    """Right-pad [B, S] with zeros to [B, width] (the values are masked out by the attention mask)."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-def check_batch(
-    frames: Tensor,
-    num_frames: Tensor,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    logits_mask: Tensor | None,
-    mode: str,
-) -> None:
-    """Reject malformed batches with a message that says what is wrong."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if num_frames.dim() != 1 or len(num_frames) != input_ids.shape[0]:
-        raise ValueError(
-            f"num_frames {tuple(num_frames.shape)} does not match batch size {input_ids.shape[0]}"
-        )
-    if not frames.is_floating_point():
-        raise ValueError(
-            f"frames must be ImageNet-normalised floats, got {frames.dtype} (normalise uint8 frames first)"
-        )
-    if (num_frames < 0).any() or int(num_frames.sum()) != frames.shape[0]:
-        raise ValueError(
-            f"num_frames sums to {int(num_frames.sum())} but frames holds {frames.shape[0]} frames"
-        )
-    if input_ids.shape != attention_mask.shape:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
-        )
-    mask = attention_mask.long()
-    if (mask[:, 1:] > mask[:, :-1]).any():
-        bad = (mask[:, 1:] > mask[:, :-1]).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask must be right-padded (ones then zeros); samples {bad} are not")
-    empty = ((num_frames == 0) & (mask.sum(1) == 0)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"samples {empty} have neither frames nor text")
-    if logits_mask is not None:
-        if logits_mask.shape != attention_mask.shape or logits_mask.dtype != torch.bool:
-            raise ValueError(
-                f"logits_mask must be bool {tuple(attention_mask.shape)}, got {logits_mask.dtype} "
-                f"{tuple(logits_mask.shape)}"
-            )
-        if (logits_mask & (mask == 0)).any():
-            raise ValueError("logits_mask selects padded text positions")

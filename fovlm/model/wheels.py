@@ -48,6 +48,11 @@ class WheelMember:
     member_sha256: str
 
     @property
+    def description(self) -> str:
+        """The pinned file in words (``requirement member``), as logs and conversion markers name it."""
+        return f"{self.requirement} {self.member}"
+
+    @property
     def wheel_glob(self) -> str:
         """File-name pattern of the wheel (``name-version-*.whl``, with the name normalised as wheels are)."""
         name, version = self.requirement.split("==")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,21 @@ def write_shard(path: Path, samples: Iterable[Mapping[str, Any]]) -> Path:
                 record["json"] = json.dumps(record["json"]).encode("utf-8")
             sink.write(record)
     return path
+
+
+SIZES = [5, 1, 9, 3, 12, 7, 2]  # 39 samples in 7 shards of uneven sizes
+
+
+def video_shards(root: Path, sizes: Sequence[int] = SIZES) -> list[str]:
+    """Caption shards ``video-000.tar`` ... of ``sizes[s]`` samples each (keys ``v{s}_{i:02d}``, 1 to 3 frames)."""
+    paths = []
+    for s, n in enumerate(sizes):
+        samples = [
+            caption_sample(f"v{s}_{i:02d}", f"clip {s} {i}", frames=1 + (s + i) % 3, size=(8, 8))
+            for i in range(n)
+        ]
+        paths.append(str(write_shard(root / f"video-{s:03d}.tar", samples)))
+    return paths
 
 
 def caption_sample(

@@ -11,8 +11,8 @@ from fovlm.data.chat import (
     render_chat,
     source_prompt,
 )
+from fovlm.data.roles import ROLE_ANSWER, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 from fovlm.data.schema import parse_sample
-from fovlm.losses import ROLE_ANSWER, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
 
 S, U, T, A = ROLE_SYSTEM, ROLE_USER, ROLE_TEMPLATE, ROLE_ANSWER
 IM_START, IM_END, NL = 1, 2, 198
@@ -161,7 +161,7 @@ def test_multiple_choice_and_legacy_layouts(tokenizer):
 def test_pretokenized_roles_from_markup(tokenizer):
     msgs = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Ans."}]
     ids, roles = render_chat(tokenizer, msgs)
-    # The reference's all-ones mask (e.g. WebVid) still yields answer-only roles from the markup.
+    # The fVLM original's all-ones mask (e.g. WebVid) still yields answer-only roles from the markup.
     sample = parse_sample(
         {"token_ids": ids, "loss_mask": [1] * len(ids), "source": "webvid"},
         "w",

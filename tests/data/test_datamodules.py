@@ -1,4 +1,4 @@
-"""The stage DataModules end to end: batch contract, image replication, bad input, reference layouts,
+"""The stage DataModules end to end: batch contract, image replication, bad input, the fVLM original's layouts,
 frame budgets, and a resumed Lightning run that continues with the next batch."""
 
 import lightning as L
@@ -7,7 +7,7 @@ import torch
 from shardkit import caption_sample, image_bytes, mp4_bytes, text_sample, write_shard
 
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
-from fovlm.losses import ROLE_ANSWER, ROLE_PAD
+from fovlm.data.roles import ROLE_ANSWER, ROLE_PAD
 
 SIZE = 16
 SFT_KEYS = {"frames", "num_frames", "input_ids", "attention_mask", "roles", "source", "key"}
@@ -148,7 +148,7 @@ def test_preference_batches(smollm2_dir, tokenizer, tmp_path):
         }
         for i in range(3)
     ]
-    # The reference's DPO layout (user / chosen_assistant / rejected_assistant) loads as well.
+    # The fVLM original's DPO layout (user / chosen_assistant / rejected_assistant) loads as well.
     pairs.append(
         {
             "__key__": "legacy_pair",
@@ -233,7 +233,7 @@ def test_reference_layouts_load(smollm2_dir, tokenizer, tmp_path):
     i = by_key["rawcap"]
     text = tokenizer.decode(batch["input_ids"][i, : n[i]])
     assert "Write a brief caption for this video." in text and "A cat sleeps.<|im_end|>" in text
-    # The reference replicated any one-frame sample; its layouts carry no media field: one frame is an image.
+    # The fVLM original replicated any one-frame sample; its layouts carry no media field: one frame is an image.
     frames = dict(zip(batch["key"], batch["num_frames"].tolist(), strict=True))
     assert frames == {"pretok": 2, "rawua": 2, "rawcap": 8, "pretok_text": 0}
 

@@ -10,6 +10,7 @@ from PIL import Image
 from shardkit import image_bytes, mp4_bytes
 
 from fovlm.data import frames as F
+from fovlm.data.contract import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_select_frame_times_rule():
@@ -101,8 +102,8 @@ def test_sample_frames_replicates_images_not_one_frame_videos():
 def test_normalize_matches_imagenet_stats():
     frames = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
     out = F.normalize(frames)
-    expected = (torch.tensor([0.0, 128 / 255, 1.0]) - torch.tensor(F.IMAGENET_MEAN)) / torch.tensor(
-        F.IMAGENET_STD
+    expected = (torch.tensor([0.0, 128 / 255, 1.0]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
     )
     assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
     assert torch.allclose(out[1, :, 1, 1], expected)

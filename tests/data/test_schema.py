@@ -1,4 +1,4 @@
-"""The sample schema: native fields, the reference's layouts, and errors that name the key and the field."""
+"""The sample schema: native fields, the layouts of fVLM's original shards, and errors that name the key and the field."""
 
 import json
 

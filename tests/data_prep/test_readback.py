@@ -10,8 +10,8 @@ from sourcekit import FIXTURES
 from data_prep.cli import convert
 from data_prep.synthetic import SyntheticConfig, generate
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
+from fovlm.data.roles import ROLE_ANSWER
 from fovlm.eval.benchmarks import BenchmarkReader
-from fovlm.losses import ROLE_ANSWER
 
 SIZE = 32
 IMAGE_FRAMES = 8

@@ -46,7 +46,7 @@ def test_overlay_highlights_the_attended_patch():
 
 def test_sheet_png_has_a_row_per_query_kind(tmp_path):
     frames = [torch.randn(3, 224, 224) for _ in range(3)]
-    maps = {kind: torch.softmax(torch.randn(3, 2, 4, 257), -1) for kind in ("static", "fine", "autoregressive")}
+    maps = {kind: torch.softmax(torch.randn(3, 2, 4, 257), -1) for kind in ("coarse", "fine", "autoregressive")}
     path = save_attention_png(tmp_path / "a" / "maps.png", frames, maps, cell=64)
     with Image.open(path) as image:
         assert image.format == "PNG"
@@ -58,14 +58,26 @@ def test_sheet_png_has_a_row_per_query_kind(tmp_path):
 def test_query_maps_of_a_model_have_one_row_per_frame(tiny_vlm, tmp_path):
     frames = torch.randn(3, 3, 224, 224)
     maps = query_attention_maps(tiny_vlm, frames)
-    assert list(maps) == ["static", "fine", "autoregressive"]
+    assert list(maps) == ["coarse", "fine", "autoregressive"]
     for weights in maps.values():
         assert weights.shape == (3, 2, 4, 257)  # frames, tiny DINO layers, heads, keys
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, 4))
-    # the static query is the same vector on every frame, the others differ from it after frame 0
-    assert not torch.allclose(maps["static"][1], maps["fine"][1])
+    # the coarse (static) query is the same vector on every frame, the others differ from it after frame 0
+    assert not torch.allclose(maps["coarse"][1], maps["fine"][1])
     save_attention_png(tmp_path / "maps.png", list(frames), maps, cell=48)
     assert (tmp_path / "maps.png").stat().st_size > 0
+
+
+def test_query_maps_of_some_kinds_are_those_of_all_kinds(tiny_vlm):
+    frames = torch.randn(2, 3, 224, 224)
+    everything = query_attention_maps(tiny_vlm, frames)
+    for kinds in (("coarse", "fine"), ("fine",), ("autoregressive", "coarse")):
+        some = query_attention_maps(tiny_vlm, frames, kinds=kinds)
+        assert list(some) == [kind for kind in everything if kind in kinds]  # in the order of all kinds
+        for kind, weights in some.items():
+            torch.testing.assert_close(weights, everything[kind])
+    with pytest.raises(ValueError, match="static"):
+        query_attention_maps(tiny_vlm, frames, kinds=("static",))
 
 
 def test_frames_are_drawn_from_uint8_or_normalised_tensors():

@@ -7,9 +7,9 @@ import torch
 from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+from fovlm.data.roles import ROLE_ANSWER
 from fovlm.eval.baseline import SmolVLMScorer
 from fovlm.eval.questions import Question
-from fovlm.losses import ROLE_ANSWER
 
 
 @pytest.fixture(scope="module")

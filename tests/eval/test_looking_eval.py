@@ -43,7 +43,7 @@ def test_shares_of_the_three_modes_on_a_model(tiny_vlm):
     frames = torch.randn(3, 3, 224, 224)
     everywhere = attention_shares(tiny_vlm, frames, AnswerRegion((0.0, 0.0, 1.0, 1.0), 1.0), [0.5, 1.5, 2.5], MODES)
     maps = query_attention_maps(tiny_vlm, frames)
-    for mode, kind in (("coarse_only", "static"), ("coarse_fine", "fine"), ("autoregressive", "autoregressive")):
+    for mode, kind in (("coarse_only", "coarse"), ("coarse_fine", "fine"), ("autoregressive", "autoregressive")):
         cls = maps[kind][1:, -1].mean(1)[:, 0].mean()  # last layer, heads averaged, frames 1 and 2
         assert everywhere[mode] == pytest.approx(1.0 - float(cls), abs=1e-5)  # all of it but CLS
     half = attention_shares(tiny_vlm, frames, AnswerRegion((0.0, 0.0, 0.5, 1.0), 0.0), None, MODES)

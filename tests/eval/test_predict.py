@@ -11,8 +11,9 @@ from eval_helpers import make_tiny_vlm, mp4_bytes, png_bytes
 from fovlm.cli import main as cli_main
 from fovlm.data.chat import render_chat
 from fovlm.eval.predict import answer, load_media, main
-from fovlm.export import export_model, load_exported_tokenizer, load_pretrained
+from fovlm.export import export_model
 from fovlm.losses import AnswerOnlyCE
+from fovlm.model.pretrained import load_exported_tokenizer, load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from fovlm.data.chat import render_chat
+from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_TEMPLATE, ROLE_USER
 from fovlm.eval.questions import render_options, split_options
 from fovlm.eval.scoring import hf_step, nll_from_full_logits, score_on_prefix
-from fovlm.losses import IGNORE_INDEX, ROLE_ANSWER, ROLE_TEMPLATE, ROLE_USER
 from fovlm.model.loading import tiny_llm_config
 
 QUESTION = "What colour is the ball?"

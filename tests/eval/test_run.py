@@ -7,9 +7,9 @@ import torch
 from eval_helpers import make_tiny_vlm, write_mcq_shard, write_sft_shard
 
 from fovlm.data.chat import render_chat
+from fovlm.data.roles import ROLE_ANSWER
 from fovlm.eval.run import main, validation_losses
 from fovlm.export import export_model
-from fovlm.losses import ROLE_ANSWER
 from fovlm.model.vlm import MODES
 
 

@@ -7,11 +7,12 @@ import torch
 from eval_helpers import make_tiny_vlm, write_mcq_shard
 
 from fovlm.data.frames import normalize
+from fovlm.data.roles import ROLE_ANSWER
 from fovlm.eval.benchmarks import BenchmarkReader
 from fovlm.eval.questions import render_options
 from fovlm.eval.run import evaluate
 from fovlm.eval.scoring import score_question, score_question_naive
-from fovlm.losses import ROLE_ANSWER, AnswerOnlyCE
+from fovlm.losses import AnswerOnlyCE
 from fovlm.model.vlm import MODES
 
 QUESTION = "What colour is the ball?"
@@ -60,7 +61,7 @@ def test_one_patch_pass_per_question_whatever_the_options_and_modes(tiny_vlm, to
     score_question(tiny_vlm, frames, options, MODES)
     assert (counter.calls, counter.frames) == (1, 4)
     counter.calls = counter.frames = 0
-    score_question_naive(tiny_vlm, frames, options, MODES)  # the reference's way: per option and mode
+    score_question_naive(tiny_vlm, frames, options, MODES)  # the fVLM original's way: per option and mode
     assert (counter.calls, counter.frames) == (len(MODES), len(MODES) * num_options * 4)
 
 

@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from fovlm.model.loading import (
+    TINY_LLM_TOKENIZER,
+    TokenizerSource,
     load_llm,
     load_vision,
     prepare_smollm2,
     tiny_llm_config,
     tiny_vision_config,
+    tokenizer_source,
 )
 from fovlm.model.wheels import DONE_MARKER
 
@@ -52,6 +55,15 @@ def test_vision_init_range_sets_the_random_dinov2_weight_std(tmp_path):
         assert 0.9 * std < weight.std().item() < 1.1 * std
     with pytest.raises(ValueError, match="random DINOv2 only"):
         build_vlm("tiny", str(tmp_path / "vis"), vision_init_range=0.2)
+
+
+def test_tokenizer_source_follows_the_llm():
+    assert tokenizer_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    assert tokenizer_source("models/smol", "smol.gguf") == TokenizerSource("models/smol", "smol.gguf")
+    # The random "tiny" LLM is shaped like SmolLM2: the real SmolLM2 tokenizer, never the LLM's GGUF file.
+    for llm in ("tiny", "smollm2"):
+        source = tokenizer_source(llm, "smol.gguf")
+        assert source == (TINY_LLM_TOKENIZER, None) and source.name_or_path.endswith("smollm2-135m-instruct")
 
 
 def test_missing_gguf_file_is_named(tmp_path):

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from tiny_models import QUERY_DIM, TOL, random_frames
 from transformers import Dinov2Model, LlamaForCausalLM
 
+from fovlm.model.layout import build_layout
 from fovlm.model.loading import build_vlm, tiny_llm_config, tiny_vision_config
-from fovlm.model.vlm import MODES, FoveatedVLM, build_layout
+from fovlm.model.vlm import MODES, FoveatedVLM
 
 IGNORE = -100
 

@@ -1,44 +1,17 @@
-"""Streaming shards: patterns, the shard index, exact-once coverage over ranks x workers, equal batch counts,
-resume, text retention, frame budgets and damaged shards."""
+"""The stream and its loader: exact-once coverage over ranks x workers, equal batch counts, resume, text
+retention, frame budgets, failing samples and process groups."""
 
 from collections import Counter
 
 import pytest
 import torch
-from shardkit import caption_sample, text_sample, write_shard
+from shardkit import SIZES, caption_sample, text_sample, write_shard
 
 from fovlm.data.collate import Collator, SampleEncoder
-from fovlm.data.pipeline import (
-    EpochPlanner,
-    PlanConfig,
-    ShardGroup,
-    ShardLoader,
-    ShardReadError,
-    ShardStream,
-    build_index,
-    expand_shards,
-    group_counts,
-    iter_tar_samples,
-)
-
-SIZES = [5, 1, 9, 3, 12, 7, 2]  # 39 samples in 7 shards of uneven sizes
-
-
-def _video_shards(root, sizes=SIZES):
-    paths = []
-    for s, n in enumerate(sizes):
-        samples = [
-            caption_sample(f"v{s}_{i:02d}", f"clip {s} {i}", frames=1 + (s + i) % 3, size=(8, 8))
-            for i in range(n)
-        ]
-        paths.append(str(write_shard(root / f"video-{s:03d}.tar", samples)))
-    return paths
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    return _video_shards(root), root
+from fovlm.data.contract import FrameSettings
+from fovlm.data.plan import EpochPlanner, PlanConfig, ShardGroup, group_counts
+from fovlm.data.shards import build_index
+from fovlm.data.stream import ShardLoader, ShardStream
 
 
 def _stream(
@@ -76,31 +49,11 @@ def _stream(
             max_frames_per_batch=budget,
         ),
     )
-    encoder = SampleEncoder(tokenizer, max_length=128, frame_size=16, image_frames=8)
-    return ShardStream(planner, encoder, Collator(tokenizer.pad_token_id, 16), rank=rank, world_size=world)
-
-
-def test_expand_shards(shards, tmp_path):
-    paths, root = shards
-    assert expand_shards(str(root / "video-{000..006}.tar")) == paths
-    assert expand_shards([str(root / "video-00[0-2].tar"), str(root / "video-00{5,6}.tar")]) == (
-        paths[:3] + paths[5:]
+    frames = FrameSettings(frame_size=16, image_frames=8)
+    encoder = SampleEncoder(tokenizer, max_length=128, frames=frames)
+    return ShardStream(
+        planner, encoder, Collator(tokenizer.pad_token_id, frames), rank=rank, world_size=world
     )
-    with pytest.raises(FileNotFoundError, match="nothing-"):
-        expand_shards([str(root / "video-000.tar"), str(root / "nothing-*.tar")])
-    with pytest.raises(FileNotFoundError, match="video-007.tar"):
-        expand_shards(str(root / "video-{005..009}.tar"))
-
-
-def test_index_counts_and_frames(shards, tmp_path):
-    paths, _ = shards
-    index = build_index(paths, tmp_path / "cache")
-    assert [index[p].num_samples for p in paths] == SIZES
-    assert index[paths[0]].frame_codes.tolist() == [1 + i % 3 for i in range(5)]
-    # The cache answers the second time (same result).
-    again = build_index(paths, tmp_path / "cache")
-    assert all((again[p].frame_codes == index[p].frame_codes).all() for p in paths)
-    assert len(list((tmp_path / "cache").glob("*.json"))) == len(paths)
 
 
 @pytest.mark.slow
@@ -200,34 +153,6 @@ def test_text_retention_share(tmp_path, tokenizer):
     assert all(0.07 < sum(is_text[q * quarter : (q + 1) * quarter]) / quarter < 0.21 for q in range(4))
 
 
-def test_group_counts():
-    assert group_counts([100, 50], [None, None], [False, False], 0.0) == [100, 50]
-    assert group_counts([100, 50, 40], [None, None, None], [False, False, True], 0.25) == [100, 50, 50]
-    assert group_counts([100, 50, 10], [55, 30, 15], [False] * 3, 0.0) == [88, 48, 24]
-    with pytest.raises(ValueError, match="every shard group"):
-        group_counts([1, 2], [1.0, None], [False, False], 0.0)
-
-
-def test_damaged_shards(tmp_path):
-    good = write_shard(tmp_path / "good.tar", [text_sample(f"k{i}", "a") for i in range(6)])
-    data = good.read_bytes()
-    truncated = tmp_path / "truncated.tar"
-    truncated.write_bytes(data[: len(data) // 2])
-    garbage = tmp_path / "garbage.tar"
-    garbage.write_bytes(b"this is not a tar file" * 100)
-    got = []
-    with pytest.raises(ShardReadError, match="truncated"):
-        for _, key, _ in iter_tar_samples(str(truncated)):
-            got.append(key)
-    assert 0 < len(got) < 6
-    index = build_index([str(truncated), str(garbage)], tmp_path / "cache")
-    assert index[str(truncated)].num_samples == len(got) and "truncated" in index[str(truncated)].error
-    assert index[str(garbage)].num_samples == 0 and index[str(garbage)].error
-    # Reading a range skips earlier samples without loading them.
-    loaded = [(i, m is not None) for i, _, m in iter_tar_samples(str(good), 2, 5, load=lambda i: i != 3)]
-    assert loaded == [(2, True), (3, False), (4, True)]
-
-
 @pytest.mark.slow
 def test_resume_with_failing_samples(tmp_path, tokenizer):
     from shardkit import image_bytes
@@ -266,37 +191,6 @@ def test_resume_with_failing_samples(tmp_path, tokenizer):
         resumed = loader()
         resumed.load_state_dict(state)
         assert seen + [b["key"] for b in resumed] == full, k
-
-
-def test_weighted_groups_cycle_through_passes(tmp_path):
-    a = [
-        str(write_shard(tmp_path / f"a{s}.tar", [text_sample(f"a{s}_{i}", "x") for i in range(5)]))
-        for s in range(2)
-    ]
-    b = [
-        str(write_shard(tmp_path / f"b{s}.tar", [text_sample(f"b{s}_{i}", "x") for i in range(5)]))
-        for s in range(2)
-    ]
-    index = build_index(a + b, tmp_path / "cache")
-    counts = group_counts([10, 10], [3.0, 1.0], [False, False], 0.0)
-    assert counts == [15, 5]
-    planner = EpochPlanner(
-        [ShardGroup("a", tuple(a)), ShardGroup("b", tuple(b))],
-        index,
-        counts,
-        PlanConfig(batch_size=4, shuffle_buffer=4),
-    )
-    epochs = [
-        [(r.group, r.shard, r.index) for w in range(2) for r in planner.slot_plan(e, w, 2).inputs]
-        for e in range(2)
-    ]
-    for refs in epochs:
-        assert sum(g == 0 for g, _, _ in refs) == 15 and sum(g == 1 for g, _, _ in refs) == 5
-    # Group b (5 per epoch) reads each of its 10 samples once over two epochs; group a (15 per epoch) reads
-    # its 10 samples in passes: 30 reads over two epochs, each sample exactly 3 times.
-    both = Counter(epochs[0] + epochs[1])
-    assert {k: v for k, v in both.items() if k[0] == 1} == {(1, s, i): 1 for s in range(2) for i in range(5)}
-    assert {v for k, v in both.items() if k[0] == 0} == {3}
 
 
 def _key_only(key, members):

@@ -1,0 +1,171 @@
+"""Where the tokens of a batch sit in the LLM input: the per-sample sequence layout and the batch checks.
+
+Sample i of a batch is [its T_i visual tokens, its S_i text tokens] at positions 0..T_i+S_i-1 with all padding
+on the right; a text-only sample has no visual token. The functions here are pure tensor index arithmetic: they
+place visual and text embeddings into the flattened [B * L] LLM input, read the text positions back out, shift
+the LLM-written queries by one frame, and reject batches that cannot be laid out this way.
+
+Shapes: B samples, F = sum(num_frames) real frames (concatenated in sample order), S text width, L sequence
+width, Dl LLM width, Dq query width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SequenceLayout:
+    """Where every visual and text token of a batch sits in the flattened [B * L] LLM input.
+
+    Attributes:
+        attention_mask: long [B, L], 1 on each sample's T_i + S_i real tokens (a prefix of the row).
+        position_ids: long [B, L], 0..L-1 on every row (each sample starts at position 0).
+        visual_index: long [F], flat row (b * L + t) of each visual token, in frame order.
+        text_index: long [B, S], flat row of each text position; padded text positions point at some row of
+            the same sample and must be ignored (``text_valid``).
+        text_valid: bool [B, S], the real text positions.
+    """
+
+    attention_mask: Tensor
+    position_ids: Tensor
+    visual_index: Tensor
+    text_index: Tensor
+    text_valid: Tensor
+
+    @property
+    def width(self) -> int:
+        """Sequence width L."""
+        return self.attention_mask.shape[1]
+
+
+def frame_starts(num_frames: Tensor) -> Tensor:
+    """Index of each sample's first frame in the concatenated frame list: long [B]."""
+    return torch.cumsum(num_frames, 0) - num_frames
+
+
+def frame_sample_ids(num_frames: Tensor) -> Tensor:
+    """Sample index of every frame: long [F]."""
+    return torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)
+
+
+def build_layout(num_frames: Tensor, text_mask: Tensor) -> SequenceLayout:
+    """Per-sample layout: sample b = [its num_frames[b] visual tokens, its text], right-padded.
+
+    Args:
+        num_frames: long [B], visual tokens per sample (0 for text-only).
+        text_mask: [B, S], 1 on real text tokens; must be right-padded (ones, then zeros).
+    """
+    batch, width_s = text_mask.shape
+    device = num_frames.device
+    text_len = text_mask.sum(1)  # [B]
+    lengths = num_frames + text_len  # [B]
+    width = int(lengths.max()) if batch else 0
+    arange = torch.arange(width, device=device)
+    attention_mask = (arange[None] < lengths[:, None]).long()  # [B, L]
+    position_ids = arange[None].expand(batch, width)  # [B, L]
+    sample = frame_sample_ids(num_frames)  # [F]
+    frame_in_sample = torch.arange(len(sample), device=device) - frame_starts(num_frames)[sample]  # [F]
+    visual_index = sample * width + frame_in_sample  # [F]
+    text_pos = num_frames[:, None] + torch.arange(width_s, device=device)[None]  # [B, S]
+    text_index = torch.arange(batch, device=device)[:, None] * width + text_pos.clamp(max=max(width - 1, 0))
+    return SequenceLayout(attention_mask, position_ids, visual_index, text_index, text_mask.bool())
+
+
+def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
+    """Place visual token embeddings [F, Dl] and text embeddings [B, S, Dl] into the LLM input [B, L, Dl].
+
+    Padding rows are zero (they are masked). The result has the text embeddings' dtype.
+    """
+    batch, _, dim = text.shape
+    flat = text.new_zeros(batch * layout.width, dim)  # [B*L, Dl]
+    flat = flat.index_copy(0, layout.visual_index, visual.to(flat.dtype))
+    flat = flat.index_copy(0, layout.text_index[layout.text_valid], text[layout.text_valid])
+    return flat.view(batch, layout.width, dim)
+
+
+def gather_text(layout: SequenceLayout, hidden: Tensor) -> Tensor:
+    """Hidden states [B, L, Dl] at the text positions -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
+    return hidden.reshape(-1, hidden.shape[-1])[layout.text_index]
+
+
+def shift_queries(queries: Tensor, num_frames: Tensor, q_init: Tensor) -> Tensor:
+    """One-frame query shift: frame t of a sample gets the query made at its frame t-1, frame 0 gets q_init.
+
+    Args:
+        queries: [F, Dq], the query head's output at every visual position (frame order).
+        num_frames: long [B].
+        q_init: [1, Dq].
+    """
+    previous = torch.cat([queries.new_zeros(1, queries.shape[1]), queries[:-1]])  # [F, Dq]
+    is_first = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    is_first[frame_starts(num_frames)[num_frames > 0]] = True
+    return torch.where(is_first[:, None], q_init.to(previous.dtype), previous)  # [F, Dq]
+
+
+def select_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """[B, S, ...] -> [N, ...] rows where ``mask`` is True (row order = mask.nonzero()); all of x when None."""
+    return x if mask is None else x[mask]
+
+
+def frame_order(steps: list[Tensor], order: Tensor) -> Tensor:
+    """Per-step results concatenated step-major, with ``order`` the frame of each row -> frame order [F, ...]."""
+    stacked = torch.cat(steps)
+    return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
+
+
+def pad_right(x: Tensor, width: int) -> Tensor:
+    """Right-pad [B, S] with zeros to [B, width] (the values are masked out by the attention mask)."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def check_batch(
+    frames: Tensor,
+    num_frames: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_mask: Tensor | None,
+) -> None:
+    """Reject a batch that cannot be laid out, with a message that says what is wrong.
+
+    Args:
+        frames: [F, 3, H, W] ImageNet-normalised floats, all real frames of the batch in sample order.
+        num_frames: long [B], frames per sample (0: text-only); must sum to F.
+        input_ids: long [B, S].
+        attention_mask: [B, S], 1 on real text tokens; right-padded (ones, then zeros).
+        logits_mask: bool [B, S] or None; may select real text positions only.
+    """
+    if num_frames.dim() != 1 or len(num_frames) != input_ids.shape[0]:
+        raise ValueError(
+            f"num_frames {tuple(num_frames.shape)} does not match batch size {input_ids.shape[0]}"
+        )
+    if not frames.is_floating_point():
+        raise ValueError(
+            f"frames must be ImageNet-normalised floats, got {frames.dtype} (normalise uint8 frames first)"
+        )
+    if (num_frames < 0).any() or int(num_frames.sum()) != frames.shape[0]:
+        raise ValueError(
+            f"num_frames sums to {int(num_frames.sum())} but frames holds {frames.shape[0]} frames"
+        )
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} differ"
+        )
+    mask = attention_mask.long()
+    if (mask[:, 1:] > mask[:, :-1]).any():
+        bad = (mask[:, 1:] > mask[:, :-1]).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask must be right-padded (ones then zeros); samples {bad} are not")
+    empty = ((num_frames == 0) & (mask.sum(1) == 0)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have neither frames nor text")
+    if logits_mask is not None:
+        if logits_mask.shape != attention_mask.shape or logits_mask.dtype != torch.bool:
+            raise ValueError(
+                f"logits_mask must be bool {tuple(attention_mask.shape)}, got {logits_mask.dtype} "
+                f"{tuple(logits_mask.shape)}"
+            )
+        if (logits_mask & (mask == 0)).any():
+            raise ValueError("logits_mask selects padded text positions")
