@@ -5,11 +5,14 @@ command."""
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 from fitkit import CONFIGS, fit_args, fovlm_command, subprocess_env, synthetic_data
 
-from fovlm.cli import COMMANDS, FovlmCLI, linked_gguf_file, linked_tokenizer, main, summarize_run
+from fovlm.cli import COMMANDS, main
+from fovlm.cli.summary import summarize_run
+from fovlm.cli.train import SUBCOMMANDS, FovlmCLI, linked_gguf_file, linked_tokenizer
 
 # The commands `fovlm --help` must offer (COMMANDS may grow; these may not go missing).
 EXPECTED_COMMANDS = {"fit", "validate", "eval", "predict", "export", "summary"}
@@ -67,6 +70,15 @@ def test_each_command_has_its_own_help(name, capsys):
 def test_lightning_offers_only_fit_and_validate():
     """LightningCLI's test and predict need a test_step / predict_step the module does not have."""
     assert set(FovlmCLI.subcommands()) == {"fit", "validate"}
+    # The table's LightningCLI entries (no target) are exactly the subcommands FovlmCLI offers.
+    assert {name for name, command in COMMANDS.items() if command.target is None} == set(SUBCOMMANDS)
+
+
+def test_help_does_not_import_lightning():
+    """`fovlm --help` lists the commands without loading the training stack."""
+    code = "import sys; from fovlm.cli import commands_help; commands_help(); print('lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("order", ["options first", "options last"])

@@ -27,7 +27,7 @@ from fovlm.callbacks import (
     StageCheckpoint,
     Throughput,
 )
-from fovlm.cli import FovlmCLI
+from fovlm.cli.train import FovlmCLI
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
 from fovlm.model.loading import TINY_LLM_TOKENIZER
 from fovlm.module import FoveatedModule
