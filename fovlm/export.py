@@ -46,6 +46,7 @@ def model_config(model: FoveatedVLM) -> dict[str, Any]:
         "query_dim": model.query_dim,
         "visual_scale": model.visual_scale,
         "deep_query": model.encoder.deep_query,
+        "num_queries": model.num_queries,
         "llm_config": model.llm.config.to_dict(),
         "vision_config": model.encoder.dino.config.to_dict(),
     }
@@ -105,7 +106,8 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         f"vocabulary {llm.get('vocab_size')} |",
         f"| vision | DINOv2 {vision.get('hidden_size')} wide, {vision.get('num_hidden_layers')} layers, patch "
         f"{vision.get('patch_size')} |",
-        f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'} |",
+        f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'}, "
+        f"up to {config.get('num_queries', 1)} per frame |",
         f"| visual scale | {config['visual_scale']} |",
         "| frames | 1 FPS, at most {max_frames}, {frame_size} px (cover + centre crop); images x{image_frames} |".format(
             **frame_settings(config).as_dict()),

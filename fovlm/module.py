@@ -111,6 +111,13 @@ def state_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def query_budget(budgets: list[int], step: int) -> int:
+    """The number of queries per frame of optimizer step ``step`` under budget training: drawn uniformly from
+    ``budgets`` by a generator seeded with the step, so every rank and every resumed run draws the same."""
+    generator = torch.Generator().manual_seed(step)
+    return budgets[int(torch.randint(len(budgets), (1,), generator=generator))]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -127,6 +134,12 @@ class FoveatedModule(L.LightningModule):
         query_dim: width of the foveation query vectors.
         visual_scale: factor applied to the connector output (matches the LLM embedding scale).
         deep_query: run the query through every DINO layer (True) or the shallow single-attention ablation.
+        num_queries: K, the most visual tokens per frame (``q_static`` / ``q_init`` hold K queries each); the
+            model trains and validates with all K unless ``query_budgets`` is set.
+        query_budgets: budget training: every optimizer step reads frames with k queries drawn uniformly from
+            this list (each between 1 and ``num_queries``; the first k of the K queries), so that one
+            checkpoint serves each of them. The draw depends on the step alone (the same on every rank and
+            after a resume). Validation runs with all K. None: always K.
         vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); a from-scratch
             run uses about 0.2 so that visual tokens differ between clips from the start
             (docs/measured.md#random-vision-backbones).
@@ -167,6 +180,8 @@ class FoveatedModule(L.LightningModule):
         query_dim: int = 384,
         visual_scale: float = 0.14,
         deep_query: bool = True,
+        num_queries: int = 1,
+        query_budgets: list[int] | None = None,
         vision_init_range: float | None = None,
         loss: Literal["all_text", "answer_only", "dpo"] = "all_text",
         beta: float = 0.1,
@@ -201,6 +216,11 @@ class FoveatedModule(L.LightningModule):
                 raise ValueError(f"{name} is an auxiliary cross-entropy; the DPO loss does not use it")
         if lambda_ar > 0 and gradient_checkpointing:
             raise ValueError("lambda_ar needs the LLM KV cache, which LLM gradient checkpointing turns off")
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be at least 1, got {num_queries}")
+        if query_budgets is not None and (not query_budgets or not all(1 <= k <= num_queries for k in query_budgets)):
+            raise ValueError(f"query_budgets must be a non-empty list of k in 1..num_queries={num_queries}, "
+                             f"got {query_budgets}")
         if schedule == "converging" and (target_lr is None or target_lr <= 0):
             raise ValueError("the converging schedule needs a positive target_lr")
         self.loss_head = build_loss_head(loss, beta)
@@ -230,6 +250,7 @@ class FoveatedModule(L.LightningModule):
             query_dim=hp.query_dim,
             visual_scale=hp.visual_scale,
             deep_query=hp.deep_query,
+            num_queries=hp.num_queries,
             vision_init_range=hp.vision_init_range,
         )
         if hp.init_from:
@@ -343,10 +364,22 @@ class FoveatedModule(L.LightningModule):
     # -- steps -----------------------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        k = self.hparams.num_queries
+        if self.hparams.query_budgets:
+            k = query_budget(self.hparams.query_budgets, self.trainer.global_step if self._trainer else 0)
+        self._use_queries(k)
+        self._add_to_step("train/num_queries", float(k), 1.0, sync=False)
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._use_queries(self.hparams.num_queries)
         self._shared_step(batch, "val")
+
+    def _use_queries(self, k: int) -> None:
+        """Read frames with k queries in the policy and the DPO reference model alike."""
+        for model in (self.model, self.reference):
+            if model is not None:
+                model.use_queries(k)
 
     def _zero_touch_trainable(self) -> Tensor:
         """0 x the sum of every trainable parameter: gives each one a (zero) gradient.

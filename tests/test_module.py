@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from fovlm.data.roles import ROLE_ANSWER, ROLE_PAD, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
-from fovlm.module import FoveatedModule, no_decay_parameters, parameter_groups
+from fovlm.module import FoveatedModule, no_decay_parameters, parameter_groups, query_budget
 
 PAD_ID = 2
 TINY = {"llm": "tiny", "vision": "tiny", "query_dim": 32}
@@ -532,3 +532,26 @@ def test_text_only_batch_gives_every_trainable_parameter_a_gradient(tmp_path):
     assert set(grads.steps[0]) == trainable
     assert torch.count_nonzero(grads.steps[0]["q_static"]) == 0
     assert torch.count_nonzero(grads.steps[0]["llm.model.embed_tokens.weight"]) > 0
+
+
+def test_query_budget_is_a_pure_function_of_the_step():
+    draws = [query_budget([1, 2, 4], step) for step in range(60)]
+    assert draws == [query_budget([1, 2, 4], step) for step in range(60)]  # every rank, every resume
+    assert set(draws) == {1, 2, 4}
+    assert query_budget([3], 17) == 3
+
+
+def test_budget_training_draws_k_per_step_and_validates_with_all(tmp_path):
+    module = built(loss="all_text", num_queries=4, query_budgets=[1, 2, 4])
+    before = snapshot(module)
+    data = loader(SFTSet([4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]), 2)
+    t = trainer(tmp_path, 6)
+    t.fit(module, data, data)
+    assert logged_series(t, "train/num_queries") == [float(query_budget([1, 2, 4], s)) for s in range(6)]
+    assert module.model.active_queries == 4  # the last validation ran with all K queries
+    # the queries of the largest drawn budget all trained; a budget never drawn leaves its rows untouched
+    drawn = max(query_budget([1, 2, 4], s) for s in range(6))
+    changed = (module.model.q_static - before["model.q_static"]).abs().sum(1) > 0
+    assert changed[:drawn].all()
+    with pytest.raises(ValueError, match="query_budgets"):
+        FoveatedModule(**{**TINY, "num_queries": 2, "query_budgets": [1, 4]})

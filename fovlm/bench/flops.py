@@ -6,16 +6,16 @@ width, Dkv LLM key/value width, Fl LLM MLP width, V vocabulary):
 - DINO patch pass, per frame: patch embedding ``2 (N-1) (3 p^2) D``; per layer
   ``2 N (4 D^2 + 2 D M)`` (Q, K, V, O projections and the MLP) plus ``4 N^2 D`` (scores and weighted sum);
   every frame's K/V computed once.
-- Query pass, per frame and pass (one query token): ``2 Dq D`` (query input projection); per layer
+- Query pass, per query token (k per frame and pass): ``2 Dq D`` (query input projection); per layer
   ``2 (2 D^2 + 2 D M) + 4 N D`` (Q and O projections, MLP, attention over the N cached keys); then
   ``2 D^2`` (output projection) and ``2 D Dl`` (connector).
 - LLM pass over L new tokens attending to C keys each: per layer ``2 L (2 Dl^2 + 2 Dl Dkv + 3 Dl Fl)``
   plus ``4 L C Dl`` (C = L for a full pass; the causal half is not discounted, as SDPA computes it).
 - Query head: ``2 Dl Dq`` per visual position of the coarse pass. lm_head: ``2 Dl V`` per scored row only.
 
-A coarse_fine training sample with T frames and S text tokens costs one patch pass per frame, two query
-passes per frame, an LLM pass over T coarse tokens, the query head, an LLM pass over T + S tokens and the
-lm_head on its scored rows. Training = 3 x forward (backward costs twice the forward). A DPO step = policy
+A coarse_fine training sample with T frames of k tokens and S text tokens costs one patch pass per frame, two
+query passes per query token (2 T k), an LLM pass over T k coarse tokens, the query head on them, an LLM pass
+over T k + S tokens and the lm_head on its scored rows. Training = 3 x forward (backward costs twice the forward). A DPO step = policy
 forward + backward (3x) + frozen reference model forward (1x) = 4x the pair forward, where the pair forward
 shares the visual part and runs the LLM over both texts. Norms, activations, softmax and the loss are not
 counted.
@@ -42,6 +42,7 @@ class ModelShape:
     llm_kv_width: int
     llm_mlp: int
     vocab: int
+    num_queries: int = 1
 
     @property
     def dino_tokens(self) -> int:
@@ -68,6 +69,7 @@ class ModelShape:
             llm_kv_width=kv_heads * head_dim,
             llm_mlp=text.intermediate_size,
             vocab=text.vocab_size,
+            num_queries=getattr(model, "active_queries", 1),
         )
 
 
@@ -80,7 +82,7 @@ def patch_pass(s: ModelShape) -> float:
 
 
 def query_pass(s: ModelShape) -> float:
-    """Forward FLOPs of one query pass over one frame, connector included."""
+    """Forward FLOPs of one query token's pass over its frame, connector included."""
     n, d, m = s.dino_tokens, s.dino_width, s.dino_mlp
     per_layer = 2 * (2 * d * d + 2 * d * m) + 4 * n * d
     return 2 * s.query_dim * d + s.dino_layers * per_layer + 2 * d * d + 2 * d * s.llm_width
@@ -106,17 +108,18 @@ def query_head(s: ModelShape, rows: int) -> float:
 
 def visual_forward(s: ModelShape, num_frames: Sequence[int], mode: str = "coarse_fine") -> float:
     """Forward FLOPs of the visual part of a batch (patch pass, query passes, coarse LLM pass, query head)."""
-    frames = sum(num_frames)
-    total = frames * (patch_pass(s) + query_pass(s))
+    frames, k = sum(num_frames), s.num_queries
+    total = frames * (patch_pass(s) + k * query_pass(s))
     if mode == "coarse_fine":
-        total += frames * query_pass(s) + query_head(s, frames)
-        total += sum(llm_pass(s, t) for t in num_frames if t > 0)
+        total += frames * k * query_pass(s) + query_head(s, frames * k)
+        total += sum(llm_pass(s, t * k) for t in num_frames if t > 0)
     return total
 
 
 def text_forward(s: ModelShape, num_frames: Sequence[int], text_lengths: Sequence[int], scored_rows: int) -> float:
     """Forward FLOPs of the LLM over [visual tokens ; text] per sample plus the lm_head on the scored rows."""
-    return sum(llm_pass(s, t + n) for t, n in zip(num_frames, text_lengths, strict=True)) + lm_head(s, scored_rows)
+    k = s.num_queries
+    return sum(llm_pass(s, t * k + n) for t, n in zip(num_frames, text_lengths, strict=True)) + lm_head(s, scored_rows)
 
 
 def train_step(
@@ -154,6 +157,7 @@ def dpo_step(
 
 
 def autoregressive(s: ModelShape, frames: int, with_patch_pass: bool = True) -> float:
-    """Forward FLOPs of the autoregressive visual pass of one clip (one cached LLM step per frame)."""
-    steps = sum(query_pass(s) + llm_pass(s, 1, t + 1) + query_head(s, 1) for t in range(frames))
+    """Forward FLOPs of the autoregressive visual pass of one clip (one cached LLM step of k tokens per frame)."""
+    k = s.num_queries
+    steps = sum(k * query_pass(s) + llm_pass(s, k, (t + 1) * k) + query_head(s, k) for t in range(frames))
     return steps + (frames * patch_pass(s) if with_patch_pass else 0.0)

@@ -198,7 +198,8 @@ def query_attention_maps(
         patches = model.encode_patches(frames)
 
     def stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([w[:, :, 0] for w in per_layer], dim=1).float().cpu()  # [T, L, h, K]
+        # [T, h, k, K] per layer: a frame's k queries are averaged (k = 1: the one query's weights).
+        return torch.stack([w.mean(2) for w in per_layer], dim=1).float().cpu()  # [T, L, h, K]
 
     maps = {}
     if "coarse" in kinds or "fine" in kinds:

@@ -35,7 +35,7 @@ from fovlm.data.frames import (
 )
 from fovlm.model.checkpoint import CheckpointError
 from fovlm.model.generate import Sampling, generate
-from fovlm.model.pretrained import load_any
+from fovlm.model.pretrained import load_any, use_queries
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
@@ -125,6 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, help="random seed for sampling")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
     parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
+    parser.add_argument("--num-queries", type=int,
+                        help="visual tokens per frame k, 1..the model's num_queries (default: all of them)")
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
+        use_queries(model, args.num_queries, args.model)
         settings = data.overridden(args.frame_size, args.max_frames, args.image_frames)
         frames, _ = load_media(args.media, max_frames=settings.max_frames, image_frames=settings.image_frames,
                                size=settings.frame_size)

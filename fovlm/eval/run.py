@@ -30,7 +30,7 @@ from fovlm.eval.report import MultipleChoiceReport
 from fovlm.eval.scoring import score_question
 from fovlm.losses import AnswerOnlyCE
 from fovlm.model.checkpoint import CheckpointError
-from fovlm.model.pretrained import load_any
+from fovlm.model.pretrained import load_any, use_queries
 from fovlm.model.vlm import MODES
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
     parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
+    parser.add_argument("--num-queries", type=int,
+                        help="visual tokens per frame k, 1..the model's num_queries (default: all of them)")
     parser.add_argument("--out", default="results.json", help="results JSON path")
     parser.add_argument("--tensorboard", help="also log the results to this TensorBoard folder")
     parser.add_argument("--per-category", action="store_true", help="print one table row per category")
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
+        use_queries(model, args.num_queries, args.model)
         frames = data.overridden(args.frame_size, args.max_frames, args.image_frames).as_dict()
         readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
         report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format,

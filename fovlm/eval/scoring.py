@@ -112,7 +112,7 @@ def _prefix_on_tokens(model, tokens: Tensor, prefix_ids: Tensor) -> tuple[Dynami
     """LLM over [visual tokens ; prefix text] for one question, with a fresh cache.
 
     Returns:
-        (cache, hidden states at the visual positions [T, Dl], logits at the last prefix position [V]).
+        (cache, hidden states at the visual positions [T * k, Dl], logits at the last prefix position [V]).
     """
     visual = tokens.shape[0]
     text = model.embed_text(prefix_ids)[0]  # [P, Dl]
@@ -159,13 +159,13 @@ def score_question(
         patches = model.encode_patches(frames)  # the question's only patch pass
     results: dict[str, Tensor] = {}
     if "coarse_only" in modes or "coarse_fine" in modes:
-        coarse, _ = model.read_frames(model.q_static.expand(frames.shape[0], -1), patches)  # [T, Dl]
+        coarse, _ = model.static_tokens(patches)  # [T*k, Dl]
         cache, visual_hidden, last = _prefix_on_tokens(model, coarse, prefix_ids)
         if "coarse_only" in modes:
             results["coarse_only"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
         if "coarse_fine" in modes:
-            queries = shift_queries(model.query_head(visual_hidden), num_frames, model.q_init)  # [T, Dq]
-            fine, _ = model.read_frames(queries, patches)  # [T, Dl]
+            queries = shift_queries(model.query_head(visual_hidden), num_frames, model.initial_queries)  # [T*k, Dq]
+            fine, _ = model.read_frames(queries, patches)  # [T*k, Dl]
             cache, _, last = _prefix_on_tokens(model, fine, prefix_ids)
             results["coarse_fine"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
     if "autoregressive" in modes:

@@ -7,7 +7,8 @@ layer's own projections) so that query passes can attend to them later.
 Deep query pass: a learned query is projected into DINO's width (no bias) and travels through every DINO layer
 as one extra token, with that layer's own LN1, Q projection, output projection, LayerScale, LN2 and MLP. It
 attends to the layer's cached 257 keys/values only: patches never see the query, the query never sees itself.
-The final LayerNorm and ``output_proj`` turn it into one vector per frame.
+The final LayerNorm and ``output_proj`` turn it into one vector per frame. With k queries per frame each is such
+a token, and they do not see each other: k independent readings of the same cached frame.
 
 Shallow query pass (ablation, ``deep_query=False``): one cross-attention of the projected query on the last
 layer's key/value projections of the final features, then final LayerNorm and ``output_proj``.
@@ -117,21 +118,22 @@ def patch_layer(layer: Dinov2Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def query_layer(
     layer: Dinov2Layer, h: Tensor, k: Tensor, v: Tensor, return_weights: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """The query token through one DINOv2 layer, attending to that layer's cached keys/values only.
+    """The query tokens through one DINOv2 layer, attending to that layer's cached keys/values only (the k
+    queries of a frame do not see each other).
 
     Args:
         layer: the DINOv2 layer whose modules are used.
-        h: query hidden state [n, 1, D].
+        h: query hidden states [n, k, D].
         k: cached keys [n, h, N, hd].
         v: cached values [n, h, N, hd].
-        return_weights: also return the attention weights [n, h, 1, N] (detached).
+        return_weights: also return the attention weights [n, h, k, N] (detached).
     """
     attn = layer.attention
-    q = _split_heads(attn.q_proj(layer.norm1(h)), attn.head_dim)  # [n, h, 1, hd]
+    q = _split_heads(attn.q_proj(layer.norm1(h)), attn.head_dim)  # [n, h, k, hd]
     dropout_p = attn.attention_dropout if layer.training else 0.0
-    out, weights = _attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights)  # [n, h, 1, hd]
-    h = h + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, 1, D]
-    h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))  # [n, 1, D]
+    out, weights = _attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights)  # [n, h, k, hd]
+    h = h + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, k, D]
+    h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))  # [n, k, D]
     return h, weights
 
 
@@ -200,31 +202,34 @@ class FoveatedEncoder(nn.Module):
     def query_attend(
         self, queries: Tensor, cache: PatchCache, return_attention: bool = False
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """One foveated vector per frame: query i reads frame i of ``cache``.
+        """Foveated vectors: the queries of row i read frame i of ``cache``, each independently of the others.
 
         Args:
-            queries: query vectors [n, Dq], one per cached frame.
+            queries: query vectors [n, Dq] (one per cached frame) or [n, k, Dq] (k per frame).
             cache: the patch pass of those n frames.
-            return_attention: also return the attention weights (detached): one [n, h, 1, N] per layer for the
-                deep pass, a single-element list for the shallow pass.
+            return_attention: also return the attention weights (detached): one [n, h, k, N] per layer for the
+                deep pass, a single-element list for the shallow pass (k = 1 for [n, Dq] queries).
 
         Returns:
-            (vectors [n, D], attention weights or None).
+            (vectors [n, D] or [n, k, D], as the queries are shaped; attention weights or None).
         """
         if queries.shape[0] != cache.num_frames:
             raise ValueError(f"{queries.shape[0]} queries for {cache.num_frames} cached frames")
+        per_frame = queries if queries.dim() == 3 else queries.unsqueeze(1)  # [n, k, Dq]
         if self.deep_query:
-            return self._deep_query(queries, cache, return_attention)
-        return self._shallow_query(queries, cache, return_attention)
+            z, weights = self._deep_query(per_frame, cache, return_attention)
+        else:
+            z, weights = self._shallow_query(per_frame, cache, return_attention)
+        return (z if queries.dim() == 3 else z.squeeze(1)), weights
 
     def _deep_query(self, queries: Tensor, cache: PatchCache, return_attention: bool):
-        """The query as an extra token through every DINO layer (see module docstring)."""
-        h = self.query_input_proj(queries).unsqueeze(1)  # [n, 1, D]
+        """The queries [n, k, Dq] as extra tokens through every DINO layer (see module docstring) -> [n, k, D]."""
+        h = self.query_input_proj(queries)  # [n, k, D]
         weights = []
         for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
             h, w = query_layer(layer, h, k, v, return_attention)
             weights.append(w)
-        z = self.output_proj(self.dino.layernorm(h.squeeze(1)))  # [n, D]
+        z = self.output_proj(self.dino.layernorm(h))  # [n, k, D]
         return z, (weights if return_attention else None)
 
     def _shallow_query(self, queries: Tensor, cache: PatchCache, return_attention: bool):
@@ -234,7 +239,7 @@ class FoveatedEncoder(nn.Module):
         normed = last.norm1(cache.features)  # [n, N, D]
         k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
         v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
-        q = _split_heads(self.query_input_proj(queries).unsqueeze(1), attn.head_dim)  # [n, h, 1, hd]
-        out, w = _attend(q.to(k.dtype), k, v, attn.scaling, 0.0, return_attention)  # [n, h, 1, hd]
-        z = self.output_proj(self.dino.layernorm(_merge_heads(out).squeeze(1)))  # [n, D]
+        q = _split_heads(self.query_input_proj(queries), attn.head_dim)  # [n, h, k, hd]
+        out, w = _attend(q.to(k.dtype), k, v, attn.scaling, 0.0, return_attention)  # [n, h, k, hd]
+        z = self.output_proj(self.dino.layernorm(_merge_heads(out)))  # [n, k, D]
         return z, ([w] if return_attention else None)

@@ -64,7 +64,7 @@ def build_from_config(config: dict[str, Any], model_class: type[Model]) -> Model
     Args:
         config: an exported ``config.json``.
         model_class: the model to build (``FoveatedVLM``), called as ``model_class(vision, llm, query_dim=...,
-            visual_scale=..., deep_query=...)``.
+            visual_scale=..., deep_query=..., num_queries=...)``; configs without ``num_queries`` hold one query per frame.
     """
     if config.get("format") != FORMAT:
         raise CheckpointError(f"not a fovlm export config (format {config.get('format')!r})")
@@ -76,7 +76,7 @@ def build_from_config(config: dict[str, Any], model_class: type[Model]) -> Model
     vision = Dinov2Model(Dinov2Config.from_dict(config["vision_config"]))
     return model_class(
         vision, llm, query_dim=config["query_dim"], visual_scale=config["visual_scale"],
-        deep_query=config["deep_query"],
+        deep_query=config["deep_query"], num_queries=config.get("num_queries", 1),
     )
 
 

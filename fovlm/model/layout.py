@@ -1,7 +1,8 @@
 """Where the tokens of a batch sit in the LLM input: the per-sample sequence layout and the batch checks.
 
-Sample i of a batch is [its T_i visual tokens, its S_i text tokens] at positions 0..T_i+S_i-1 with all padding
-on the right; a text-only sample has no visual token. The functions here are pure tensor index arithmetic: they
+Sample i of a batch is [its visual tokens, its S_i text tokens] at positions 0, 1, ... with all padding on the
+right: T_i frames of k tokens each (``num_queries``; frame-major, frame t's j-th token at t * k + j); a text-only
+sample has no visual token. The layout functions take the visual tokens per sample (T_i * k). The functions here are pure tensor index arithmetic: they
 place visual and text embeddings into the flattened [B * L] LLM input, read the text positions back out, shift
 the LLM-written queries by one frame, and reject batches that cannot be laid out this way.
 
@@ -93,17 +94,22 @@ def gather_text(layout: SequenceLayout, hidden: Tensor) -> Tensor:
 
 
 def shift_queries(queries: Tensor, num_frames: Tensor, q_init: Tensor) -> Tensor:
-    """One-frame query shift: frame t of a sample gets the query made at its frame t-1, frame 0 gets q_init.
+    """One-frame query shift with k queries per frame: query j of frame t is the one made at frame t-1's j-th
+    visual position; frame 0's k queries are ``q_init``.
 
     Args:
-        queries: [F, Dq], the query head's output at every visual position (frame order).
+        queries: [F * k, Dq], the query head's output at every visual position (frame-major: frame f's j-th
+            token at row f * k + j).
         num_frames: long [B].
-        q_init: [1, Dq].
+        q_init: [k, Dq].
     """
-    previous = torch.cat([queries.new_zeros(1, queries.shape[1]), queries[:-1]])  # [F, Dq]
+    k = q_init.shape[0]
+    previous = torch.cat([queries.new_zeros(k, queries.shape[1]), queries[:-k]])  # [F*k, Dq]
+    first = frame_starts(num_frames)[num_frames > 0] * k  # row of each sample's first visual token
     is_first = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
-    is_first[frame_starts(num_frames)[num_frames > 0]] = True
-    return torch.where(is_first[:, None], q_init.to(previous.dtype), previous)  # [F, Dq]
+    is_first[(first[:, None] + torch.arange(k, device=queries.device)).flatten()] = True
+    slot = torch.arange(len(queries), device=queries.device) % k  # [F*k]
+    return torch.where(is_first[:, None], q_init.to(previous.dtype)[slot], previous)  # [F*k, Dq]
 
 
 def select_rows(x: Tensor, mask: Tensor | None) -> Tensor:

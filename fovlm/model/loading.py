@@ -229,7 +229,7 @@ def build_vlm(
             differ between clips; about 0.2 lets a from-scratch model see them
             (docs/measured.md#random-vision-backbones). Only for the random backbones ("tiny",
             "dinov2-small-random").
-        vlm_kwargs: passed to ``FoveatedVLM`` (query_dim, visual_scale, deep_query).
+        vlm_kwargs: passed to ``FoveatedVLM`` (query_dim, visual_scale, deep_query, num_queries).
     """
     if llm == TINY:
         llm_model = LlamaForCausalLM(tiny_llm_config()).to(dtype)

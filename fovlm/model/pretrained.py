@@ -61,6 +61,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkp
     model = build_vlm(
         hp["llm"], hp["vision"], gguf_file=hp.get("gguf_file"), query_dim=hp.get("query_dim", 384),
         visual_scale=hp.get("visual_scale", 0.14), deep_query=hp.get("deep_query", True),
+        num_queries=hp.get("num_queries", 1),
     )
     load_state_strict(model, model_state(checkpoint, path), path)
     return model.eval()
@@ -106,3 +107,13 @@ def load_any(
     checkpoint = read_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path).to(device)
     return model, checkpoint_tokenizer(checkpoint, tokenizer), data_settings(checkpoint)
+
+
+def use_queries(model: FoveatedVLM, k: int | None, source: str | Path = "the model") -> None:
+    """Read frames with ``k`` queries (None: all the model holds); a k the model does not hold is a
+    :class:`CheckpointError` naming ``source``."""
+    if k is None:
+        return
+    if not 1 <= k <= model.num_queries:
+        raise CheckpointError(f"{source} holds 1 to {model.num_queries} queries per frame, not {k}")
+    model.use_queries(k)

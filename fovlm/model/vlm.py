@@ -1,27 +1,28 @@
-"""FoveatedVLM: DINOv2 with a learned query (FoveatedEncoder) feeding one visual token per frame to a causal LM.
+"""FoveatedVLM: DINOv2 with learned queries (FoveatedEncoder) feeding k visual tokens per frame to a causal LM.
 
 New parameters on top of the two pretrained networks: ``encoder.query_input_proj`` (no bias),
 ``encoder.output_proj``, the connector ``dino_to_llm`` (its output scaled by ``visual_scale``), the query head
-``llm_to_query`` and the two query vectors ``q_static`` / ``q_init`` [1, Dq] (standard normal: std 1).
+``llm_to_query`` and the query vectors ``q_static`` / ``q_init`` [K, Dq] (standard normal: std 1), K =
+``num_queries``. The model reads frames with its first k <= K of them (:meth:`FoveatedVLM.use_queries`; k = K
+unless set), so that one model trained with several budgets serves each; k = 1 is one token per frame.
 
-Sequence layout (:mod:`fovlm.model.layout`): sample i is [its T_i visual tokens, its S_i text tokens] at positions
-0..T_i+S_i-1 with all padding on the right; a text-only sample has no visual token. No sample sees another's
-padding, so outputs are batch-invariant.
+Sequence layout (:mod:`fovlm.model.layout`): sample i is [its T_i * k visual tokens, its S_i text tokens] at
+positions 0, 1, ... with all padding on the right (frame t's j-th token at t * k + j); a text-only sample has no
+visual token. No sample sees another's padding, so outputs are batch-invariant.
 
 Modes (``forward(mode=...)``); every mode returns lm_head logits over text positions only:
     coarse_only     q_static on every frame -> tokens -> LLM over [tokens ; text].
-    coarse_fine     coarse tokens -> LLM over the visual tokens only -> query head -> frame t uses the query
-                    from visual position t-1 (frame 0: q_init) -> fine tokens -> LLM over [fine ; text].
-    autoregressive  q_init -> frame 0 -> one cached LLM step -> query -> frame 1 ... (the LLM KV cache grows by
-                    one slot per frame; nothing is recomputed), then the text on top of the cache.
+    coarse_fine     coarse tokens -> LLM over the visual tokens only -> query head -> frame t's j-th query is
+                    the one from frame t-1's j-th visual position (frame 0: q_init) -> fine tokens -> LLM over
+                    [fine ; text].
+    autoregressive  q_init -> frame 0 -> one cached LLM step -> queries -> frame 1 ... (the LLM KV cache grows by
+                    k slots per frame; nothing is recomputed), then the text on top of the cache.
 
 Shapes: B samples, F = sum(num_frames) real frames (concatenated in sample order), S text width, L sequence
 width, Dv DINO width, Dq query width, Dl LLM width, V vocabulary.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -41,98 +42,16 @@ from fovlm.model.layout import (
     select_rows,
     shift_queries,
 )
+from fovlm.model.outputs import ARPrefix, VisualTokens, VLMOutput
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
-
-
-# ------------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class VisualTokens:
-    """The visual token embeddings of a batch (frame order) and, on request, the query attention weights.
-
-    Attributes:
-        coarse: [F, Dl] tokens read with q_static.
-        fine: [F, Dl] tokens read with the shifted LLM queries (coarse_fine), None in coarse_only.
-        coarse_attention / fine_attention: per DINO layer [F, h, 1, N] (detached), when asked for.
-    """
-
-    coarse: Tensor
-    fine: Tensor | None = None
-    coarse_attention: list[Tensor] | None = None
-    fine_attention: list[Tensor] | None = None
-
-    @property
-    def tokens(self) -> Tensor:
-        """The tokens the LLM reads with the text: fine if present, else coarse. [F, Dl]."""
-        return self.fine if self.fine is not None else self.coarse
-
-
-@dataclass
-class ARPrefix:
-    """The autoregressive visual pass of a batch, with the state needed to continue text on it.
-
-    ``FoveatedVLM.continue_text`` appends right-padded text (a prompt, an option, generated tokens) to the cache
-    and advances ``attention_mask`` and ``next_positions``, so it can be called again for the next chunk. Padded
-    slots stay masked and do not advance a sample's positions. ``truncate()`` returns to the visual prefix, so
-    several texts (answer options) can be scored on one visual pass.
-
-    Attributes:
-        past_key_values: LLM KV cache; its first T_max slots are the visual steps (slots beyond T_i masked).
-        visual_mask: long [B, T_max], 1 on each sample's real visual slots.
-        num_frames: long [B], T_i.
-        tokens: [F, Dl] the visual tokens, frame order.
-        attention: per DINO layer [F, h, 1, N] (detached) when asked for, else None.
-        attention_mask: long [B, cache length], the key mask for the next chunk (starts as ``visual_mask``).
-        next_positions: long [B], the position of each sample's next token (starts at T_i).
-    """
-
-    past_key_values: Cache
-    visual_mask: Tensor
-    num_frames: Tensor
-    tokens: Tensor
-    attention: list[Tensor] | None = None
-    attention_mask: Tensor = field(init=False)
-    next_positions: Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.attention_mask = self.visual_mask
-        self.next_positions = self.num_frames
-
-    @property
-    def length(self) -> int:
-        """Number of visual slots T_max in the cache."""
-        return self.visual_mask.shape[1]
-
-    def advance(self, attention_mask: Tensor) -> None:
-        """Record that a chunk with this text mask [B, S] was appended to the cache."""
-        self.attention_mask = torch.cat([self.attention_mask, attention_mask.long()], 1)
-        self.next_positions = self.next_positions + attention_mask.long().sum(1)
-
-    def truncate(self) -> None:
-        """Drop everything appended after the visual slots, so that another text can be scored on the prefix."""
-        extra = self.past_key_values.get_seq_length() - self.length
-        if extra > 0:
-            self.past_key_values.crop(-extra)  # a negative count removes that many trailing tokens
-        self.attention_mask, self.next_positions = self.visual_mask, self.num_frames
-
-
-@dataclass
-class VLMOutput:
-    """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask; the
-    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes."""
-
-    logits: Tensor
-    coarse_logits: Tensor | None = None
-    autoregressive_logits: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------- model
 
 
 class FoveatedVLM(nn.Module):
-    """DINOv2 + learned foveated query + causal LM, one visual token per frame."""
+    """DINOv2 + learned foveated queries + causal LM, k visual tokens per frame (k = 1 by default)."""
 
     def __init__(
         self,
@@ -141,6 +60,7 @@ class FoveatedVLM(nn.Module):
         query_dim: int = 384,
         visual_scale: float = 0.14,
         deep_query: bool = True,
+        num_queries: int = 1,
     ) -> None:
         """Compose a DINOv2 backbone and a causal LM.
 
@@ -150,7 +70,11 @@ class FoveatedVLM(nn.Module):
             query_dim: width Dq of the query vectors.
             visual_scale: factor on the connector output, matching the LLM's token embedding scale (SmolLM2: 0.14).
             deep_query: deep query pass through every DINO layer (True) or the shallow ablation (False).
+            num_queries: K, the most visual tokens per frame: ``q_static`` and ``q_init`` hold K queries each, of
+                which the first k (:meth:`use_queries`, K unless set) read each frame.
         """
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be at least 1, got {num_queries}")
         super().__init__()
         self.encoder = FoveatedEncoder(vision, query_dim=query_dim, deep_query=deep_query)
         self.llm = llm
@@ -160,8 +84,30 @@ class FoveatedVLM(nn.Module):
         self.dino_to_llm = nn.Linear(self.encoder.hidden_size, llm_width)
         self.llm_to_query = nn.Linear(llm_width, query_dim)
         # Std 1: with small queries every frame is read with near-uniform attention and foveation never starts.
-        self.q_static = nn.Parameter(torch.randn(1, query_dim))
-        self.q_init = nn.Parameter(torch.randn(1, query_dim))
+        self.q_static = nn.Parameter(torch.randn(num_queries, query_dim))
+        self.q_init = nn.Parameter(torch.randn(num_queries, query_dim))
+        self.active_queries = num_queries
+
+    @property
+    def num_queries(self) -> int:
+        """K, the most queries per frame the model holds."""
+        return self.q_static.shape[0]
+
+    def use_queries(self, k: int) -> None:
+        """Read every frame with the first ``k`` static / initial queries from now on (1 <= k <= K)."""
+        if not 1 <= k <= self.num_queries:
+            raise ValueError(f"k must be between 1 and num_queries={self.num_queries}, got {k}")
+        self.active_queries = k
+
+    @property
+    def static_queries(self) -> Tensor:
+        """The k static queries in use [k, Dq] (the coarse pass's)."""
+        return self.q_static[: self.active_queries]
+
+    @property
+    def initial_queries(self) -> Tensor:
+        """The k queries of every sample's first frame in the fine and autoregressive passes [k, Dq]."""
+        return self.q_init[: self.active_queries]
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> FoveatedVLM:
@@ -234,23 +180,31 @@ class FoveatedVLM(nn.Module):
     def read_frames(
         self, queries: Tensor, cache: PatchCache, return_attention: bool = False
     ) -> tuple[Tensor, list[Tensor] | None]:
-        """Query pass + connector: queries [n, Dq] on the n cached frames -> tokens [n, Dl] (+ attention)."""
-        z, attention = self.encoder.query_attend(queries, cache, return_attention)
-        return self.connector(z), attention
+        """Query pass + connector: queries [n * k, Dq] (frame-major, k in use per frame) on the n cached frames
+        -> tokens [n * k, Dl] (+ attention, per DINO layer [n, h, k, N])."""
+        # contiguous: the same memory layout whatever the queries' strides, so equal inputs give equal tokens
+        per_frame = queries.reshape(cache.num_frames, self.active_queries, queries.shape[-1]).contiguous()  # [n, k, Dq]
+        z, attention = self.encoder.query_attend(per_frame, cache, return_attention)  # [n, k, D]
+        return self.connector(z.flatten(0, 1)), attention
+
+    def static_tokens(self, cache: PatchCache, return_attention: bool = False) -> tuple[Tensor, list[Tensor] | None]:
+        """The coarse tokens [F * k, Dl]: every cached frame read with the static queries (+ attention)."""
+        static = self.static_queries.expand(cache.num_frames, -1, -1).flatten(0, 1)  # [F*k, Dq]
+        return self.read_frames(static, cache, return_attention)
 
     def visual_hidden(self, tokens: Tensor, num_frames: Tensor) -> Tensor:
-        """LLM over each sample's visual tokens alone -> hidden states at the visual positions [F, Dl].
+        """LLM over each sample's visual tokens alone -> hidden states at the visual positions [F * k, Dl].
 
         Causal attention makes these equal to the hidden states with the text appended, so the text is left out.
         Text-only samples are left out of the batch (they would be empty rows).
         """
         has_frames = num_frames > 0
-        counts = num_frames[has_frames]
+        counts = num_frames[has_frames] * self.active_queries
         layout = build_layout(counts, counts.new_zeros(len(counts), 0))
         text = tokens.new_zeros(len(counts), 0, tokens.shape[-1])
         embeds = assemble(layout, tokens, text.to(self.llm.get_input_embeddings().weight.dtype))
-        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B', T_max, Dl]
-        return hidden.reshape(-1, hidden.shape[-1])[layout.visual_index]  # [F, Dl]
+        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B', T_max*k, Dl]
+        return hidden.reshape(-1, hidden.shape[-1])[layout.visual_index]  # [F*k, Dl]
 
     def visual_tokens(
         self, cache: PatchCache, num_frames: Tensor, mode: str = "coarse_fine", return_attention: bool = False
@@ -265,15 +219,14 @@ class FoveatedVLM(nn.Module):
         """
         if mode not in ("coarse_only", "coarse_fine"):
             raise ValueError(f"visual_tokens handles coarse_only / coarse_fine, not {mode!r}")
-        static = self.q_static.expand(cache.num_frames, -1)  # [F, Dq]
-        coarse, coarse_attn = self.read_frames(static, cache, return_attention)  # [F, Dl]
+        coarse, coarse_attn = self.static_tokens(cache, return_attention)  # [F*k, Dl]
         if mode == "coarse_only":
             return VisualTokens(coarse, None, coarse_attn, None)
         if cache.num_frames == 0:  # text-only batch: nothing to refine
             return VisualTokens(coarse, coarse, coarse_attn, coarse_attn)
-        queries = self.query_head(self.visual_hidden(coarse, num_frames))  # [F, Dq]
+        queries = self.query_head(self.visual_hidden(coarse, num_frames))  # [F*k, Dq]
         fine, fine_attn = self.read_frames(
-            shift_queries(queries, num_frames, self.q_init), cache, return_attention
+            shift_queries(queries, num_frames, self.initial_queries), cache, return_attention
         )
         return VisualTokens(coarse, fine, coarse_attn, fine_attn)
 
@@ -283,12 +236,12 @@ class FoveatedVLM(nn.Module):
         """LLM over [each sample's visual tokens ; its text] -> hidden states at the text positions [B, S, Dl].
 
         Args:
-            tokens: visual token embeddings [F, Dl], frame order.
+            tokens: visual token embeddings [F * k, Dl], frame order.
             num_frames: long [B].
             input_ids: long [B, S], right-padded.
             attention_mask: [B, S], 1 on real text tokens.
         """
-        layout = build_layout(num_frames, attention_mask)
+        layout = build_layout(num_frames * self.active_queries, attention_mask)
         embeds = assemble(layout, tokens, self.embed_text(input_ids))  # [B, L, Dl]
         hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B, L, Dl]
         return gather_text(layout, hidden)
@@ -302,11 +255,12 @@ class FoveatedVLM(nn.Module):
     def autoregressive_prefix(
         self, cache: PatchCache, num_frames: Tensor, return_attention: bool = False
     ) -> ARPrefix:
-        """True inference over the frames: each frame is read with the query the LLM wrote after the previous one.
+        """True inference over the frames: each frame is read with the queries the LLM wrote after the previous one.
 
-        Step t feeds one slot per sample to the cached LLM. Samples with t < T_i advance (their frame t); the
-        others get a zero slot that only that step's own query sees (so its row is never fully masked) and that
-        every later token ignores. Each step costs the same whatever t is: nothing already cached is recomputed.
+        Step t feeds k slots per sample (frame t's k tokens, positions t * k ... t * k + k - 1) to the cached LLM;
+        the hidden state at slot j writes query j of frame t + 1. Samples with t < T_i advance (their frame t);
+        the others get zero slots that only that step's own positions see (so no row is ever fully masked) and
+        that every later token ignores. Each step costs the same whatever t is: nothing cached is recomputed.
 
         Args:
             cache: patch pass of the batch's F frames.
@@ -318,27 +272,28 @@ class FoveatedVLM(nn.Module):
             raise ValueError(
                 "autoregressive mode needs the LLM KV cache: call eval() or disable LLM checkpointing"
             )
-        batch, device = len(num_frames), num_frames.device
+        batch, device, k = len(num_frames), num_frames.device, self.active_queries
         starts, t_max = frame_starts(num_frames), int(num_frames.max()) if batch else 0
         kv = DynamicCache(config=decoder_llm.config)
-        history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, t]
-        queries = self.q_init.expand(batch, -1)  # [B, Dq]
+        history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, t*k]
+        queries = self.initial_queries.expand(batch, -1, -1)  # [B, k, Dq]
+        slots = torch.arange(k, device=device)
         frame_ids, token_steps, attn_steps = [], [], []
         for t in range(t_max):
             active = num_frames > t  # [B]
             rows = active.nonzero().squeeze(1)  # [n]
             frames_t = starts[rows] + t  # [n]
             tokens, attention = self.read_frames(
-                queries[rows], cache.select(frames_t), return_attention
-            )  # [n, Dl]
-            slot = self._slot_embeddings(tokens, rows, batch)  # [B, 1, Dl]
-            step_mask = torch.cat([history, history.new_ones(batch, 1)], 1)  # [B, t+1]
-            positions = torch.full((batch, 1), t, dtype=torch.long, device=device)
-            hidden = self.llm_hidden(slot, step_mask, positions, kv)[:, 0]  # [B, Dl]
-            history = torch.cat([history, active.long()[:, None]], 1)
+                queries[rows].flatten(0, 1), cache.select(frames_t), return_attention
+            )  # [n*k, Dl]
+            slot = self._slot_embeddings(tokens.view(len(rows), k, -1), rows, batch)  # [B, k, Dl]
+            step_mask = torch.cat([history, history.new_ones(batch, k)], 1)  # [B, (t+1)*k]
+            positions = (t * k + slots).expand(batch, k)  # [B, k]
+            hidden = self.llm_hidden(slot, step_mask, positions, kv)  # [B, k, Dl]
+            history = torch.cat([history, active.long()[:, None].expand(batch, k)], 1)
             queries = torch.where(
-                active[:, None], self.query_head(hidden).to(queries.dtype), queries
-            )  # [B, Dq]
+                active[:, None, None], self.query_head(hidden).to(queries.dtype), queries
+            )  # [B, k, Dq]
             frame_ids.append(frames_t)
             token_steps.append(tokens)
             attn_steps.append(attention)
@@ -346,17 +301,18 @@ class FoveatedVLM(nn.Module):
             return ARPrefix(
                 kv, history, num_frames.clone(), cache.features.new_zeros(0, self.dino_to_llm.out_features)
             )
-        order = torch.cat(frame_ids)  # frame index of every step-major row
+        order = torch.cat(frame_ids)  # frame index of every step-major frame
+        token_order = (order[:, None] * k + slots).flatten()  # token index of every step-major token
         attention = None
         if return_attention:
             attention = [frame_order([s[i] for s in attn_steps], order) for i in range(len(attn_steps[0]))]
-        return ARPrefix(kv, history, num_frames.clone(), frame_order(token_steps, order), attention)
+        return ARPrefix(kv, history, num_frames.clone(), frame_order(token_steps, token_order), attention)
 
     def _slot_embeddings(self, tokens: Tensor, rows: Tensor, batch: int) -> Tensor:
-        """One step's LLM input: the active samples' tokens [n, Dl] at their rows, zeros elsewhere -> [B, 1, Dl]."""
+        """One step's LLM input: the active samples' tokens [n, k, Dl] at their rows, zeros elsewhere -> [B, k, Dl]."""
         dtype = self.llm.get_input_embeddings().weight.dtype
-        slot = tokens.new_zeros(batch, tokens.shape[-1], dtype=dtype)
-        return slot.index_copy(0, rows, tokens.to(dtype)).unsqueeze(1)
+        slot = tokens.new_zeros(batch, *tokens.shape[1:], dtype=dtype)
+        return slot.index_copy(0, rows, tokens.to(dtype))
 
     def continue_text(self, prefix: ARPrefix, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Append right-padded text [B, S] to an autoregressive prefix -> hidden states [B, S, Dl].
