@@ -47,6 +47,7 @@ def model_config(model: FoveatedVLM) -> dict[str, Any]:
         "visual_scale": model.visual_scale,
         "deep_query": model.encoder.deep_query,
         "num_queries": model.num_queries,
+        "question_first": model.question_first,
         "llm_config": model.llm.config.to_dict(),
         "vision_config": model.encoder.dino.config.to_dict(),
     }
@@ -107,7 +108,8 @@ def model_card(config: dict[str, Any], results: dict | None = None) -> str:
         f"| vision | DINOv2 {vision.get('hidden_size')} wide, {vision.get('num_hidden_layers')} layers, patch "
         f"{vision.get('patch_size')} |",
         f"| query | {config['query_dim']} wide, {'deep' if config['deep_query'] else 'shallow'}, "
-        f"up to {config.get('num_queries', 1)} per frame |",
+        f"up to {config.get('num_queries', 1)} per frame, "
+        f"{'after the question' if config.get('question_first') else 'before the text'} |",
         f"| visual scale | {config['visual_scale']} |",
         "| frames | 1 FPS, at most {max_frames}, {frame_size} px (cover + centre crop); images x{image_frames} |".format(
             **frame_settings(config).as_dict()),

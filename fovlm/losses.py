@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_PAD
+from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_PAD, question_end
 
 LOSS_NAMES = ("all_text", "answer_only", "dpo")
 
@@ -158,6 +158,12 @@ def dpo_loss(
 # Loss heads
 
 
+def visual_positions(model: Any, roles: Tensor) -> Tensor | None:
+    """Where a question-first model's visual tokens go in each sample (after its system and first user turns,
+    :func:`fovlm.data.roles.question_end`); None for a model that reads the frames first."""
+    return question_end(roles) if getattr(model, "question_first", False) else None
+
+
 @dataclass
 class LossOutput:
     """What a head returns for one batch.
@@ -236,6 +242,7 @@ class CrossEntropyHead(LossHead):
             logits_mask=logits_mask,
             return_coarse_logits=lambda_coarse > 0,
             return_autoregressive_logits=lambda_ar > 0,
+            visual_at=visual_positions(model, batch["roles"]),
         )
         nll = token_nll(out.logits, targets)  # [N]
         num_scored = int(nll.numel())
@@ -309,7 +316,8 @@ class DPO(LossHead):
 
         def logps(pair_model: Any) -> tuple[Tensor, Tensor]:
             chosen_logits, rejected_logits = pair_model.forward_pair(
-                batch["frames"], batch["num_frames"], chosen, rejected, mode=mode
+                batch["frames"], batch["num_frames"], chosen, rejected, mode=mode,
+                visual_at=visual_positions(pair_model, batch["chosen_roles"]),
             )
             result = []
             for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)):

@@ -140,6 +140,8 @@ class FoveatedModule(L.LightningModule):
             this list (each between 1 and ``num_queries``; the first k of the K queries), so that one
             checkpoint serves each of them. The draw depends on the step alone (the same on every rank and
             after a resume). Validation runs with all K. None: always K.
+        question_first: lay every sample out as [system and first user turn ; visual tokens ; the rest], so
+            that the queries the LLM writes have read the question (all modes, scoring and generation follow).
         vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); a from-scratch
             run uses about 0.2 so that visual tokens differ between clips from the start
             (docs/measured.md#random-vision-backbones).
@@ -182,6 +184,7 @@ class FoveatedModule(L.LightningModule):
         deep_query: bool = True,
         num_queries: int = 1,
         query_budgets: list[int] | None = None,
+        question_first: bool = False,
         vision_init_range: float | None = None,
         loss: Literal["all_text", "answer_only", "dpo"] = "all_text",
         beta: float = 0.1,
@@ -251,6 +254,7 @@ class FoveatedModule(L.LightningModule):
             visual_scale=hp.visual_scale,
             deep_query=hp.deep_query,
             num_queries=hp.num_queries,
+            question_first=hp.question_first,
             vision_init_range=hp.vision_init_range,
         )
         if hp.init_from:

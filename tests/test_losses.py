@@ -125,7 +125,7 @@ class BigramVLM(nn.Module):
         self.calls = []
 
     def forward(self, frames, num_frames, input_ids, attention_mask, mode="coarse_fine", logits_mask=None,
-                return_coarse_logits=False, return_autoregressive_logits=False):
+                return_coarse_logits=False, return_autoregressive_logits=False, visual_at=None):
         self.calls.append(mode)
         logits = self.table(input_ids)  # [B, S, V]
         coarse = self.coarse_table(input_ids) if return_coarse_logits else None
@@ -136,7 +136,7 @@ class BigramVLM(nn.Module):
             ar = ar[logits_mask] if ar is not None else None
         return SimpleNamespace(logits=logits, coarse_logits=coarse, autoregressive_logits=ar)
 
-    def forward_pair(self, frames, num_frames, chosen, rejected, mode="coarse_fine"):
+    def forward_pair(self, frames, num_frames, chosen, rejected, mode="coarse_fine", visual_at=None):
         return tuple(
             self(frames, num_frames, ids, att, mode=mode, logits_mask=lm).logits for ids, att, lm in (chosen, rejected)
         )

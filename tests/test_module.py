@@ -555,3 +555,13 @@ def test_budget_training_draws_k_per_step_and_validates_with_all(tmp_path):
     assert changed[:drawn].all()
     with pytest.raises(ValueError, match="query_budgets"):
         FoveatedModule(**{**TINY, "num_queries": 2, "query_budgets": [1, 4]})
+
+
+def test_question_first_trains_every_stage_head(tmp_path):
+    for loss, data in (("answer_only", loader(SFTSet([4, 4, 4, 4]), 2)),
+                       ("all_text", loader(SFTSet([4, 4, 4, 4]), 2))):
+        module = built(loss=loss, question_first=True, num_queries=2)
+        assert module.model.question_first and module.model.num_queries == 2
+        t = trainer(tmp_path, 2)
+        t.fit(module, data)
+        assert torch.isfinite(t.callback_metrics["train/loss"])

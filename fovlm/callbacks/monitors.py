@@ -164,7 +164,7 @@ class SampleGeneration(_FixedSample):
         self.max_new_tokens = max_new_tokens
 
     def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sample: dict[str, Any]) -> None:
-        from fovlm.data.roles import ROLE_ANSWER
+        from fovlm.data.roles import ROLE_ANSWER, question_end
         from fovlm.model.generate import generate
 
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
@@ -180,8 +180,10 @@ class SampleGeneration(_FixedSample):
         model = pl_module.model
         device = next(model.parameters()).device
         stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        question_len = int(question_end(sample["roles"][None])[0]) if model.question_first else 0
         result = generate(
-            model, sample["frames"].to(device), prompt_ids.to(device), stop_ids, max_new_tokens=self.max_new_tokens
+            model, sample["frames"].to(device), prompt_ids.to(device), stop_ids, max_new_tokens=self.max_new_tokens,
+            question_len=min(question_len, start),
         )
         writer = tensorboard_writer(trainer)
         if writer is None:

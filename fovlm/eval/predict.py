@@ -77,8 +77,18 @@ def load_media(
 
 def prompt_ids(tokenizer, prompt: str, system_prompt: str = SYSTEM_PROMPT) -> Tensor:
     """The chat up to the assistant's turn (system, user, ``<|im_start|>assistant\\n``) as long [P]."""
+    return _rendered(tokenizer, prompt, system_prompt, generation_prompt=True)
+
+
+def question_length(tokenizer, prompt: str, system_prompt: str = SYSTEM_PROMPT) -> int:
+    """Tokens of :func:`prompt_ids` that are the system and user turns (what a question-first model reads before
+    the frames)."""
+    return len(_rendered(tokenizer, prompt, system_prompt, generation_prompt=False))
+
+
+def _rendered(tokenizer, prompt: str, system_prompt: str, generation_prompt: bool) -> Tensor:
     turns = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
@@ -106,9 +116,10 @@ def answer(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    question_len = question_length(tokenizer, prompt) if model.question_first else 0
     result = generate(
         model, normalize(frames).to(device), prompt_ids(tokenizer, prompt), stop_ids(tokenizer),
-        max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, generator),
+        max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, generator), question_len=question_len,
     )
     return tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
 

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from fovlm.data.roles import IGNORE_INDEX
+from fovlm.data.roles import IGNORE_INDEX, question_end
 from fovlm.eval.questions import OptionTokens
 from fovlm.losses import per_sample_sums, selected_targets, token_nll
 from fovlm.model.encoder import PatchCache
 from fovlm.model.layout import shift_queries
+from fovlm.model.prompt import autoregressive_prompt
 from fovlm.model.vlm import MODES
 
 # step(input_ids [n, L], attention_mask [n, P + L], position_ids [n, L], past_key_values, select bool [n, L])
@@ -108,21 +109,31 @@ def _vlm_step(model) -> StepFn:
     return step
 
 
-def _prefix_on_tokens(model, tokens: Tensor, prefix_ids: Tensor) -> tuple[DynamicCache, Tensor, Tensor]:
-    """LLM over [visual tokens ; prefix text] for one question, with a fresh cache.
+def _prefix_on_tokens(
+    model, tokens: Tensor, prefix_ids: Tensor, question_len: int = 0
+) -> tuple[DynamicCache, Tensor, Tensor]:
+    """LLM over [question ; visual tokens ; rest of the prefix text] for one question, with a fresh cache
+    (``question_len`` 0: the visual tokens first).
 
     Returns:
         (cache, hidden states at the visual positions [T * k, Dl], logits at the last prefix position [V]).
     """
     visual = tokens.shape[0]
     text = model.embed_text(prefix_ids)[0]  # [P, Dl]
-    embeds = torch.cat([tokens.to(text.dtype), text])[None]  # [1, T + P, Dl]
+    embeds = torch.cat([text[:question_len], tokens.to(text.dtype), text[question_len:]])[None]  # [1, T + P, Dl]
     length = embeds.shape[1]
     cache = DynamicCache(config=model.llm.get_decoder().config)
     positions = torch.arange(length, device=embeds.device)[None]  # [1, T + P]
     mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
     hidden = model.llm_hidden(embeds, mask, positions, cache)[0]  # [T + P, Dl]
-    return cache, hidden[:visual], model.lm_head(hidden[-1])
+    return cache, hidden[question_len : question_len + visual], model.lm_head(hidden[-1])
+
+
+def question_length(model, options: OptionTokens) -> int:
+    """Prompt tokens a question-first model reads before the frames (its system and user turns); 0 otherwise."""
+    if not getattr(model, "question_first", False):
+        return 0
+    return min(int(question_end(options.full_roles[:1])[0]), options.prefix_ids.shape[0])
 
 
 @torch.no_grad()
@@ -157,24 +168,22 @@ def score_question(
     step = _vlm_step(model)
     if patches is None:
         patches = model.encode_patches(frames)  # the question's only patch pass
+    question_len = question_length(model, options)
     results: dict[str, Tensor] = {}
     if "coarse_only" in modes or "coarse_fine" in modes:
         coarse, _ = model.static_tokens(patches)  # [T*k, Dl]
-        cache, visual_hidden, last = _prefix_on_tokens(model, coarse, prefix_ids)
+        cache, visual_hidden, last = _prefix_on_tokens(model, coarse, prefix_ids, question_len)
         if "coarse_only" in modes:
             results["coarse_only"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
         if "coarse_fine" in modes:
             queries = shift_queries(model.query_head(visual_hidden), num_frames, model.initial_queries)  # [T*k, Dq]
             fine, _ = model.read_frames(queries, patches)  # [T*k, Dl]
-            cache, _, last = _prefix_on_tokens(model, fine, prefix_ids)
+            cache, _, last = _prefix_on_tokens(model, fine, prefix_ids, question_len)
             results["coarse_fine"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
     if "autoregressive" in modes:
-        prefix = model.autoregressive_prefix(patches, num_frames)
-        hidden = model.continue_text(prefix, prefix_ids, torch.ones_like(prefix_ids))  # [1, P, Dl]
+        prefix, last = autoregressive_prompt(model, patches, prefix_ids, question_len)
         cache = prefix.past_key_values
-        results["autoregressive"] = score_on_prefix(
-            step, cache, cache.get_seq_length(), model.lm_head(hidden[0, -1]), options
-        )
+        results["autoregressive"] = score_on_prefix(step, cache, cache.get_seq_length(), model.lm_head(last), options)
     return {mode: results[mode] for mode in modes}
 
 
@@ -196,10 +205,13 @@ def score_question_naive(
     logits_mask, targets, sample_index = selected_targets(labels)
     counts = logits_mask.sum(dim=1).float()  # [n]
     results = {}
+    visual_at = None
+    if getattr(model, "question_first", False):
+        visual_at = torch.full((n,), question_length(model, options), device=device)
     for mode in modes:
         out = model(
             frames.repeat(n, 1, 1, 1), torch.full((n,), frames.shape[0], device=device),
-            input_ids, attention_mask, mode=mode, logits_mask=logits_mask,
+            input_ids, attention_mask, mode=mode, logits_mask=logits_mask, visual_at=visual_at,
         )
         results[mode] = per_sample_sums(token_nll(out.logits, targets), sample_index, n) / counts
     return results

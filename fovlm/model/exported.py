@@ -77,6 +77,7 @@ def build_from_config(config: dict[str, Any], model_class: type[Model]) -> Model
     return model_class(
         vision, llm, query_dim=config["query_dim"], visual_scale=config["visual_scale"],
         deep_query=config["deep_query"], num_queries=config.get("num_queries", 1),
+        question_first=config.get("question_first", False),
     )
 
 

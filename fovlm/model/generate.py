@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.model.prompt import autoregressive_prompt
+
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of highest-probability tokens whose mass reaches ``top_p``; others get -inf.
@@ -131,6 +133,7 @@ def generate(
     stop_ids: Sequence[int],
     max_new_tokens: int = 200,
     sampling: Sampling = GREEDY,
+    question_len: int = 0,
 ) -> Generation:
     """Answer a rendered prompt about one clip: autoregressive visual pass, prompt on the cache, then decoding.
 
@@ -140,14 +143,11 @@ def generate(
         prompt_ids: long [P] the rendered chat up to and including ``<|im_start|>assistant\\n``.
         stop_ids: token ids that end the answer (``<|im_end|>``).
         max_new_tokens, sampling: as in :func:`decode`.
+        question_len: prompt tokens placed before the frames (a question-first model: its system and user
+            turns); 0: the frames first.
     """
-    device = frames.device
-    num_frames = torch.tensor([frames.shape[0]], device=device)
-    prefix = model.autoregressive_prefix(model.encode_patches(frames), num_frames)
-    ids = prompt_ids.to(device)[None]  # [1, P]
-    hidden = model.continue_text(prefix, ids, torch.ones_like(ids))  # [1, P, Dl]
+    ids = prompt_ids.to(frames.device)[None]  # [1, P]
+    prefix, last = autoregressive_prompt(model, model.encode_patches(frames), ids, question_len)
     cache = prefix.past_key_values
     # The LLM embeds the generated ids itself: the same embedding the prompt went through (embed_text).
-    return decode(
-        model.llm, cache, cache.get_seq_length(), model.lm_head(hidden[0, -1]), stop_ids, max_new_tokens, sampling
-    )
+    return decode(model.llm, cache, cache.get_seq_length(), model.lm_head(last), stop_ids, max_new_tokens, sampling)

@@ -53,15 +53,18 @@ def frame_sample_ids(num_frames: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)
 
 
-def build_layout(num_frames: Tensor, text_mask: Tensor) -> SequenceLayout:
-    """Per-sample layout: sample b = [its num_frames[b] visual tokens, its text], right-padded.
+def build_layout(num_frames: Tensor, text_mask: Tensor, visual_at: Tensor | None = None) -> SequenceLayout:
+    """Per-sample layout: sample b = [its text before ``visual_at[b]``, its num_frames[b] visual tokens, the rest
+    of its text], right-padded (``visual_at`` None: every sample's visual tokens first).
 
     Args:
         num_frames: long [B], visual tokens per sample (0 for text-only).
         text_mask: [B, S], 1 on real text tokens; must be right-padded (ones, then zeros).
+        visual_at: long [B], text tokens before the visual ones (at most the sample's text length).
     """
     batch, width_s = text_mask.shape
     device = num_frames.device
+    visual_at = num_frames.new_zeros(batch) if visual_at is None else visual_at
     text_len = text_mask.sum(1)  # [B]
     lengths = num_frames + text_len  # [B]
     width = int(lengths.max()) if batch else 0
@@ -70,10 +73,25 @@ def build_layout(num_frames: Tensor, text_mask: Tensor) -> SequenceLayout:
     position_ids = arange[None].expand(batch, width)  # [B, L]
     sample = frame_sample_ids(num_frames)  # [F]
     frame_in_sample = torch.arange(len(sample), device=device) - frame_starts(num_frames)[sample]  # [F]
-    visual_index = sample * width + frame_in_sample  # [F]
-    text_pos = num_frames[:, None] + torch.arange(width_s, device=device)[None]  # [B, S]
+    visual_index = sample * width + visual_at[sample] + frame_in_sample  # [F]
+    text_arange = torch.arange(width_s, device=device)[None]  # [1, S]
+    after = text_arange >= visual_at[:, None]  # [B, S]
+    text_pos = text_arange + torch.where(after, num_frames[:, None], 0)  # [B, S]
     text_index = torch.arange(batch, device=device)[:, None] * width + text_pos.clamp(max=max(width - 1, 0))
     return SequenceLayout(attention_mask, position_ids, visual_index, text_index, text_mask.bool())
+
+
+def predicting_index(layout: SequenceLayout, num_frames: Tensor, visual_at: Tensor | None) -> Tensor:
+    """Flat row of the hidden state that predicts each text position's next text token [B, S]: the text
+    position itself, except that the last text token before the visual tokens hands over to the last visual
+    token (the sequence position just before the next text token)."""
+    if visual_at is None:
+        return layout.text_index
+    hands_over = (num_frames > 0) & (visual_at > 0)  # [B]
+    index = layout.text_index.clone()
+    rows = hands_over.nonzero().squeeze(1)
+    index[rows, visual_at[rows] - 1] += num_frames[rows]
+    return index
 
 
 def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
@@ -88,9 +106,37 @@ def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
     return flat.view(batch, layout.width, dim)
 
 
-def gather_text(layout: SequenceLayout, hidden: Tensor) -> Tensor:
-    """Hidden states [B, L, Dl] at the text positions -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
-    return hidden.reshape(-1, hidden.shape[-1])[layout.text_index]
+def gather_text(layout: SequenceLayout, hidden: Tensor, index: Tensor | None = None) -> Tensor:
+    """Hidden states [B, L, Dl] at the text positions (or at ``index`` [B, S], e.g. :func:`predicting_index`)
+    -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
+    return hidden.reshape(-1, hidden.shape[-1])[layout.text_index if index is None else index]
+
+
+def split_text(input_ids: Tensor, attention_mask: Tensor, visual_at: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each sample's text cut at ``visual_at``: (head ids, head mask) [B, P] and (tail ids, tail mask) [B, S'],
+    both right-padded (the tails shifted to start at column 0)."""
+    width = input_ids.shape[1]
+    columns = torch.arange(width, device=input_ids.device)[None]  # [1, S]
+    head_width = int(visual_at.max()) if len(visual_at) else 0
+    head_mask = attention_mask.long() * (columns < visual_at[:, None])
+    lengths = attention_mask.long().sum(1) - visual_at  # [B]
+    tail_width = int(lengths.max()) if len(lengths) else 0
+    source = (visual_at[:, None] + columns[:, :tail_width]).clamp(max=max(width - 1, 0))  # [B, S']
+    tail_mask = (columns[:, :tail_width] < lengths[:, None]).long()
+    tail_ids = input_ids.gather(1, source) * tail_mask
+    return input_ids[:, :head_width] * head_mask[:, :head_width], head_mask[:, :head_width], tail_ids, tail_mask
+
+
+def join_text(head: Tensor, tail: Tensor, visual_at: Tensor, width: int) -> Tensor:
+    """Undo :func:`split_text` on per-position values: head [B, P, ...] and tail [B, S', ...] -> [B, width, ...]
+    (positions past a sample's text: zeros)."""
+    joined = tail.new_zeros(tail.shape[0], width, *tail.shape[2:])
+    joined[:, : head.shape[1]] = head
+    columns = torch.arange(width, device=tail.device)[None]  # [1, S]
+    offset = columns - visual_at[:, None]  # [B, S]
+    rows, cols = ((offset >= 0) & (offset < tail.shape[1])).nonzero(as_tuple=True)
+    joined[rows, cols] = tail[rows, offset[rows, cols]]
+    return joined
 
 
 def shift_queries(queries: Tensor, num_frames: Tensor, q_init: Tensor) -> Tensor:

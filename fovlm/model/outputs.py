@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
+TextInput = tuple[Tensor, Tensor, "Tensor | None"]
+"""(input_ids [B, S], attention_mask [B, S], visual_at [B] or None): a batch's text and where its visual tokens go."""
+
 
 @dataclass
 class VisualTokens:
@@ -50,7 +53,10 @@ class ARPrefix:
         tokens: [F * k, Dl] the visual tokens, frame order.
         attention: per DINO layer [F, h, k, N] (detached) when asked for, else None.
         attention_mask: long [B, cache length], the key mask for the next chunk (starts as ``visual_mask``).
-        next_positions: long [B], the position of each sample's next token (starts at T_i * k).
+        next_positions: long [B], the position of each sample's next token (starts after the visual slots).
+        head_hidden: with a question-first head (text before the frames, at the cache's start), the hidden states
+            that predict each head position's next text token [B, P, Dl] (for its last token: the last visual
+            token's), else None.
     """
 
     past_key_values: Cache
@@ -58,6 +64,7 @@ class ARPrefix:
     num_frames: Tensor
     tokens: Tensor
     attention: list[Tensor] | None = None
+    head_hidden: Tensor | None = None
     attention_mask: Tensor = field(init=False)
     next_positions: Tensor = field(init=False)
 

@@ -61,7 +61,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], path: str | Path = "checkp
     model = build_vlm(
         hp["llm"], hp["vision"], gguf_file=hp.get("gguf_file"), query_dim=hp.get("query_dim", 384),
         visual_scale=hp.get("visual_scale", 0.14), deep_query=hp.get("deep_query", True),
-        num_queries=hp.get("num_queries", 1),
+        num_queries=hp.get("num_queries", 1), question_first=hp.get("question_first", False),
     )
     load_state_strict(model, model_state(checkpoint, path), path)
     return model.eval()

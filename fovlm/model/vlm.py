@@ -39,10 +39,13 @@ from fovlm.model.layout import (
     frame_starts,
     gather_text,
     pad_right,
+    predicting_index,
     select_rows,
     shift_queries,
+    split_text,
 )
-from fovlm.model.outputs import ARPrefix, VisualTokens, VLMOutput
+from fovlm.model.outputs import ARPrefix, TextInput, VisualTokens, VLMOutput
+from fovlm.model.prompt import autoregressive_text
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
 
@@ -61,6 +64,7 @@ class FoveatedVLM(nn.Module):
         visual_scale: float = 0.14,
         deep_query: bool = True,
         num_queries: int = 1,
+        question_first: bool = False,
     ) -> None:
         """Compose a DINOv2 backbone and a causal LM.
 
@@ -72,6 +76,9 @@ class FoveatedVLM(nn.Module):
             deep_query: deep query pass through every DINO layer (True) or the shallow ablation (False).
             num_queries: K, the most visual tokens per frame: ``q_static`` and ``q_init`` hold K queries each, of
                 which the first k (:meth:`use_queries`, K unless set) read each frame.
+            question_first: the layout the model was trained with: the system turn and the first user turn
+                before the visual tokens (callers pass ``visual_at``, e.g. ``fovlm.data.roles.question_end``),
+                so that every query the LLM writes has read the question; False: visual tokens first.
         """
         if num_queries < 1:
             raise ValueError(f"num_queries must be at least 1, got {num_queries}")
@@ -87,6 +94,7 @@ class FoveatedVLM(nn.Module):
         self.q_static = nn.Parameter(torch.randn(num_queries, query_dim))
         self.q_init = nn.Parameter(torch.randn(num_queries, query_dim))
         self.active_queries = num_queries
+        self.question_first = question_first
 
     @property
     def num_queries(self) -> int:
@@ -192,22 +200,39 @@ class FoveatedVLM(nn.Module):
         static = self.static_queries.expand(cache.num_frames, -1, -1).flatten(0, 1)  # [F*k, Dq]
         return self.read_frames(static, cache, return_attention)
 
-    def visual_hidden(self, tokens: Tensor, num_frames: Tensor) -> Tensor:
-        """LLM over each sample's visual tokens alone -> hidden states at the visual positions [F * k, Dl].
+    def visual_hidden(self, tokens: Tensor, num_frames: Tensor, text: TextInput | None = None) -> Tensor:
+        """LLM over each sample's visual tokens (after its question, with ``text``'s ``visual_at``) -> hidden
+        states at the visual positions [F * k, Dl].
 
-        Causal attention makes these equal to the hidden states with the text appended, so the text is left out.
-        Text-only samples are left out of the batch (they would be empty rows).
+        Causal attention makes these equal to the hidden states with the rest of the text appended, so it is left
+        out. Text-only samples are left out of the batch (they would be empty rows).
+
+        Args:
+            tokens: [F * k, Dl] visual tokens, frame order.
+            num_frames: long [B].
+            text: (input_ids [B, S], attention_mask [B, S], visual_at [B]) when the question comes first.
         """
         has_frames = num_frames > 0
         counts = num_frames[has_frames] * self.active_queries
-        layout = build_layout(counts, counts.new_zeros(len(counts), 0))
-        text = tokens.new_zeros(len(counts), 0, tokens.shape[-1])
-        embeds = assemble(layout, tokens, text.to(self.llm.get_input_embeddings().weight.dtype))
+        if text is None or text[2] is None:
+            layout = build_layout(counts, counts.new_zeros(len(counts), 0))
+            embedded = tokens.new_zeros(len(counts), 0, tokens.shape[-1])
+        else:
+            input_ids, attention_mask, visual_at = (t[has_frames] for t in text)
+            head_ids, head_mask, _, _ = split_text(input_ids, attention_mask, visual_at)
+            layout = build_layout(counts, head_mask, visual_at)
+            embedded = self.embed_text(head_ids)
+        embeds = assemble(layout, tokens, embedded.to(self.llm.get_input_embeddings().weight.dtype))
         hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B', T_max*k, Dl]
         return hidden.reshape(-1, hidden.shape[-1])[layout.visual_index]  # [F*k, Dl]
 
     def visual_tokens(
-        self, cache: PatchCache, num_frames: Tensor, mode: str = "coarse_fine", return_attention: bool = False
+        self,
+        cache: PatchCache,
+        num_frames: Tensor,
+        mode: str = "coarse_fine",
+        return_attention: bool = False,
+        text: TextInput | None = None,
     ) -> VisualTokens:
         """Visual token embeddings for ``coarse_only`` or ``coarse_fine`` (the part shared by every text).
 
@@ -216,6 +241,8 @@ class FoveatedVLM(nn.Module):
             num_frames: long [B].
             mode: "coarse_only" or "coarse_fine".
             return_attention: keep the query attention weights.
+            text: (input_ids, attention_mask, visual_at) when the question comes first (the fine queries are
+                written after it).
         """
         if mode not in ("coarse_only", "coarse_fine"):
             raise ValueError(f"visual_tokens handles coarse_only / coarse_fine, not {mode!r}")
@@ -224,27 +251,36 @@ class FoveatedVLM(nn.Module):
             return VisualTokens(coarse, None, coarse_attn, None)
         if cache.num_frames == 0:  # text-only batch: nothing to refine
             return VisualTokens(coarse, coarse, coarse_attn, coarse_attn)
-        queries = self.query_head(self.visual_hidden(coarse, num_frames))  # [F*k, Dq]
+        queries = self.query_head(self.visual_hidden(coarse, num_frames, text))  # [F*k, Dq]
         fine, fine_attn = self.read_frames(
             shift_queries(queries, num_frames, self.initial_queries), cache, return_attention
         )
         return VisualTokens(coarse, fine, coarse_attn, fine_attn)
 
     def text_hidden(
-        self, tokens: Tensor, num_frames: Tensor, input_ids: Tensor, attention_mask: Tensor
+        self,
+        tokens: Tensor,
+        num_frames: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        visual_at: Tensor | None = None,
     ) -> Tensor:
-        """LLM over [each sample's visual tokens ; its text] -> hidden states at the text positions [B, S, Dl].
+        """LLM over each sample's visual tokens and text -> the hidden states that predict each text position's
+        next text token [B, S, Dl] (at the text position itself; for the last text token before the visual
+        tokens, at the last visual token).
 
         Args:
             tokens: visual token embeddings [F * k, Dl], frame order.
             num_frames: long [B].
             input_ids: long [B, S], right-padded.
             attention_mask: [B, S], 1 on real text tokens.
+            visual_at: long [B], text tokens before the visual ones (None: visual tokens first).
         """
-        layout = build_layout(num_frames * self.active_queries, attention_mask)
+        visual = num_frames * self.active_queries
+        layout = build_layout(visual, attention_mask, visual_at)
         embeds = assemble(layout, tokens, self.embed_text(input_ids))  # [B, L, Dl]
         hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B, L, Dl]
-        return gather_text(layout, hidden)
+        return gather_text(layout, hidden, predicting_index(layout, visual, visual_at))
 
     def text_logits(self, hidden: Tensor, logits_mask: Tensor | None) -> Tensor:
         """lm_head on the selected text rows only: [N, V] (or [B, S, V] without a mask)."""
@@ -253,7 +289,11 @@ class FoveatedVLM(nn.Module):
     # ------------------------------------------------------------------------------------------ autoregressive
 
     def autoregressive_prefix(
-        self, cache: PatchCache, num_frames: Tensor, return_attention: bool = False
+        self,
+        cache: PatchCache,
+        num_frames: Tensor,
+        return_attention: bool = False,
+        head: tuple[Tensor, Tensor] | None = None,
     ) -> ARPrefix:
         """True inference over the frames: each frame is read with the queries the LLM wrote after the previous one.
 
@@ -266,6 +306,8 @@ class FoveatedVLM(nn.Module):
             cache: patch pass of the batch's F frames.
             num_frames: long [B].
             return_attention: keep the query attention weights.
+            head: (ids [B, P], mask [B, P]) right-padded text that goes into the cache before the frames (the
+                question of a question-first layout); the frames' positions follow each sample's own head.
         """
         decoder_llm = self.llm.get_decoder()
         if self.llm.is_activation_checkpointing and self.llm.training:
@@ -275,7 +317,9 @@ class FoveatedVLM(nn.Module):
         batch, device, k = len(num_frames), num_frames.device, self.active_queries
         starts, t_max = frame_starts(num_frames), int(num_frames.max()) if batch else 0
         kv = DynamicCache(config=decoder_llm.config)
-        history = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, t*k]
+        history, head_hidden = self._head_on_cache(kv, head, batch, device)  # [B, P], [B, P, Dl] | None
+        offsets = history.sum(1)  # [B] positions taken by each sample's head
+        last_visual = None
         queries = self.initial_queries.expand(batch, -1, -1)  # [B, k, Dq]
         slots = torch.arange(k, device=device)
         frame_ids, token_steps, attn_steps = [], [], []
@@ -288,8 +332,10 @@ class FoveatedVLM(nn.Module):
             )  # [n*k, Dl]
             slot = self._slot_embeddings(tokens.view(len(rows), k, -1), rows, batch)  # [B, k, Dl]
             step_mask = torch.cat([history, history.new_ones(batch, k)], 1)  # [B, (t+1)*k]
-            positions = (t * k + slots).expand(batch, k)  # [B, k]
+            positions = offsets[:, None] + t * k + slots  # [B, k]
             hidden = self.llm_hidden(slot, step_mask, positions, kv)  # [B, k, Dl]
+            last_visual = hidden[:, -1] if last_visual is None else torch.where(
+                active[:, None], hidden[:, -1], last_visual)  # [B, Dl]
             history = torch.cat([history, active.long()[:, None].expand(batch, k)], 1)
             queries = torch.where(
                 active[:, None, None], self.query_head(hidden).to(queries.dtype), queries
@@ -297,16 +343,37 @@ class FoveatedVLM(nn.Module):
             frame_ids.append(frames_t)
             token_steps.append(tokens)
             attn_steps.append(attention)
+        if head_hidden is not None and last_visual is not None:
+            hands_over = (num_frames > 0) & (offsets > 0)
+            rows = hands_over.nonzero().squeeze(1)
+            head_hidden = head_hidden.clone()
+            head_hidden[rows, offsets[rows] - 1] = last_visual[rows].to(head_hidden.dtype)
         if not frame_ids:  # no frame in the whole batch: an empty prefix
             return ARPrefix(
-                kv, history, num_frames.clone(), cache.features.new_zeros(0, self.dino_to_llm.out_features)
+                kv, history, num_frames.clone(), cache.features.new_zeros(0, self.dino_to_llm.out_features),
+                head_hidden=head_hidden,
             )
         order = torch.cat(frame_ids)  # frame index of every step-major frame
         token_order = (order[:, None] * k + slots).flatten()  # token index of every step-major token
         attention = None
         if return_attention:
             attention = [frame_order([s[i] for s in attn_steps], order) for i in range(len(attn_steps[0]))]
-        return ARPrefix(kv, history, num_frames.clone(), frame_order(token_steps, token_order), attention)
+        return ARPrefix(
+            kv, history, num_frames.clone(), frame_order(token_steps, token_order), attention, head_hidden
+        )
+
+    def _head_on_cache(
+        self, kv: Cache, head: tuple[Tensor, Tensor] | None, batch: int, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
+        """Text before the frames into an empty cache -> (its key mask [B, P], its hidden states or None)."""
+        if head is None or not head[0].shape[1]:
+            return torch.zeros(batch, 0, dtype=torch.long, device=device), None
+        # Every head position is visible in its own call (padding is on the right, so no real token sees a padded
+        # one); the padded positions are masked for everything after.
+        width = head[0].shape[1]
+        positions = torch.arange(width, device=device).expand(batch, width)
+        hidden = self.llm_hidden(self.embed_text(head[0]), torch.ones_like(head[1]), positions, kv)
+        return head[1].long(), hidden
 
     def _slot_embeddings(self, tokens: Tensor, rows: Tensor, batch: int) -> Tensor:
         """One step's LLM input: the active samples' tokens [n, k, Dl] at their rows, zeros elsewhere -> [B, k, Dl]."""
@@ -339,6 +406,7 @@ class FoveatedVLM(nn.Module):
         logits_mask: Tensor | None = None,
         return_coarse_logits: bool = False,
         return_autoregressive_logits: bool = False,
+        visual_at: Tensor | None = None,
     ) -> VLMOutput:
         """Logits over text positions for a batch.
 
@@ -352,6 +420,8 @@ class FoveatedVLM(nn.Module):
             return_coarse_logits: also return logits of a pass over [coarse tokens ; text] (same rows).
             return_autoregressive_logits: also return the logits of the autoregressive mode (same rows; the
                 frame-by-frame visual pass reuses this batch's patch pass).
+            visual_at: long [B], text tokens placed before each sample's visual tokens (a question-first layout:
+                ``fovlm.data.roles.question_end``); None: visual tokens first.
 
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
@@ -360,28 +430,26 @@ class FoveatedVLM(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         check_batch(frames, num_frames, input_ids, attention_mask, logits_mask)
         cache = self.encode_patches(frames)
+        text = (input_ids, attention_mask, visual_at)
         if mode == "autoregressive":
-            hidden = self.continue_text(
-                self.autoregressive_prefix(cache, num_frames), input_ids, attention_mask
-            )
+            hidden = autoregressive_text(self, cache, num_frames, text)
             visual = self.visual_tokens(cache, num_frames, "coarse_only") if return_coarse_logits else None
         else:
-            visual = self.visual_tokens(cache, num_frames, mode)
-            hidden = self.text_hidden(visual.tokens, num_frames, input_ids, attention_mask)
+            visual = self.visual_tokens(cache, num_frames, mode, text=text)
+            hidden = self.text_hidden(visual.tokens, num_frames, *text)
         logits = self.text_logits(hidden, logits_mask)
         coarse_logits = autoregressive_logits = None
         if return_coarse_logits:
             if mode == "coarse_only":
                 coarse_logits = logits
             else:
-                coarse_hidden = self.text_hidden(visual.coarse, num_frames, input_ids, attention_mask)
+                coarse_hidden = self.text_hidden(visual.coarse, num_frames, *text)
                 coarse_logits = self.text_logits(coarse_hidden, logits_mask)
         if return_autoregressive_logits:
             if mode == "autoregressive":
                 autoregressive_logits = logits
             else:
-                prefix = self.autoregressive_prefix(cache, num_frames)
-                ar_hidden = self.continue_text(prefix, input_ids, attention_mask)
+                ar_hidden = autoregressive_text(self, cache, num_frames, text)
                 autoregressive_logits = self.text_logits(ar_hidden, logits_mask)
         return VLMOutput(logits=logits, coarse_logits=coarse_logits, autoregressive_logits=autoregressive_logits)
 
@@ -392,6 +460,7 @@ class FoveatedVLM(nn.Module):
         chosen: tuple[Tensor, Tensor, Tensor | None],
         rejected: tuple[Tensor, Tensor, Tensor | None],
         mode: str = "coarse_fine",
+        visual_at: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """DPO forward: the visual part once, chosen and rejected texts as one stacked LLM batch.
 
@@ -400,6 +469,7 @@ class FoveatedVLM(nn.Module):
             chosen: (input_ids [B, Sc], attention_mask [B, Sc], logits_mask [B, Sc] or None).
             rejected: (input_ids [B, Sr], attention_mask [B, Sr], logits_mask [B, Sr] or None).
             mode: "coarse_fine" or "coarse_only".
+            visual_at: long [B], text tokens before the visual ones, the same on both sides (the shared question).
 
         Returns:
             (chosen logits, rejected logits), each selected by its own logits_mask as in ``forward``.
@@ -411,11 +481,13 @@ class FoveatedVLM(nn.Module):
                 check_batch(frames, num_frames, ids, mask, lmask)
             except ValueError as err:
                 raise ValueError(f"{name}: {err}") from err
-        tokens = self.visual_tokens(self.encode_patches(frames), num_frames, mode).tokens  # [F, Dl]
+        text = (chosen[0], chosen[1], visual_at)
+        tokens = self.visual_tokens(self.encode_patches(frames), num_frames, mode, text=text).tokens  # [F*k, Dl]
         width = max(chosen[0].shape[1], rejected[0].shape[1])
         ids = torch.cat([pad_right(chosen[0], width), pad_right(rejected[0], width)])  # [2B, S]
         mask = torch.cat([pad_right(chosen[1], width), pad_right(rejected[1], width)])  # [2B, S]
-        hidden = self.text_hidden(torch.cat([tokens, tokens]), torch.cat([num_frames, num_frames]), ids, mask)
+        both_at = None if visual_at is None else torch.cat([visual_at, visual_at])
+        hidden = self.text_hidden(torch.cat([tokens, tokens]), torch.cat([num_frames, num_frames]), ids, mask, both_at)
         batch = len(num_frames)
         chosen_hidden = hidden[:batch, : chosen[0].shape[1]]  # [B, Sc, Dl]
         rejected_hidden = hidden[batch:, : rejected[0].shape[1]]  # [B, Sr, Dl]
