@@ -49,6 +49,8 @@ class CueScene:
         cue_seconds: how long the ring is shown (the shapes appear right after).
         fps, width, height: the clip's frame rate and size in pixels.
         item_size: a shape's radius (half side) as a fraction of the cell's smaller side.
+        ring: show the ring during the first ``cue_seconds`` (False: the shapes from the start, and the cue cell is
+            only where the question points, e.g. by naming its row and column).
     """
 
     rows: int
@@ -64,6 +66,7 @@ class CueScene:
     width: int = 112
     height: int = 112
     item_size: float = 0.3
+    ring: bool = True
 
     def __post_init__(self) -> None:
         if self.rows < 1 or self.cols < 1:
@@ -100,7 +103,7 @@ def _ring(cx: float, cy: float, outer: float, xx: np.ndarray, yy: np.ndarray) ->
 
 def render_cue_scene(scene: CueScene) -> np.ndarray:
     """All frames of ``scene`` as uint8 [N, H, W, 3], N = round(duration * fps): the ring in the cue cell
-    while ``t < cue_seconds``, the shapes afterwards."""
+    while ``t < cue_seconds`` (when ``ring``), the shapes afterwards."""
     n = max(1, round(scene.duration * scene.fps))
     h, w = scene.height, scene.width
     background = background_image(scene.texture, scene.background, scene.texture_seed, w, h)
@@ -118,5 +121,5 @@ def render_cue_scene(scene: CueScene) -> np.ndarray:
     cue_u8, items_u8 = (np.clip(f, 0, 255).astype(np.uint8) for f in (cue_frame, items_frame))
     frames = np.empty((n, h, w, 3), np.uint8)  # [N, H, W, 3]
     for i in range(n):
-        frames[i] = cue_u8 if (i + 0.5) / scene.fps < scene.cue_seconds else items_u8
+        frames[i] = cue_u8 if scene.ring and (i + 0.5) / scene.fps < scene.cue_seconds else items_u8
     return frames

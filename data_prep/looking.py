@@ -8,6 +8,17 @@ second, then small shapes fill the cells. The questions ask about "the shape whe
 | ``look_colour`` | What colour is the shape where the ring was? | its colour ("Red.") |
 | ``look_shape`` | Which shape is where the ring was? | its shape ("A circle.") |
 
+Two more families have no ring: the question itself says where to look, or the answer is spread over the grid.
+
+| category | question | answer |
+|---|---|---|
+| ``name_colour`` | What colour is the shape in row 2, column 3? | that cell's colour ("Red.") |
+| ``count_colour`` | How many shapes are red? | how many cells hold that colour ("Two.", one to four) |
+
+Only a model that reads the question before it looks can know which cell a ``name_colour`` question needs (the
+cell's position is in the text alone); a ``count_colour`` answer is a summary of several cells, which more tokens
+per frame should hold better than one.
+
 A single static token per frame cannot hold the answer: the ring's frame shows no shape, and a later frame holds
 a shape in every cell, of other colours and shapes (no other cell has the ringed cell's colour; with three or
 more cells every shape appears). A multiple-choice question's wrong options are the colours of the other cells, so knowing
@@ -31,7 +42,10 @@ LOOK_QUESTIONS = {
     "look_colour": "What colour is the shape where the ring was?",
     "look_shape": "Which shape is where the ring was?",
 }
-LOOK_CATEGORIES = tuple(LOOK_QUESTIONS)
+COUNT_WORDS = ("One", "Two", "Three", "Four")
+LOOK_CATEGORIES = (*LOOK_QUESTIONS, "name_colour", "count_colour")
+RINGED = frozenset(LOOK_QUESTIONS)
+"""The families whose clips mark the cell with a ring; the others show the shapes from the first frame."""
 
 
 @dataclass(frozen=True)
@@ -62,23 +76,45 @@ class LookConfig:
 
 
 def values(category: str) -> list[str]:
-    """Every answer a category can have (colour names or shape names)."""
-    if category == "look_colour":
+    """Every answer a category can have (colour names, shape names or counts)."""
+    if category in ("look_colour", "name_colour"):
         return list(COLOURS)
     if category == "look_shape":
         return list(SHAPES)
+    if category == "count_colour":
+        return list(COUNT_WORDS)
     raise ValueError(f"unknown category {category!r}; expected one of {LOOK_CATEGORIES}")
 
 
 def answer_text(category: str, value: str) -> str:
-    """The short answer for a value: "Red." or "A circle."."""
-    return f"{value.capitalize()}." if category == "look_colour" else f"A {value}."
+    """The short answer for a value: "Red.", "A circle." or "Two."."""
+    return f"A {value}." if category == "look_shape" else f"{value.capitalize()}."
+
+
+def question_text(category: str, scene: CueScene) -> str:
+    """The question of ``category`` about ``scene``."""
+    if category in LOOK_QUESTIONS:
+        return LOOK_QUESTIONS[category]
+    if category == "name_colour":
+        row, col = divmod(scene.cue, scene.cols)
+        return f"What colour is the shape in row {row + 1}, column {col + 1}?"
+    if category == "count_colour":
+        return f"How many shapes are {scene.target.colour}?"
+    raise ValueError(f"unknown category {category!r}; expected one of {LOOK_CATEGORIES}")
+
+
+def _value_of(category: str, scene: CueScene, item) -> str:
+    return item.shape if category == "look_shape" else item.colour
 
 
 def scene_answer(scene: CueScene, category: str) -> str:
-    """The answer to ``category``'s question about ``scene``: what the ringed cell shows after the cue."""
+    """The answer to ``category``'s question about ``scene``: what the cue cell shows after the cue, or for
+    ``count_colour`` how many cells hold the cue cell's colour."""
     target = scene.target
-    return answer_text(category, target.colour if category == "look_colour" else target.shape)
+    if category == "count_colour":
+        count = sum(item is not None and item.colour == target.colour for item in scene.items)
+        return answer_text(category, COUNT_WORDS[count - 1])
+    return answer_text(category, _value_of(category, scene, target))
 
 
 def cue_scene(rng: random.Random, config: LookConfig, category: str, value: str, distractors: bool = True) -> CueScene:
@@ -89,10 +125,14 @@ def cue_scene(rng: random.Random, config: LookConfig, category: str, value: str,
     the shapes on screen do not give the answer away."""
     cells = config.grid * config.grid
     cue = rng.randrange(cells)
-    target = value if category == "look_colour" else rng.choice(list(COLOURS))
+    target = value if category in ("look_colour", "name_colour") else rng.choice(list(COLOURS))
     others = [c for c in COLOURS if c != target]
     colours = rng.sample(others, cells - 1) if cells - 1 <= len(others) else [rng.choice(others) for _ in range(cells - 1)]
     colours.insert(cue, target)
+    if category == "count_colour":  # value more cells than the cue cell share its colour
+        extra = COUNT_WORDS.index(value)
+        for index in rng.sample([i for i in range(cells) if i != cue], min(extra, cells - 1)):
+            colours[index] = target
     shapes = [rng.choice(SHAPES) for _ in range(cells)]
     if category == "look_shape":
         shapes[cue] = value
@@ -100,8 +140,9 @@ def cue_scene(rng: random.Random, config: LookConfig, category: str, value: str,
         missing = [s for s in SHAPES if s != value]
         for index, shape in zip(rng.sample(spare, min(len(spare), len(missing))), missing, strict=False):
             shapes[index] = shape
+    kept = {cue} | ({i for i in range(cells) if colours[i] == target} if category == "count_colour" else set())
     items = tuple(
-        CellItem(shapes[i], colours[i]) if distractors or i == cue else None for i in range(cells)
+        CellItem(shapes[i], colours[i]) if distractors or i in kept else None for i in range(cells)
     )
     tint = [rng.randint(-15, 15) for _ in range(3)]
     grey = rng.randint(100, 160)
@@ -109,13 +150,13 @@ def cue_scene(rng: random.Random, config: LookConfig, category: str, value: str,
         rows=config.grid, cols=config.grid, cue=cue, items=items, texture=rng.choice(TEXTURES),
         background=tuple(grey + t for t in tint),  # type: ignore[arg-type]
         texture_seed=rng.randrange(2**31), duration=1.0 + config.reads, cue_seconds=1.0, fps=config.clip_fps,
-        width=config.width, height=config.width, item_size=config.item_size,
+        width=config.width, height=config.width, item_size=config.item_size, ring=category in RINGED,
     )
 
 
 def balanced_scenes(
     rng: random.Random, config: LookConfig, n: int, distractors: bool = True,
-    categories: Sequence[str] = LOOK_CATEGORIES,
+    categories: Sequence[str] = tuple(LOOK_QUESTIONS),
 ) -> list[tuple[str, CueScene]]:
     """``n`` (category, scene) pairs: categories in turn, each category's answers cycling through its values."""
     seen = dict.fromkeys(categories, 0)
@@ -133,8 +174,11 @@ def choice_options(rng: random.Random, scene: CueScene, category: str, count: in
     right = scene_answer(scene, category)
     if category == "look_shape":
         options = [answer_text(category, s) for s in SHAPES]
+    elif category == "count_colour":
+        options = [answer_text(category, w) for w in COUNT_WORDS]
     else:
-        on_screen = [i.colour for k, i in enumerate(scene.items) if i is not None and k != scene.cue]
+        on_screen = list(dict.fromkeys(
+            i.colour for k, i in enumerate(scene.items) if i is not None and i.colour != scene.target.colour))
         rng.shuffle(on_screen)
         rest = [c for c in COLOURS if c != scene.target.colour and c not in on_screen]
         rng.shuffle(rest)
@@ -146,15 +190,18 @@ def choice_options(rng: random.Random, scene: CueScene, category: str, count: in
 def wrong_answer(rng: random.Random, scene: CueScene, category: str) -> str:
     """A wrong answer a model that does not look would give: another cell's value when there is one."""
     right = scene_answer(scene, category)
-    seen = [answer_text(category, i.colour if category == "look_colour" else i.shape)
-            for k, i in enumerate(scene.items) if i is not None and k != scene.cue]
+    seen = [answer_text(category, _value_of(category, scene, i))
+            for k, i in enumerate(scene.items) if i is not None and k != scene.cue and category != "count_colour"]
     pool = [a for a in seen if a != right] or [answer_text(category, v) for v in values(category)
                                                 if answer_text(category, v) != right]
     return rng.choice(pool)
 
 
-def answer_region(scene: CueScene) -> dict[str, object]:
-    """The shard JSON's ``answer_region``: the ringed cell's box in fractions of the frame, from the end of the
-    cue on (see :mod:`fovlm.data.schema`)."""
+def answer_region(scene: CueScene, category: str = "look_colour") -> dict[str, object] | None:
+    """The shard JSON's ``answer_region``: the cue cell's box in fractions of the frame, from the end of the
+    cue on (the first frame when there is no ring; see :mod:`fovlm.data.schema`); None for ``count_colour``,
+    whose answer is spread over several cells."""
+    if category == "count_colour":
+        return None
     x0, y0, x1, y1 = cell_box(scene.rows, scene.cols, scene.cue, 1.0, 1.0)
-    return {"box": [round(v, 6) for v in (x0, y0, x1, y1)], "from": scene.cue_seconds}
+    return {"box": [round(v, 6) for v in (x0, y0, x1, y1)], "from": scene.cue_seconds if scene.ring else 0.0}

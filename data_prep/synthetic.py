@@ -85,7 +85,8 @@ class SyntheticConfig:
         look_preference: cue-then-look preference pairs (the rejected answer is another cell's).
         look_grid: cells per side of the cue-then-look grid.
         look_reads: seconds (frames at 1 FPS) of shapes after the one-second cue.
-        look_categories: the cue-then-look question families asked, comma-separated (look_colour, look_shape).
+        look_categories: the cue-then-look question families asked, comma-separated (look_colour, look_shape,
+            name_colour, count_colour; see :mod:`data_prep.looking`).
         look_choice_share: share of cue-then-look SFT and preference questions asked with lettered options
             (0 by default: the plain question, as ``fovlm eval --answer-format cloze`` asks it).
     """
@@ -322,7 +323,7 @@ def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[S
     for i, (category, scene) in enumerate(scenes):
         name = f"{kind}_{split}_{i:05d}"
         right = looking.scene_answer(scene, category)
-        question = looking.LOOK_QUESTIONS[category]
+        question = looking.question_text(category, scene)
         if kind == "look_mcq":
             options = looking.choice_options(rng, scene, category)
             text = {"question": question, "options": options, "answer": options.index(right), "category": category}
@@ -335,7 +336,8 @@ def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[S
             text = {"messages": [{"role": "user", "content": asked}, {"role": "assistant", "content": right}]}
         else:
             raise ValueError(f"unknown cue-then-look set {kind!r}")
-        items.append(_video_item(name, scene, text, video_dir, {"answer_region": looking.answer_region(scene)},
+        region = looking.answer_region(scene, category)
+        items.append(_video_item(name, scene, text, video_dir, {"answer_region": region} if region else {},
                                  source=LOOK_SOURCE))
     return items
 

@@ -11,7 +11,18 @@ import pytest
 from prepkit import object_colour, object_pixels, object_shape, read_shards
 
 from data_prep.cue_scenes import cell_box, render_cue_scene
-from data_prep.looking import LOOK_QUESTIONS, LookConfig, answer_text, balanced_scenes, values
+from data_prep.looking import (
+    COUNT_WORDS,
+    LOOK_QUESTIONS,
+    LookConfig,
+    answer_region,
+    answer_text,
+    balanced_scenes,
+    choice_options,
+    question_text,
+    scene_answer,
+    values,
+)
 from data_prep.synthetic import SyntheticConfig, generate, set_items
 
 SIZES = {"look_warmup": 4, "look_train": 6, "look_val": 0, "look_test": 8, "look_preference": 6, "look_reads": 2}
@@ -139,3 +150,28 @@ def test_bad_settings_are_refused():
         LookConfig(grid=0)
     with pytest.raises(ValueError, match="reads"):
         SyntheticConfig(look_reads=0)
+
+
+def test_families_without_a_ring_name_the_cell_or_count_the_colour():
+    config = LookConfig(grid=3, reads=1, width=168)
+    scenes = balanced_scenes(random.Random(5), config, 16, categories=("name_colour", "count_colour"))
+    counts = set()
+    for category, scene in scenes:
+        frames = render_cue_scene(scene).transpose(0, 3, 1, 2)  # [N, 3, H, W]
+        cells = _read(frames[0], 3)  # the shapes are there from the first frame: no ring
+        assert [(i.colour, i.shape) for i in scene.items] == cells
+        question, answer = question_text(category, scene), scene_answer(scene, category)
+        options = choice_options(random.Random(0), scene, category)
+        assert answer in options and len(set(options)) == len(options)
+        if category == "name_colour":
+            row, col = divmod(scene.cue, 3)
+            assert question == f"What colour is the shape in row {row + 1}, column {col + 1}?"
+            assert answer == f"{cells[scene.cue][0].capitalize()}."
+            assert answer_region(scene, category)["from"] == 0.0
+        else:
+            colour = scene.target.colour
+            assert question == f"How many shapes are {colour}?"
+            count = sum(c == colour for c, _ in cells)
+            assert answer == f"{COUNT_WORDS[count - 1]}." and answer_region(scene, category) is None
+            counts.add(count)
+    assert counts == {1, 2, 3, 4}  # the answers cycle through every count
