@@ -153,3 +153,35 @@ demo-real: install smollm2
 	$(MAKE) demo DEMO_RUNS=runs/demo-real DEMO_CAP_STEPS=20 DEMO_WARM_STEPS=40 DEMO_SFT_STEPS=80 DEMO_DPO_STEPS=10 \
 		DEMO_EVAL_ARGS="--limit 100" DEMO_ARGS="--model.init_args.llm .cache/smollm2-135m-instruct \
 		--model.init_args.lr_llm 1e-4 --model.init_args.target_lr 1e-4 --data.init_args.batch_size 16"
+
+# Budgets and layouts on the families without a ring (docs/looking.md#questions-that-name-the-cell-or-spread-the-answer):
+# 3 x 3 grids, "the shape in row r, column c" and "how many shapes are <colour>", clips of 3 s. Two runs on the
+# demo overlay, each 8 queries per frame trained with budgets of 1, 2, 4 and 8 (a warm-up on clips that show only
+# the cells asked about, then the full grids), visual tokens first and question first; each evaluated at
+# k = 1, 2, 4, 8 (cloze, 200 questions). About 40 minutes on 2 cores; runs in runs/queries.
+QRY := data/queries
+QRY_RUNS := runs/queries
+.PHONY: data-queries demo-queries
+data-queries: install
+	$(PY) -m data_prep synthetic --output $(QRY) --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
+		--look-categories name_colour,count_colour --caption-train 0 --caption-val 0 --sft-train 0 --sft-val 0 \
+		--text-train 0 --text-val 0 --preference-train 0 --preference-val 0 --mcq 0 --look-warmup 800 \
+		--look-train 2400 --look-test 400 --look-preference 0
+queries_fit = $(FOVLM) fit --config configs/stage2.yaml --config configs/demo.yaml \
+	--trainer.logger.init_args.save_dir $(QRY_RUNS) --model.init_args.num_queries 8 \
+	--model.init_args.query_budgets '[1,2,4,8]' --model.init_args.lambda_coarse 0.5 --model.init_args.lambda_ar 0.5 \
+	--data.init_args.text_shards null --data.init_args.text_ratio 0.0 --data.init_args.val_shards '$(QRY)/look_sft/val/*.tar'
+demo-queries: install smollm2 dinov2 data-queries
+	for qf in false true; do \
+		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name warm-qf$$qf \
+			--trainer.max_steps 200 --model.init_args.init_from null \
+			--data.init_args.train_shards '$(QRY)/look_warmup/train/*.tar' && \
+		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name sft-qf$$qf \
+			--trainer.max_steps 500 --model.init_args.init_from $(QRY_RUNS)/warm-qf$$qf/checkpoints/last.ckpt \
+			--data.init_args.train_shards '$(QRY)/look_sft/train/*.tar' || exit 1; \
+		for k in 1 2 4 8; do \
+			$(FOVLM) eval --model $(QRY_RUNS)/sft-qf$$qf/checkpoints/last.ckpt \
+				--benchmark queries='$(QRY)/look_mcq/test/*.tar' --answer-format cloze --per-category \
+				--num-queries $$k --limit 200 --out $(QRY_RUNS)/results-qf$$qf-k$$k.json || exit 1; \
+		done; \
+	done

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from stored_outputs import compute_outputs, seeded_model
-from tiny_models import QUERY_DIM, TOL, random_frames
+from tiny_models import QUERY_DIM, TOL, assert_shared_scoring_is_per_option_scoring, random_frames
 
 from fovlm.bench import flops
 from fovlm.eval.attention import query_attention_maps
 from fovlm.eval.questions import render_options
-from fovlm.eval.scoring import score_question, score_question_naive
 from fovlm.model.checkpoint import CheckpointError
 from fovlm.model.exported import build_from_config
 from fovlm.model.generate import generate
@@ -125,11 +124,7 @@ def test_scoring_shares_the_prefix_at_k(vlm_k3, tokenizer):
     vlm_k3.use_queries(2)
     frames = random_frames(3)
     options = render_options(tokenizer, "What is in the clip?", ["a red square", "a green ball", "nothing"])
-    with torch.no_grad():
-        shared = score_question(vlm_k3, frames, options, MODES)
-        naive = score_question_naive(vlm_k3, frames, options, MODES)
-    for mode in MODES:
-        torch.testing.assert_close(shared[mode], naive[mode], **TOL)
+    assert_shared_scoring_is_per_option_scoring(vlm_k3, frames, options)
 
 
 def test_generation_and_attention_maps_at_k(vlm_k3):

@@ -3,11 +3,11 @@ per-sample computation written out here (plain Hugging Face forwards, no cache),
 
 import pytest
 import torch
-from tiny_models import QUERY_DIM, TOL, random_frames
+from tiny_models import QUERY_DIM, TOL, assert_shared_scoring_is_per_option_scoring, random_frames
 
 from fovlm.data.roles import ROLE_ANSWER, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER, question_end
 from fovlm.eval.questions import render_options
-from fovlm.eval.scoring import question_length, score_question, score_question_naive
+from fovlm.eval.scoring import question_length
 from fovlm.losses import AnswerOnlyCE, selected_targets, shift_labels
 from fovlm.model.generate import generate
 from fovlm.model.layout import join_text, split_text
@@ -146,11 +146,7 @@ def test_scoring_shares_the_visual_pass_after_the_question(vlm, tokenizer):
     frames = random_frames(3)
     options = render_options(tokenizer, "Which colour is the square?", ["red", "a green one", "blue"])
     assert 0 < question_length(vlm, options) < options.prefix_ids.shape[0]
-    with torch.no_grad():
-        shared = score_question(vlm, frames, options, MODES)
-        naive = score_question_naive(vlm, frames, options, MODES)
-    for mode in MODES:
-        torch.testing.assert_close(shared[mode], naive[mode], **TOL)
+    assert_shared_scoring_is_per_option_scoring(vlm, frames, options)
 
 
 def test_generation_reads_the_question_first(vlm):
