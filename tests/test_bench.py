@@ -162,3 +162,17 @@ def test_data_figures_read_every_sample(tmp_path, smollm2_dir):
                           workers=(0,))
     assert result["datamodule"]["0"]["samples"] == 4
     assert result["raw_decode_frames_per_s"] > 0
+
+
+def test_cpu_dry_run_at_two_queries_per_frame(tmp_path):
+    """`make bench` at k = 2: the model sections run with 2 tokens per frame and count their FLOPs so; the naive
+    one-token layouts are compared at k = 1 only."""
+    from fovlm.bench.__main__ import main
+
+    out = tmp_path / "cpu.json"
+    assert main(["--dry-run", "--no-data", "--num-queries", "2", "--precisions", "fp32", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["tiny"]
+    assert result["shape"]["num_queries"] == 2
+    fp32 = result["fp32"]
+    assert fp32["sft8"]["samples_per_s"] > 0 and fp32["sft8"]["model_flop_per_step"] > 0
+    assert "mixed_padded" not in fp32 and fp32["scoring"]["ratio"] > 0

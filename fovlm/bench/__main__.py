@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-data", action="store_true", help="skip the DataModule section")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul for the peak rate")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--num-queries", type=int, default=1, help="visual tokens per frame k of the models measured")
     parser.add_argument("--dry-run", action="store_true", help="tiny size, minimal repeats: checks the code paths")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.log("thread check")
         results["threads"] = thread_check()
     for name in sizes:
-        results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"))
+        results[name] = runner.run_size(name, precisions, results["matmul"], args.dry_run, torch.device("cpu"),
+                                        args.num_queries)
         runner.save(results, Path(args.out))  # partial report: a long run interrupted later keeps what it measured
     # Measured again at the end: on a shared machine the first measurement may have been taken under load; the
     # shares of the matmul rate use the better of the two.

@@ -75,13 +75,14 @@ def train_config(env: Env, module, optimizer, loss_fn, batch: dict, flop: float,
 
 
 def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run: bool,
-             device: torch.device) -> dict[str, Any]:
-    """Every model section at one size; ``peaks`` holds the measured matmul FLOP/s per precision."""
+             device: torch.device, num_queries: int = 1) -> dict[str, Any]:
+    """Every model section at one size, with ``num_queries`` visual tokens per frame; ``peaks`` holds the
+    measured matmul FLOP/s per precision."""
     p = plan(size, dry_run, device.type)
-    log(f"{size}: building models")
-    sft = inputs.build_module(size, "answer_only", device)
-    frozen = inputs.build_module(size, "answer_only", device, lr_vision=0.0)  # frozen-vision mode
-    dpo = inputs.build_module(size, "dpo", device)
+    log(f"{size}: building models ({num_queries} queries per frame)")
+    sft = inputs.build_module(size, "answer_only", device, num_queries=num_queries)
+    frozen = inputs.build_module(size, "answer_only", device, lr_vision=0.0, num_queries=num_queries)  # frozen
+    dpo = inputs.build_module(size, "dpo", device, num_queries=num_queries)
     shape = ModelShape.of(sft.model)
     vocab = shape.vocab
     # Fused AdamW, as FoveatedModule.configure_optimizers builds it (the optimizer section times both kernels).
@@ -112,7 +113,9 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         log(f"{size}/{precision}: training dpo")
         res["dpo"] = train_config(env, dpo, dpo_opt, training.ce_loss(dpo), pairs, flop_dpo, peak, p["steps"], p["warmup"])
         res["dpo"]["step_vs_sft8_step"] = res["dpo"]["step_s"] / res["sft8"]["step_s"]
-        if precision in p["naive_precisions"]:
+        # The naive ways reproduce the fVLM original's one-token layout: compared at k = 1 only.
+        compare_naive = precision in p["naive_precisions"] and num_queries == 1
+        if compare_naive:
             log(f"{size}/{precision}: naive padded layout on the mixed batch")
             res["mixed_padded"] = train_config(env, sft, sft_opt, training.padded_ce_loss(sft, False), mixed,
                                                flop_mixed, peak, 1, warmup=0)
@@ -130,7 +133,7 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
             frames = torch.randn(p["kv_frames"], 3, p["image"], p["image"], device=device)
             res["kv"] = kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
         log(f"{size}/{precision}: autoregressive")
-        naive_counts = p["ar_naive"] if precision in p["naive_precisions"] else ()
+        naive_counts = p["ar_naive"] if compare_naive else ()
         res["autoregressive"] = autoregressive_figures(env, sft.model, p["ar"], naive_counts, p["image"],
                                                        p["ar_repeats"], p["ar_warmup"])
         log(f"{size}/{precision}: generation")
