@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from collections import defaultdict
@@ -36,86 +35,18 @@ from torch import Tensor, nn
 
 from fovlm.losses import build_loss_head
 from fovlm.model.checkpoint import load_weights
-from fovlm.schedules import lr_lambdas
+from fovlm.model.parameters import (
+    GROUPS,
+    no_decay_parameters,
+    parameter_groups,
+    state_fingerprint,
+    vision_backbone,
+)
+from fovlm.schedules import lr_lambdas, query_budget
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("connector", "vision", "llm")
-QUERY_VECTORS = ("q_static", "q_init")
 REFERENCE_PREFIX = "reference."
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Parameter bookkeeping (pure functions of a built FoveatedVLM)
-
-
-def _vision_backbone(model: nn.Module) -> nn.Module:
-    from transformers import Dinov2Model
-
-    backbones = [m for m in model.encoder.modules() if isinstance(m, Dinov2Model)]
-    if len(backbones) != 1:
-        raise ValueError(f"expected exactly one Dinov2Model inside model.encoder, found {len(backbones)}")
-    return backbones[0]
-
-
-def parameter_groups(model: nn.Module) -> dict[str, str]:
-    """Map every parameter name of ``model`` (a FoveatedVLM) to ``connector``, ``vision`` or ``llm``.
-
-    Membership is decided by module identity, not by name patterns: parameters of ``model.llm`` are LLM,
-    those of the DINOv2 backbone inside ``model.encoder`` are vision, and every other parameter is new and
-    belongs to the connector (so ``encoder.output_proj`` cannot end up at a backbone LR by a name typo).
-    """
-    llm_ids = {id(p) for p in model.llm.parameters()}
-    vision_ids = {id(p) for p in _vision_backbone(model).parameters()}
-    groups = {}
-    for name, param in model.named_parameters():
-        if id(param) in llm_ids:
-            groups[name] = "llm"
-        elif id(param) in vision_ids:
-            groups[name] = "vision"
-        else:
-            groups[name] = "connector"
-    return groups
-
-
-def no_decay_parameters(model: nn.Module) -> set[str]:
-    """Names of the parameters trained without weight decay.
-
-    Exactly: every parameter with at most one dimension (biases, LayerNorm/RMSNorm gains, LayerScale), every
-    embedding (``nn.Embedding`` weights, which also covers a tied ``lm_head``; DINOv2's CLS token, mask token
-    and position embeddings, the parameters held directly by its embeddings module), and the query vectors
-    ``q_static`` / ``q_init``.
-    """
-    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
-
-    embedding_ids = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            embedding_ids.add(id(module.weight))
-        elif isinstance(module, Dinov2Embeddings):
-            embedding_ids.update(id(p) for p in module.parameters(recurse=False))
-    names = set()
-    for name, param in model.named_parameters():
-        if param.ndim <= 1 or id(param) in embedding_ids or name in QUERY_VECTORS:
-            names.add(name)
-    return names
-
-
-def state_fingerprint(module: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a module's state dict (sorted by name)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)  # [numel]
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def query_budget(budgets: list[int], step: int) -> int:
-    """The number of queries per frame of optimizer step ``step`` under budget training: drawn uniformly from
-    ``budgets`` by a generator seeded with the step, so every rank and every resumed run draws the same."""
-    generator = torch.Generator().manual_seed(step)
-    return budgets[int(torch.randint(len(budgets), (1,), generator=generator))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +103,10 @@ class FoveatedModule(L.LightningModule):
             precision (its keys and values reach the query passes in float32). Meant for frozen vision on a CPU
             in fp32, where the patch pass is most of a step and bf16 matmuls are several times faster; a training
             setting (evaluation and export run the patch pass in the model's own precision).
+        pack_tokens: pack each batch's samples into shared rows of max(pack_tokens, longest sample) positions for
+            the LLM passes of training and validation (coarse_only, coarse_fine, DPO pairs; each sample attends
+            only to itself, so every sample's loss is unchanged), instead of one row per sample padded to the
+            longest (docs/model.md#packing). None: no packing. A training setting, like ``patch_pass_bf16``.
     """
 
     def __init__(
@@ -204,6 +139,7 @@ class FoveatedModule(L.LightningModule):
         lambda_ar: float = 0.0,
         gradient_checkpointing: bool = False,
         patch_pass_bf16: bool = False,
+        pack_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -224,6 +160,8 @@ class FoveatedModule(L.LightningModule):
         if query_budgets is not None and (not query_budgets or not all(1 <= k <= num_queries for k in query_budgets)):
             raise ValueError(f"query_budgets must be a non-empty list of k in 1..num_queries={num_queries}, "
                              f"got {query_budgets}")
+        if pack_tokens is not None and pack_tokens < 1:
+            raise ValueError(f"pack_tokens must be at least 1 (or null: no packing), got {pack_tokens}")
         if schedule == "converging" and (target_lr is None or target_lr <= 0):
             raise ValueError("the converging schedule needs a positive target_lr")
         self.loss_head = build_loss_head(loss, beta)
@@ -271,7 +209,7 @@ class FoveatedModule(L.LightningModule):
         # Parameters the training forward never reads are frozen, so no trainable parameter is left without a
         # gradient (DDP would reject it): DINOv2's mask token (masked-image modelling only) and, when training
         # coarse-only, the query head and q_init (the static query alone makes the visual tokens).
-        _vision_backbone(model).embeddings.mask_token.requires_grad_(False)
+        vision_backbone(model).embeddings.mask_token.requires_grad_(False)
         if hp.coarse_only:
             model.llm_to_query.requires_grad_(False)
             model.q_init.requires_grad_(False)
@@ -279,6 +217,9 @@ class FoveatedModule(L.LightningModule):
             model.set_gradient_checkpointing(llm=True, vision=True)
         if hp.patch_pass_bf16:
             model.encoder.patch_dtype = torch.bfloat16
+        for vlm in (model, self.reference):
+            if vlm is not None:
+                vlm.use_packing(hp.pack_tokens)
         self.model = model
 
     def train(self, mode: bool = True) -> FoveatedModule:

@@ -16,6 +16,8 @@ The optimizer step with index ``s`` (0-based) runs at ``f(s + 1)``, one step ahe
 which ran its first step at ``f(0) = 0``: a wasted step with LR 0. Shifting by one keeps every value of the
 curve and its end points: step ``W - 1`` is the first at the full LR (the end of warmup) and the last step
 ``N - 1`` runs exactly at the floor / ``target_lr``.
+
+Budget training's other per-step schedule is here too: :func:`query_budget`, the k queries per frame of a step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+
+import torch
 
 SCHEDULES = ("cosine", "constant", "converging")
 
@@ -105,3 +109,10 @@ def lr_lambdas(
                         ratio=target_lr / lr)
             )
     return lambdas
+
+
+def query_budget(budgets: list[int], step: int) -> int:
+    """The number of queries per frame of optimizer step ``step`` under budget training: drawn uniformly from
+    ``budgets`` by a generator seeded with the step, so every rank and every resumed run draws the same."""
+    generator = torch.Generator().manual_seed(step)
+    return budgets[int(torch.randint(len(budgets), (1,), generator=generator))]

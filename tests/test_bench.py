@@ -155,6 +155,9 @@ def test_gpu_dry_run_writes_every_figure(tmp_path):
     assert set(bf16["autoregressive"]["fovlm"]) == {"2", "4"}
     assert bf16["scoring"]["ratio"] > 0 and bf16["kv"]["ratio_forward"] > 0
     assert set(result["memory"]) == {"stage1_135m", "stage1_135m_checkpointing", "shape_1p7b_checkpointing"}
+    packing = bf16["packing"]
+    assert packing["packed"]["step_s"] > 0 and packing["unpacked_vs_packed"] > 0
+    assert bf16["sft8_sdpa_attention"]["ratio_vs_auto"] > 0  # on the CPU: today's SDPA against the matmul kernel
 
 
 def test_data_figures_read_every_sample(tmp_path, smollm2_dir):
@@ -176,3 +179,24 @@ def test_cpu_dry_run_at_two_queries_per_frame(tmp_path):
     fp32 = result["fp32"]
     assert fp32["sft8"]["samples_per_s"] > 0 and fp32["sft8"]["model_flop_per_step"] > 0
     assert "mixed_padded" not in fp32 and fp32["scoring"]["ratio"] > 0
+    assert fp32["packing"]["packed"]["tokens_per_s"] > 0
+    assert set(result["padding"]) == {"stage2", "synthetic", "stage3"}
+
+
+def test_mix_draws_within_each_source():
+    from fovlm.bench.mix import MIXES, draw
+
+    frames, texts = draw(MIXES["stage2"], 400, torch.Generator().manual_seed(0))
+    assert all(0 <= f <= 64 and 30 <= t <= 1000 for f, t in zip(frames, texts, strict=True))
+    assert 0.08 < frames.count(0) / 400 < 0.20  # SmolTalk's 14%
+    assert 0.35 < sum(f == 8 for f in frames) / 400  # images as 8 frames (47%), and some clips
+
+
+def test_packing_leaves_at_most_five_percent_padding_on_the_stage2_mix():
+    from fovlm.bench.mix import BATCH_SIZES, padding_figures
+    from fovlm.bench.runner import PACKINGS
+
+    for name, batch in (*BATCH_SIZES.items(), ("stage2", 32)):
+        figures = padding_figures(name, batch, 1, PACKINGS, batches=100)
+        assert figures["packed"]["text_pass"] <= 0.05 < figures["unpacked"]["text_pass"], (name, batch, figures)
+        assert figures["packed"]["query_pass"] <= 0.05, (name, batch, figures)

@@ -4,7 +4,8 @@ still gets exactly the gradients it would get with DINOv2 trainable but left out
 import torch
 from test_module import SFTSet, collate_sft
 
-from fovlm.module import FoveatedModule, parameter_groups
+from fovlm.model.parameters import parameter_groups
+from fovlm.module import FoveatedModule
 
 TINY = {"llm": "tiny", "vision": "tiny", "query_dim": 32, "loss": "answer_only", "lambda_coarse": 0.5}
 

@@ -14,7 +14,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from fovlm.data.roles import ROLE_ANSWER, ROLE_PAD, ROLE_SYSTEM, ROLE_TEMPLATE, ROLE_USER
-from fovlm.module import FoveatedModule, no_decay_parameters, parameter_groups, query_budget
+from fovlm.model.parameters import no_decay_parameters, parameter_groups
+from fovlm.module import FoveatedModule
+from fovlm.schedules import query_budget
 
 PAD_ID = 2
 TINY = {"llm": "tiny", "vision": "tiny", "query_dim": 32}

@@ -73,8 +73,14 @@ def _frames(num_frames: Sequence[int], image_size: int, generator: torch.Generat
 
 def sft_batch(num_frames: Sequence[int], text_len: int, image_size: int, vocab: int, seed: int = 0) -> dict:
     """A caption/SFT batch in the collate contract: ``text_len`` tokens per sample, a third of them answer."""
+    return sft_batch_of(num_frames, [text_len] * len(num_frames), image_size, vocab, seed)
+
+
+def sft_batch_of(num_frames: Sequence[int], text_lens: Sequence[int], image_size: int, vocab: int,
+                 seed: int = 0) -> dict:
+    """A caption/SFT batch in the collate contract with each sample's own text length (a third of it answer)."""
     gen = torch.Generator().manual_seed(seed)
-    texts = [synthetic_text(text_len, text_len // 3, vocab, gen) for _ in num_frames]
+    texts = [synthetic_text(n, n // 3, vocab, gen) for n in text_lens]
     ids, mask, roles = pad_text([t[0] for t in texts], [t[1] for t in texts], pad_id=2)
     return {
         "frames": _frames(num_frames, image_size, gen),

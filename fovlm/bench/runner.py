@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fovlm.bench import inputs, training
+from fovlm.bench import inputs, mix, training
 from fovlm.bench.answering import generation_figures, scoring_figures
 from fovlm.bench.data_loading import data_figures
 from fovlm.bench.encoding import autoregressive_figures, kv_once_vs_twice
@@ -33,6 +33,10 @@ from fovlm.bench.flops import ModelShape
 from fovlm.bench.measure import Env, PeakRSS, timed
 from fovlm.bench.table import print_table, summary_rows
 from fovlm.data.contract import FRAME_SETTINGS
+from fovlm.model.attention import resolve
+
+PACK_TOKENS = 1024  # the packed rows' token budget timed and counted (docs/measured.md#packing)
+PACKINGS = {"unpacked": None, "packed": PACK_TOKENS}
 
 
 def plan(size: str, dry_run: bool, device: str = "cpu") -> dict[str, Any]:
@@ -40,18 +44,18 @@ def plan(size: str, dry_run: bool, device: str = "cpu") -> dict[str, Any]:
     if dry_run:
         return dict(steps=1, warmup=1, batch_frames=(2, 2), mixed=(1, 3), text=32, image=FRAME_SETTINGS.frame_size, ar=(2, 4),
                     ar_naive=(2, 4), ar_repeats=1, ar_warmup=1, kv_frames=2, kv_repeats=1, gen_tokens=4, score_frames=2,
-                    naive_precisions=("fp32", "bf16"), full_padding=True)
+                    naive_precisions=("fp32", "bf16"), full_padding=True, mix=(4, 1, 0))
     if device == "cuda":
         return dict(steps=5, warmup=2, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size,
                     ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=64, kv_repeats=5, gen_tokens=64,
-                    score_frames=8, naive_precisions=("bf16",), full_padding=True)
+                    score_frames=8, naive_precisions=("bf16",), full_padding=True, mix=(32, 3, 1))
     if size == "tiny":
         return dict(steps=3, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size,
                     ar=(8, 16, 32, 64), ar_naive=(8, 64), ar_repeats=3, ar_warmup=1, kv_frames=16, kv_repeats=3, gen_tokens=32,
-                    score_frames=8, naive_precisions=("fp32", "bf16"), full_padding=True)
+                    score_frames=8, naive_precisions=("fp32", "bf16"), full_padding=True, mix=(32, 2, 1))
     return dict(steps=2, warmup=1, batch_frames=(8, 8), mixed=(1, 8, 64), text=64, image=FRAME_SETTINGS.frame_size, ar=(8, 16, 32, 64),
                 ar_naive=(8, 64), ar_repeats=1, ar_warmup=0, kv_frames=8, kv_repeats=1, gen_tokens=32, score_frames=8,
-                naive_precisions=("bf16",), full_padding=False)
+                naive_precisions=("bf16",), full_padding=False, mix=(8, 1, 1))
 
 
 def log(message: str) -> None:
@@ -98,12 +102,17 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     flop_dpo = training.step_flops(shape, pairs, dpo.loss_head, dpo=True)
     out: dict[str, Any] = {"shape": shape.__dict__, "batches": {
         "sft8_num_frames": list(p["batch_frames"]), "mixed_num_frames": list(p["mixed"]), "text_tokens": p["text"]}}
+    out["padding"] = {name: mix.padding_figures(name, mix.BATCH_SIZES[name], num_queries, PACKINGS,
+                                                batches=20 if dry_run else 200) for name in mix.MIXES}
     for precision in precisions:
         env = Env(device, precision)
         peak = peaks[precision]
         res: dict[str, Any] = {}
         log(f"{size}/{precision}: training sft 8 frames")
         res["sft8"] = train_config(env, sft, sft_opt, training.ce_loss(sft), batch8, flop8, peak, p["steps"], p["warmup"])
+        if precision == "bf16" and resolve("auto", torch.zeros(0, dtype=torch.bfloat16, device=device)) != "sdpa":
+            log(f"{size}/{precision}: training sft 8 frames, SDPA in the patch pass")
+            res["sft8_sdpa_attention"] = sdpa_kernel_step(env, sft, sft_opt, batch8, flop8, peak, p, res["sft8"])
         log(f"{size}/{precision}: training sft 8 frames, frozen vision")
         res["sft8_frozen_vision"] = train_config(env, frozen, frozen_opt, training.ce_loss(frozen), batch8,
                                                  flop8_frozen, peak, p["steps"], p["warmup"])
@@ -113,6 +122,8 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         log(f"{size}/{precision}: training dpo")
         res["dpo"] = train_config(env, dpo, dpo_opt, training.ce_loss(dpo), pairs, flop_dpo, peak, p["steps"], p["warmup"])
         res["dpo"]["step_vs_sft8_step"] = res["dpo"]["step_s"] / res["sft8"]["step_s"]
+        log(f"{size}/{precision}: packed vs unpacked on a stage-2 mix of {p['mix'][0]}")
+        res["packing"] = packing_steps(env, sft, sft_opt, shape, p, peak)
         # The naive ways reproduce the fVLM original's one-token layout: compared at k = 1 only.
         compare_naive = precision in p["naive_precisions"] and num_queries == 1
         if compare_naive:
@@ -145,6 +156,33 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         out[precision] = res
     log(f"{size}: optimizer step, fused vs foreach")
     out["optimizer"] = optimizer_figures(sft, inputs.to_device(batch8, device), device)
+    return out
+
+
+def sdpa_kernel_step(env: Env, module, optimizer, batch: dict, flop: float, peak: float, p: dict[str, Any],
+                     auto: dict[str, float]) -> dict[str, Any]:
+    """The SFT step with SDPA in the patch pass (the kernel before ``auto``), against ``auto``'s timing."""
+    module.model.encoder.attention_kernel = "sdpa"
+    try:
+        out = train_config(env, module, optimizer, training.ce_loss(module), batch, flop, peak, p["steps"], p["warmup"])
+    finally:
+        module.model.encoder.attention_kernel = "auto"
+    return {**out, "ratio_vs_auto": out["step_s"] / auto["step_s"]}
+
+
+def packing_steps(env: Env, module, optimizer, shape: ModelShape, p: dict[str, Any], peak: float) -> dict[str, Any]:
+    """SFT steps on one batch drawn from the stage-2 mix, one sample per row against packed rows."""
+    batch_size, steps, warmup = p["mix"]
+    batch = mix.mixed_batch("stage2", batch_size, p["image"], shape.vocab)
+    flop = training.step_flops(shape, batch, module.loss_head)
+    tokens = int(batch["num_frames"].sum()) * module.model.active_queries + int(batch["attention_mask"].sum())
+    out: dict[str, Any] = {"num_frames": batch["num_frames"].tolist(), "text_tokens": batch["attention_mask"].sum(1).tolist()}
+    for label, pack_tokens in PACKINGS.items():
+        module.model.use_packing(pack_tokens)
+        out[label] = train_config(env, module, optimizer, training.ce_loss(module), batch, flop, peak, steps, warmup)
+        out[label]["tokens_per_s"] = tokens / out[label]["step_s"]
+    module.model.use_packing(None)
+    out["unpacked_vs_packed"] = out["unpacked"]["step_s"] / out["packed"]["step_s"]
     return out
 
 

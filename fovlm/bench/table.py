@@ -105,6 +105,9 @@ def naive_rows(tag: str, r: dict[str, Any]) -> list[Row]:
     if "mixed_padded_frames_encoded" in r:
         rows.append((f"{tag} RATIO padded frames through DINO / per-sample",
                      fmt(r["mixed_padded_frames_encoded"]["ratio_vs_per_sample"])))
+    if "sft8_sdpa_attention" in r:
+        rows.append((f"{tag} RATIO SDPA / matmul attention in the patch pass (SFT 8-frame step)",
+                     fmt(r["sft8_sdpa_attention"]["ratio_vs_auto"])))
     if "sft8_full_lm_head" in r:
         rows.append((f"{tag} RATIO lm_head on all text / scored rows (step)",
                      fmt(r["sft8_full_lm_head"]["ratio_vs_scored_rows"])))
@@ -112,6 +115,23 @@ def naive_rows(tag: str, r: dict[str, Any]) -> list[Row]:
         kv = r["kv"]
         rows.append((f"{tag} RATIO K/V twice / once (patch pass, {kv['frames']} frames)",
                      f"forward {fmt(kv['ratio_forward'])}, forward+backward {fmt(kv['ratio_train'])}"))
+    return rows
+
+
+def packing_rows(size: str, res: dict[str, Any]) -> list[Row]:
+    """Padding share per mix and LLM pass, unpacked and packed, and the packed step against the unpacked one."""
+    rows = []
+    for name, figures in res.get("padding", {}).items():
+        shares = " | ".join(f"{label} {100 * f['query_pass']:.1f}% / {100 * f['text_pass']:.1f}%"
+                            for label, f in figures.items())
+        rows.append((f"{size} padding share, {name} mix (query pass / text pass)", shares))
+    for precision in ("fp32", "bf16"):
+        r = res.get(precision, {}).get("packing")
+        if r:
+            rows.append((f"{size}/{precision} RATIO unpacked / packed step, stage-2 mix of {len(r['num_frames'])}",
+                         f"{fmt(r['unpacked_vs_packed'])} ({fmt(r['unpacked']['step_s'])} s / "
+                         f"{fmt(r['packed']['step_s'])} s; {fmt(r['unpacked']['tokens_per_s'])} / "
+                         f"{fmt(r['packed']['tokens_per_s'])} tokens/s)"))
     return rows
 
 
@@ -124,6 +144,7 @@ def size_rows(size: str, res: dict[str, Any]) -> list[Row]:
         r, tag = res[precision], f"{size}/{precision}"
         rows += training_rows(tag, r) + autoregressive_rows(tag, r["autoregressive"])
         rows += answering_rows(tag, r) + naive_rows(tag, r)
+    rows += packing_rows(size, res)
     o = res["optimizer"]
     rows.append((f"{size} AdamW step foreach / fused ({o['parameters'] / 1e6:.1f}M params)",
                  f"{fmt(o['foreach_step_s'])} s / {fmt(o['fused_step_s'])} s = {fmt(o['foreach_vs_fused'])}"))

@@ -22,11 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Model
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+
+from fovlm.model.attention import attend
 
 
 @dataclass
@@ -77,20 +78,7 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * head_dim)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, return_weights: bool):
-    """Multi-head attention without a mask; returns (output [n, h, Lq, hd], weights [n, h, Lq, Lk] | None).
-
-    SDPA normally; the explicit softmax only when the weights are wanted (attention maps), since SDPA does not
-    return them.
-    """
-    if not return_weights:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
-    weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = F.dropout(weights, p=dropout_p) @ v
-    return out, weights.detach()
-
-
-def patch_layer(layer: Dinov2Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def patch_layer(layer: Dinov2Layer, x: Tensor, kernel: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """One DINOv2 layer over all tokens of each frame, returning its keys and values as well.
 
     Equivalent to ``layer(x)`` (pre-norm attention + LayerScale, pre-norm MLP + LayerScale, drop path), with
@@ -99,6 +87,7 @@ def patch_layer(layer: Dinov2Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Args:
         layer: the DINOv2 layer whose modules are used.
         x: hidden states [n, N, D].
+        kernel: the attention kernel (:mod:`fovlm.model.attention`).
 
     Returns:
         (new hidden states [n, N, D], keys [n, h, N, hd], values [n, h, N, hd]).
@@ -109,14 +98,14 @@ def patch_layer(layer: Dinov2Layer, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
     v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
     dropout_p = attn.attention_dropout if layer.training else 0.0
-    out, _ = _attend(q, k, v, attn.scaling, dropout_p, return_weights=False)
+    out, _ = attend(q, k, v, attn.scaling, dropout_p, kernel=kernel)
     x = x + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, N, D]
     x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))  # [n, N, D]
     return x, k, v
 
 
 def query_layer(
-    layer: Dinov2Layer, h: Tensor, k: Tensor, v: Tensor, return_weights: bool = False
+    layer: Dinov2Layer, h: Tensor, k: Tensor, v: Tensor, return_weights: bool = False, kernel: str = "auto"
 ) -> tuple[Tensor, Tensor | None]:
     """The query tokens through one DINOv2 layer, attending to that layer's cached keys/values only (the k
     queries of a frame do not see each other).
@@ -127,11 +116,12 @@ def query_layer(
         k: cached keys [n, h, N, hd].
         v: cached values [n, h, N, hd].
         return_weights: also return the attention weights [n, h, k, N] (detached).
+        kernel: the attention kernel (:mod:`fovlm.model.attention`).
     """
     attn = layer.attention
     q = _split_heads(attn.q_proj(layer.norm1(h)), attn.head_dim)  # [n, h, k, hd]
     dropout_p = attn.attention_dropout if layer.training else 0.0
-    out, weights = _attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights)  # [n, h, k, hd]
+    out, weights = attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights, kernel)  # [n, h, k, hd]
     h = h + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, k, D]
     h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))  # [n, k, D]
     return h, weights
@@ -159,6 +149,8 @@ class FoveatedEncoder(nn.Module):
         self.patch_checkpointing = False
         # None, or a dtype the patch pass runs in under autocast (its outputs come back in the frames' dtype).
         self.patch_dtype: torch.dtype | None = None
+        # auto, sdpa or matmul (fovlm.model.attention): auto picks by device and dtype.
+        self.attention_kernel = "auto"
 
     @property
     def hidden_size(self) -> int:
@@ -192,9 +184,9 @@ class FoveatedEncoder(nn.Module):
         keys, values = [], []
         for layer in self.layers:
             if self.patch_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(patch_layer, layer, x, use_reentrant=False)
+                x, k, v = checkpoint(patch_layer, layer, x, self.attention_kernel, use_reentrant=False)
             else:
-                x, k, v = patch_layer(layer, x)
+                x, k, v = patch_layer(layer, x, self.attention_kernel)
             keys.append(k)
             values.append(v)
         return PatchCache(features=self.dino.layernorm(x), keys=keys, values=values)
@@ -227,7 +219,7 @@ class FoveatedEncoder(nn.Module):
         h = self.query_input_proj(queries)  # [n, k, D]
         weights = []
         for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
-            h, w = query_layer(layer, h, k, v, return_attention)
+            h, w = query_layer(layer, h, k, v, return_attention, self.attention_kernel)
             weights.append(w)
         z = self.output_proj(self.dino.layernorm(h))  # [n, k, D]
         return z, (weights if return_attention else None)
@@ -240,6 +232,6 @@ class FoveatedEncoder(nn.Module):
         k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
         v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
         q = _split_heads(self.query_input_proj(queries), attn.head_dim)  # [n, h, k, hd]
-        out, w = _attend(q.to(k.dtype), k, v, attn.scaling, 0.0, return_attention)  # [n, h, k, hd]
+        out, w = attend(q.to(k.dtype), k, v, attn.scaling, 0.0, return_attention, self.attention_kernel)
         z = self.output_proj(self.dino.layernorm(_merge_heads(out)))  # [n, k, D]
         return z, ([w] if return_attention else None)

@@ -2,9 +2,11 @@
 
 Sample i of a batch is [its visual tokens, its S_i text tokens] at positions 0, 1, ... with all padding on the
 right: T_i frames of k tokens each (``num_queries``; frame-major, frame t's j-th token at t * k + j); a text-only
-sample has no visual token. The layout functions take the visual tokens per sample (T_i * k). The functions here are pure tensor index arithmetic: they
-place visual and text embeddings into the flattened [B * L] LLM input, read the text positions back out, shift
-the LLM-written queries by one frame, and reject batches that cannot be laid out this way.
+sample has no visual token. The layout functions take the visual tokens per sample (T_i * k). Packed
+(:mod:`fovlm.model.packing`), samples share rows instead, each at its own offset with its own positions. The
+functions here are pure tensor index arithmetic: they place visual and text embeddings into the flattened
+[R * L] LLM input (R = B rows unless packed), read the text positions back out, shift the LLM-written queries by
+one frame, and reject batches that cannot be laid out this way.
 
 Shapes: B samples, F = sum(num_frames) real frames (concatenated in sample order), S text width, L sequence
 width, Dl LLM width, Dq query width.
@@ -17,30 +19,41 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.model.packing import place, positions
+
 
 @dataclass
 class SequenceLayout:
-    """Where every visual and text token of a batch sits in the flattened [B * L] LLM input.
+    """Where every visual and text token of a batch sits in the flattened [R * L] LLM input.
+
+    One sample per row (R = B) unless packed (:mod:`fovlm.model.packing`): then several samples share a row,
+    each at its own offset.
 
     Attributes:
-        attention_mask: long [B, L], 1 on each sample's T_i + S_i real tokens (a prefix of the row).
-        position_ids: long [B, L], 0..L-1 on every row (each sample starts at position 0).
-        visual_index: long [F], flat row (b * L + t) of each visual token, in frame order.
+        attention_mask: long [B, L], 1 on each sample's T_i + S_i real tokens (a prefix of the row); None when
+            packed: the LLM then keeps the samples of a row apart by their positions (each restarts at 0).
+        position_ids: long [R, L], each sample's tokens at 0, 1, ... from its own start.
+        visual_index: long [F], flat row (r * L + column) of each visual token, in frame order.
         text_index: long [B, S], flat row of each text position; padded text positions point at some row of
-            the same sample and must be ignored (``text_valid``).
+            the same LLM row and must be ignored (``text_valid``).
         text_valid: bool [B, S], the real text positions.
     """
 
-    attention_mask: Tensor
+    attention_mask: Tensor | None
     position_ids: Tensor
     visual_index: Tensor
     text_index: Tensor
     text_valid: Tensor
 
     @property
+    def rows(self) -> int:
+        """Rows R of the LLM input."""
+        return self.position_ids.shape[0]
+
+    @property
     def width(self) -> int:
         """Sequence width L."""
-        return self.attention_mask.shape[1]
+        return self.position_ids.shape[1]
 
 
 def frame_starts(num_frames: Tensor) -> Tensor:
@@ -53,7 +66,9 @@ def frame_sample_ids(num_frames: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)
 
 
-def build_layout(num_frames: Tensor, text_mask: Tensor, visual_at: Tensor | None = None) -> SequenceLayout:
+def build_layout(
+    num_frames: Tensor, text_mask: Tensor, visual_at: Tensor | None = None, pack_tokens: int | None = None
+) -> SequenceLayout:
     """Per-sample layout: sample b = [its text before ``visual_at[b]``, its num_frames[b] visual tokens, the rest
     of its text], right-padded (``visual_at`` None: every sample's visual tokens first).
 
@@ -61,23 +76,30 @@ def build_layout(num_frames: Tensor, text_mask: Tensor, visual_at: Tensor | None
         num_frames: long [B], visual tokens per sample (0 for text-only).
         text_mask: [B, S], 1 on real text tokens; must be right-padded (ones, then zeros).
         visual_at: long [B], text tokens before the visual ones (at most the sample's text length).
+        pack_tokens: None: sample b alone in row b. Else the samples packed into rows of max(pack_tokens,
+            longest sample) positions (:func:`fovlm.model.packing.first_fit_decreasing`).
     """
     batch, width_s = text_mask.shape
     device = num_frames.device
     visual_at = num_frames.new_zeros(batch) if visual_at is None else visual_at
-    text_len = text_mask.sum(1)  # [B]
-    lengths = num_frames + text_len  # [B]
-    width = int(lengths.max()) if batch else 0
-    arange = torch.arange(width, device=device)
-    attention_mask = (arange[None] < lengths[:, None]).long()  # [B, L]
-    position_ids = arange[None].expand(batch, width)  # [B, L]
+    lengths = num_frames + text_mask.sum(1)  # [B]
+    placement = place(lengths, pack_tokens)
+    width = placement.width
+    if pack_tokens is None:
+        arange = torch.arange(width, device=device)
+        attention_mask = (arange[None] < lengths[:, None]).long()  # [B, L]
+        position_ids = arange[None].expand(batch, width)  # [B, L]
+    else:
+        attention_mask, position_ids = None, positions(placement, lengths)  # [R, L]
+    start = placement.row * width + placement.offset  # [B] flat row of each sample's first token
     sample = frame_sample_ids(num_frames)  # [F]
     frame_in_sample = torch.arange(len(sample), device=device) - frame_starts(num_frames)[sample]  # [F]
-    visual_index = sample * width + visual_at[sample] + frame_in_sample  # [F]
+    visual_index = start[sample] + visual_at[sample] + frame_in_sample  # [F]
     text_arange = torch.arange(width_s, device=device)[None]  # [1, S]
     after = text_arange >= visual_at[:, None]  # [B, S]
     text_pos = text_arange + torch.where(after, num_frames[:, None], 0)  # [B, S]
-    text_index = torch.arange(batch, device=device)[:, None] * width + text_pos.clamp(max=max(width - 1, 0))
+    in_row = (placement.offset[:, None] + text_pos).clamp(max=max(width - 1, 0))  # [B, S]
+    text_index = (placement.row * width)[:, None] + in_row
     return SequenceLayout(attention_mask, position_ids, visual_index, text_index, text_mask.bool())
 
 
@@ -95,19 +117,19 @@ def predicting_index(layout: SequenceLayout, num_frames: Tensor, visual_at: Tens
 
 
 def assemble(layout: SequenceLayout, visual: Tensor, text: Tensor) -> Tensor:
-    """Place visual token embeddings [F, Dl] and text embeddings [B, S, Dl] into the LLM input [B, L, Dl].
+    """Place visual token embeddings [F, Dl] and text embeddings [B, S, Dl] into the LLM input [R, L, Dl].
 
     Padding rows are zero (they are masked). The result has the text embeddings' dtype.
     """
-    batch, _, dim = text.shape
-    flat = text.new_zeros(batch * layout.width, dim)  # [B*L, Dl]
+    dim = text.shape[-1]
+    flat = text.new_zeros(layout.rows * layout.width, dim)  # [R*L, Dl]
     flat = flat.index_copy(0, layout.visual_index, visual.to(flat.dtype))
     flat = flat.index_copy(0, layout.text_index[layout.text_valid], text[layout.text_valid])
-    return flat.view(batch, layout.width, dim)
+    return flat.view(layout.rows, layout.width, dim)
 
 
 def gather_text(layout: SequenceLayout, hidden: Tensor, index: Tensor | None = None) -> Tensor:
-    """Hidden states [B, L, Dl] at the text positions (or at ``index`` [B, S], e.g. :func:`predicting_index`)
+    """Hidden states [R, L, Dl] at the text positions (or at ``index`` [B, S], e.g. :func:`predicting_index`)
     -> [B, S, Dl] (rows at padded text positions: arbitrary)."""
     return hidden.reshape(-1, hidden.shape[-1])[layout.text_index if index is None else index]
 

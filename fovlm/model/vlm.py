@@ -8,7 +8,8 @@ unless set), so that one model trained with several budgets serves each; k = 1 i
 
 Sequence layout (:mod:`fovlm.model.layout`): sample i is [its T_i * k visual tokens, its S_i text tokens] at
 positions 0, 1, ... with all padding on the right (frame t's j-th token at t * k + j); a text-only sample has no
-visual token. No sample sees another's padding, so outputs are batch-invariant.
+visual token. No sample sees another's padding, so outputs are batch-invariant. :meth:`FoveatedVLM.use_packing`
+packs the samples of the coarse and fine LLM passes into shared rows (each sample attending only to itself).
 
 Modes (``forward(mode=...)``); every mode returns lm_head logits over text positions only:
     coarse_only     q_static on every frame -> tokens -> LLM over [tokens ; text].
@@ -95,6 +96,7 @@ class FoveatedVLM(nn.Module):
         self.q_init = nn.Parameter(torch.randn(num_queries, query_dim))
         self.active_queries = num_queries
         self.question_first = question_first
+        self.pack_tokens: int | None = None
 
     @property
     def num_queries(self) -> int:
@@ -106,6 +108,13 @@ class FoveatedVLM(nn.Module):
         if not 1 <= k <= self.num_queries:
             raise ValueError(f"k must be between 1 and num_queries={self.num_queries}, got {k}")
         self.active_queries = k
+
+    def use_packing(self, pack_tokens: int | None) -> None:
+        """Pack the samples of the coarse_only / coarse_fine LLM passes (and DPO pairs) into rows of
+        max(pack_tokens, longest sample) positions (:mod:`fovlm.model.packing`); None: one sample per row."""
+        if pack_tokens is not None and pack_tokens < 1:
+            raise ValueError(f"pack_tokens must be at least 1 (or None), got {pack_tokens}")
+        self.pack_tokens = pack_tokens
 
     @property
     def static_queries(self) -> Tensor:
@@ -119,15 +128,9 @@ class FoveatedVLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu") -> FoveatedVLM:
-        """Load a folder written by ``fovlm export`` (safetensors weights + config), in eval mode.
-
-        Rebuilds the LLM and DINOv2 from the configs stored in the folder (no hub access, no Lightning) and
-        loads the weights strictly; nothing is unpickled. See :mod:`fovlm.model.exported`.
-
-        Args:
-            path: the exported folder.
-            device: where the model is put.
-        """
+        """Load a folder written by ``fovlm export`` (safetensors weights + config) onto ``device``, in eval mode:
+        the LLM and DINOv2 rebuilt from the folder's configs (no hub, no Lightning), weights loaded strictly, nothing
+        unpickled (:mod:`fovlm.model.exported`)."""
         return load_exported(path, cls, device)
 
     # ---------------------------------------------------------------------------------------- building blocks
@@ -172,7 +175,8 @@ class FoveatedVLM(nn.Module):
 
         Args:
             embeds: input embeddings [B, L, Dl].
-            attention_mask: long [B, past + L] (keys), 1 where a key may be attended to.
+            attention_mask: long [B, past + L] (keys), 1 where a key may be attended to; None (no cache): causal,
+                each run of consecutive positions its own sequence (a packed layout).
             position_ids: long [B, L].
             past_key_values: a cache to read and extend, or None for a cache-free call.
         """
@@ -215,15 +219,15 @@ class FoveatedVLM(nn.Module):
         has_frames = num_frames > 0
         counts = num_frames[has_frames] * self.active_queries
         if text is None or text[2] is None:
-            layout = build_layout(counts, counts.new_zeros(len(counts), 0))
+            layout = build_layout(counts, counts.new_zeros(len(counts), 0), pack_tokens=self.pack_tokens)
             embedded = tokens.new_zeros(len(counts), 0, tokens.shape[-1])
         else:
             input_ids, attention_mask, visual_at = (t[has_frames] for t in text)
             head_ids, head_mask, _, _ = split_text(input_ids, attention_mask, visual_at)
-            layout = build_layout(counts, head_mask, visual_at)
+            layout = build_layout(counts, head_mask, visual_at, self.pack_tokens)
             embedded = self.embed_text(head_ids)
         embeds = assemble(layout, tokens, embedded.to(self.llm.get_input_embeddings().weight.dtype))
-        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B', T_max*k, Dl]
+        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [R, L, Dl]
         return hidden.reshape(-1, hidden.shape[-1])[layout.visual_index]  # [F*k, Dl]
 
     def visual_tokens(
@@ -277,9 +281,9 @@ class FoveatedVLM(nn.Module):
             visual_at: long [B], text tokens before the visual ones (None: visual tokens first).
         """
         visual = num_frames * self.active_queries
-        layout = build_layout(visual, attention_mask, visual_at)
-        embeds = assemble(layout, tokens, self.embed_text(input_ids))  # [B, L, Dl]
-        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [B, L, Dl]
+        layout = build_layout(visual, attention_mask, visual_at, self.pack_tokens)
+        embeds = assemble(layout, tokens, self.embed_text(input_ids))  # [R, L, Dl]
+        hidden = self.llm_hidden(embeds, layout.attention_mask, layout.position_ids)  # [R, L, Dl]
         return gather_text(layout, hidden, predicting_index(layout, visual, visual_at))
 
     def text_logits(self, hidden: Tensor, logits_mask: Tensor | None) -> Tensor:

@@ -1,0 +1,52 @@
+"""The DINO attention kernel: PyTorch's SDPA, or plain matmuls where they are measured to be faster.
+
+On a CPU, SDPA's bf16 kernel runs far below the bf16 matmul rate (about 45 GFLOP/s against about 470 on the
+machine of docs/measured.md#attention-kernel-on-the-cpu), while two batched bf16 matmuls and a softmax do the same
+attention of a patch pass (257 keys per frame) several times faster. ``auto`` therefore takes the matmul kernel
+for bf16 / fp16 on a CPU and SDPA everywhere else (fp32 on a CPU, where SDPA's kernel is the faster one, and
+every GPU, where SDPA's fused kernels are). The matmul kernel keeps the [n, h, Lq, Lk] probabilities for
+backward (SDPA keeps a row statistic only), which is its memory cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("auto", "sdpa", "matmul")
+
+
+def resolve(kernel: str, q: Tensor) -> str:
+    """The kernel ``kernel`` stands for with these queries: ``sdpa`` or ``matmul``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel != "auto":
+        return kernel
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    return "matmul" if half and q.device.type == "cpu" else "sdpa"
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0, return_weights: bool = False,
+    kernel: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention without a mask -> (output [n, h, Lq, hd], weights [n, h, Lq, Lk] or None).
+
+    With ``return_weights`` the probabilities are computed in float32 whatever the kernel (attention maps are
+    for inspection); otherwise the ``kernel`` of :func:`resolve` runs.
+
+    Args:
+        q: queries [n, h, Lq, hd]; k, v: keys and values [n, h, Lk, hd].
+        scale: factor on the scores (1 / sqrt(hd) for DINOv2).
+        dropout_p: dropout on the probabilities (training only).
+        return_weights: also return the probabilities (detached).
+        kernel: ``auto``, ``sdpa`` or ``matmul``.
+    """
+    if return_weights:
+        weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
+        return F.dropout(weights, p=dropout_p) @ v, weights.detach()
+    if resolve(kernel, q) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
+    probabilities = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)  # [n, h, Lq, Lk]
+    return F.dropout(probabilities, p=dropout_p) @ v, None
