@@ -492,6 +492,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         assert torch.allclose(grad, captured[1][name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("loss", ["answer_only", "dpo"])
+def test_packing_gives_the_same_gradients(tmp_path, loss):
+    torch.manual_seed(13)
+    plain = built(loss=loss)
+    packed = built(loss=loss, pack_tokens=64)
+    packed.load_state_dict(plain.state_dict())
+    assert packed.model.pack_tokens == 64 and (loss != "dpo" or packed.reference.pack_tokens == 64)
+    data = (PreferenceSet if loss == "dpo" else SFTSet)([3, 9, 1, 5], num_frames=[2, 0, 1, 3])
+    captured = []
+    for module in (plain, packed):
+        grads = GradCapture()
+        collate = collate_preference if loss == "dpo" else collate_sft
+        trainer(tmp_path, 1, callbacks=[grads], logger=False).fit(module, loader(data, 4, collate))
+        captured.append(grads.steps[0])
+    assert captured[0].keys() == captured[1].keys()
+    for name, grad in captured[0].items():
+        torch.testing.assert_close(captured[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        FoveatedModule(**TINY, pack_tokens=0)
+
+
 def test_validation_loss_is_token_weighted_over_the_whole_run_and_per_source(tmp_path):
     module = FoveatedModule(**TINY, loss="answer_only")
     data = SFTSet([3, 6, 4, 5, 2], num_frames=[1, 2, 0, 3, 2])  # uneven batches: a mean of batch means would differ
