@@ -110,7 +110,7 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         res: dict[str, Any] = {}
         log(f"{size}/{precision}: training sft 8 frames")
         res["sft8"] = train_config(env, sft, sft_opt, training.ce_loss(sft), batch8, flop8, peak, p["steps"], p["warmup"])
-        if precision == "bf16" and resolve("auto", torch.zeros(0, dtype=torch.bfloat16, device=device)) != "sdpa":
+        if precision == "bf16" and resolve("auto", torch.zeros(1, 1, 257, 1, dtype=torch.bfloat16, device=device)) != "sdpa":
             log(f"{size}/{precision}: training sft 8 frames, SDPA in the patch pass")
             res["sft8_sdpa_attention"] = sdpa_kernel_step(env, sft, sft_opt, batch8, flop8, peak, p, res["sft8"])
         log(f"{size}/{precision}: training sft 8 frames, frozen vision")

@@ -38,13 +38,15 @@ def test_bf16_kernels_stay_within_bf16_tolerance_of_fp32():
         torch.testing.assert_close(out.float(), reference.detach(), atol=2e-2, rtol=2e-2)
 
 
-def test_auto_takes_matmul_for_half_precision_on_the_cpu_only():
-    assert resolve("auto", torch.zeros(1, dtype=torch.bfloat16)) == "matmul"
-    assert resolve("auto", torch.zeros(1, dtype=torch.float16)) == "matmul"
-    assert resolve("auto", torch.zeros(1)) == "sdpa"
-    assert resolve("sdpa", torch.zeros(1, dtype=torch.bfloat16)) == "sdpa"
+def test_auto_takes_matmul_for_long_half_precision_blocks_on_the_cpu_only():
+    patch_pass = (1, 6, 257, 64)  # [n, h, Lq, hd]
+    assert resolve("auto", torch.zeros(patch_pass, dtype=torch.bfloat16)) == "matmul"
+    assert resolve("auto", torch.zeros(patch_pass, dtype=torch.float16)) == "matmul"
+    assert resolve("auto", torch.zeros(1, 6, 2, 64, dtype=torch.bfloat16)) == "sdpa"  # a query pass
+    assert resolve("auto", torch.zeros(patch_pass)) == "sdpa"
+    assert resolve("sdpa", torch.zeros(patch_pass, dtype=torch.bfloat16)) == "sdpa"
     with pytest.raises(ValueError, match="unknown attention kernel"):
-        resolve("flash", torch.zeros(1))
+        resolve("flash", torch.zeros(1, 1, 1, 1))
 
 
 def test_bf16_patch_pass_with_either_kernel_agrees(tiny_dino):
