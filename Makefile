@@ -53,9 +53,20 @@ notebooks: install
 
 # Benchmarks: `make bench` on the CPU (about 10 minutes on 2 cores; table on stdout, bench/results/cpu.json),
 # `make bench-gpu` on one CUDA device (at most about 8 minutes; bench/results/gpu.json).
-.PHONY: bench bench-gpu
+.PHONY: bench bench-gpu bench-stream bench-memory
 bench: install
 	$(PY) -m fovlm.bench
+
+# A generated 10,000-second video streamed at 1 FPS, real size in bf16 (window to 10k frames, full to 4k): frames per
+# second, LLM cache bytes and resident memory at 1k / 4k / 10k frames (bench/results/stream.json). Long: about
+# 10k frames x the per-frame time of the autoregressive pass.
+bench-stream: install smollm2 dinov2
+	$(PY) -m fovlm.bench.stream
+
+# Peak resident memory of one SFT step (real size, 2 x 8 frames, fp32), one configuration per process, with what
+# autograd keeps for backward per part of the model.
+bench-memory: install smollm2
+	$(PY) -m fovlm.bench.memory baseline sdpa_attention matmul_attention gradient_checkpointing
 
 bench-gpu: install
 	$(PY) -m fovlm.bench.gpu

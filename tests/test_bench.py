@@ -200,3 +200,21 @@ def test_packing_leaves_at_most_five_percent_padding_on_the_stage2_mix():
         figures = padding_figures(name, batch, 1, PACKINGS, batches=100)
         assert figures["packed"]["text_pass"] <= 0.05 < figures["unpacked"]["text_pass"], (name, batch, figures)
         assert figures["packed"]["query_pass"] <= 0.05, (name, batch, figures)
+
+
+def test_stream_bench_runs_and_bounds_the_window_cache(tmp_path, capsys):
+    """`make bench-stream` at the tiny size: frames per second, cache bytes and RSS at each checkpoint."""
+    from fovlm.bench.stream import main as stream_main
+
+    out = tmp_path / "stream.json"
+    assert stream_main(["--size", "tiny", "--precision", "fp32", "--checkpoints", "10,20,40", "--full-frames", "20",
+                        "--window-frames", "6", "--evict-frames", "4", "--sink-frames", "2", "--frame-size", "56",
+                        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    window, full = result["window"]["at"], result["full"]["at"]
+    assert set(window) == {"10", "20", "40"} and set(full) == {"10", "20"}
+    per_position = full["10"]["cache_bytes"] / full["10"]["positions"]
+    assert full["20"]["cache_bytes"] == 2 * full["10"]["cache_bytes"]  # full: the cache grows with the stream
+    assert window["40"]["positions"] <= 2 + 6 + 4 and window["40"]["cache_bytes"] <= 12 * per_position
+    assert window["40"]["evicted"] > 0 and window["40"]["frames_per_s"] > 0
+    assert "frames/s" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """The ``fovlm`` command line: one table of commands (:data:`COMMANDS`); ``fovlm --help`` lists them.
 
 ``fit`` and ``validate`` are LightningCLI's (:class:`fovlm.cli.train.FovlmCLI`); ``eval``, ``predict``,
-``export`` and ``summary`` are fovlm's own. LightningCLI's ``test`` and ``predict`` are not offered: the
+``stream``, ``export`` and ``summary`` are fovlm's own. LightningCLI's ``test`` and ``predict`` are not offered: the
 LightningModule has no ``test_step`` or ``predict_step`` (benchmarks are ``fovlm eval``, answers about one file
 ``fovlm predict``). A command's code is imported only when it runs, so ``fovlm --help`` is quick.
 
@@ -14,6 +14,7 @@ LightningModule has no ``test_step`` or ``predict_step`` (benchmarks are ``fovlm
     fovlm eval --model exported/fovlm-135m --benchmark mvbench='data/mvbench/*.tar'   # fovlm.eval.run
     fovlm export runs/stage3/checkpoints/last.ckpt exported/fovlm-135m                 # fovlm.export
     fovlm predict clip.mp4 --model exported/fovlm-135m --prompt "What happens?"       # fovlm.eval.predict
+    fovlm stream long.mp4 --model exported/fovlm-135m --ask "90:What is on the table?"   # fovlm.eval.stream
 
 A new command is one entry of :data:`COMMANDS`: its description and the function that runs it.
 """
@@ -48,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                     target="fovlm.eval.run:main"),
     "predict": Command("answer a prompt about a video, an image or a folder of frames",
                        target="fovlm.eval.predict:main"),
+    "stream": Command("questions answered at their moments of a long video read one frame at a time",
+                      target="fovlm.eval.stream:main"),
     "export": Command("a checkpoint as a Hugging Face-style folder with a model card", target="fovlm.export:main"),
     "summary": Command("first and last training loss of runs, and where their TensorBoard logs are",
                        target="fovlm.cli.summary:main"),

@@ -8,6 +8,7 @@
   makes worker-to-main transfers 4x smaller.
 - ``KEY.mp4`` is decoded with decord; where decord is missing (it has no wheel for some platforms) or
   cannot open the stream, PyAV decodes it.
+- :mod:`fovlm.data.frame_stream` reads the same frames one at a time (a video, a folder, a live source).
 - A single *image* is replicated to ``image_frames`` identical frames (8 by default); a one-frame *video*
   keeps its one frame: the decision is made from the sample's explicit ``media``, never from the count.
 """
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,9 +26,18 @@ from PIL import Image, UnidentifiedImageError
 
 from fovlm.data.contract import FRAME_SETTINGS
 
+if TYPE_CHECKING:
+    import av
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""File suffixes read as images (a single image, or the frames of a folder)."""
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+"""File suffixes read as videos."""
+
 
 class FrameDecodeError(ValueError):
-    """A frame or video that cannot be decoded; ``reason`` is ``"bad_image"`` or ``"bad_video"``."""
+    """A frame or video that cannot be decoded; ``reason`` is ``"bad_image"``, ``"bad_video"``, ``"no_frames"``,
+    ``"bad_media"`` or ``"missing"`` (a media path that does not exist)."""
 
     def __init__(self, message: str, reason: str):
         super().__init__(message)
@@ -50,19 +61,28 @@ def select_frame_times(
     >>> len(select_frame_times(600.0)), select_frame_times(128.0)[:2]
     (64, [1.0, 3.0])
     """
-    if not (isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s > 0):
-        raise ValueError(f"duration_s must be a positive finite number of seconds, got {duration_s!r}")
-    if not (fps > 0 and math.isfinite(fps)):
-        raise ValueError(f"fps must be positive, got {fps!r}")
     if max_frames < 1:
         raise ValueError(f"max_frames must be at least 1, got {max_frames!r}")
-    natural = math.floor(duration_s * fps + 1e-9)  # whole intervals; tolerance for 2.9999999 from float fps
+    natural = whole_intervals(duration_s, fps)
     if natural < 1:
         return [duration_s / 2.0]
     if natural <= max_frames:
         return [(k + 0.5) / fps for k in range(natural)]
     step = duration_s / max_frames
     return [(k + 0.5) * step for k in range(max_frames)]
+
+
+def whole_intervals(duration_s: float, fps: float) -> int:
+    """How many whole ``1/fps`` intervals a video of ``duration_s`` seconds holds (0 for a clip shorter than one).
+
+    >>> whole_intervals(2.9999999999, 1.0), whole_intervals(0.4, 1.0)
+    (3, 0)
+    """
+    if not (isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"duration_s must be a positive finite number of seconds, got {duration_s!r}")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be positive, got {fps!r}")
+    return math.floor(duration_s * fps + 1e-9)  # tolerance for 2.9999999 from float fps
 
 
 def times_to_indices(times: Sequence[float], video_fps: float, num_frames: int) -> list[int]:
@@ -98,7 +118,8 @@ def resize_cover_crop(image: Image.Image, size: int = FRAME_SETTINGS.frame_size)
     return image.crop((left, top, left + size, top + size))
 
 
-def _to_uint8_chw(image: Image.Image) -> torch.Tensor:
+def to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    """An RGB image ``[H, W, 3]`` as a contiguous ``uint8 [3, H, W]`` tensor."""
     # Transposed in numpy into a contiguous array: a permuted torch view makes every later stack/copy take
     # a slow strided path (orders of magnitude slower under multi-threading).
     array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
@@ -116,7 +137,7 @@ def decode_image(data: bytes, size: int = FRAME_SETTINGS.frame_size) -> torch.Te
             frame = resize_cover_crop(image, size)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise FrameDecodeError(f"cannot decode image ({type(err).__name__}: {err})", "bad_image") from err
-    return _to_uint8_chw(frame)
+    return to_uint8_chw(frame)
 
 
 def decode_images(datas: Sequence[bytes], size: int = FRAME_SETTINGS.frame_size) -> torch.Tensor:
@@ -134,41 +155,59 @@ def _decode_video_decord(data: bytes, size: int, fps: float, max_frames: int) ->
     video_fps = float(reader.get_avg_fps())
     indices = times_to_indices(select_frame_times(count / video_fps, fps, max_frames), video_fps, count)
     array = reader.get_batch(indices).asnumpy()  # [T, H, W, 3] uint8
-    return torch.stack([_to_uint8_chw(resize_cover_crop(Image.fromarray(a), size)) for a in array])
+    return torch.stack([to_uint8_chw(resize_cover_crop(Image.fromarray(a), size)) for a in array])
+
+
+def av_duration(container: av.container.InputContainer, stream: av.VideoStream) -> tuple[float, float]:
+    """(duration in seconds, average frame rate or 0.0 when unknown) of a PyAV video stream, from its metadata."""
+    rate = stream.average_rate or stream.guessed_rate
+    video_fps = float(rate) if rate else 0.0
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base), video_fps
+    if container.duration:
+        return container.duration / 1e6, video_fps  # microseconds
+    if stream.frames and video_fps > 0:
+        return stream.frames / video_fps, video_fps
+    raise FrameDecodeError("the video reports no duration", "bad_video")
+
+
+def av_frames_at(
+    container: av.container.InputContainer, stream: av.VideoStream, times: Iterable[float], video_fps: float
+) -> Iterator[av.VideoFrame]:
+    """The decoded frame for each of the ascending ``times``, in order, decoding sequentially and holding only
+    the previous frame: frame t is the last frame that starts at or before t (as with decord's indices), the
+    first frame for times before it and the last frame for times after the last start (the metadata may round
+    the duration up). Decoding stops once every time has its frame; ``times`` is read lazily."""
+    pending = iter(times)
+    due, previous = next(pending, None), None
+    if due is None:
+        return
+    for i, frame in enumerate(container.decode(stream)):
+        start = frame.time if frame.time is not None else (i / video_fps if video_fps > 0 else 0.0)
+        while due is not None and start > due + 1e-6:
+            yield previous if previous is not None else frame
+            due = next(pending, None)
+        previous = frame
+        if due is None:
+            return
+    if previous is None:
+        raise FrameDecodeError("the video stream has no frame", "bad_video")
+    while due is not None:
+        yield previous
+        due = next(pending, None)
 
 
 def _decode_video_av(data: bytes, size: int, fps: float, max_frames: int) -> torch.Tensor:
     """Decode with PyAV, streaming: only the selected frames are converted and kept, so a long video never
-    sits in memory. Frame t is the last frame that starts at or before t (as with decord's indices)."""
+    sits in memory (see :func:`av_frames_at`)."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        video_fps = float(rate) if rate else 0.0
-        if stream.duration and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration = container.duration / 1e6  # microseconds
-        elif stream.frames and video_fps > 0:
-            duration = stream.frames / video_fps
-        else:
-            raise FrameDecodeError("the video reports no duration", "bad_video")
+        duration, video_fps = av_duration(container, stream)
         times = select_frame_times(duration, fps, max_frames)
-        kept: list[torch.Tensor] = []
-        previous = None
-        for i, frame in enumerate(container.decode(stream)):
-            start = frame.time if frame.time is not None else (i / video_fps if video_fps > 0 else 0.0)
-            while len(kept) < len(times) and start > times[len(kept)] + 1e-6:
-                kept.append(_to_uint8_chw(resize_cover_crop((previous or frame).to_image(), size)))
-            previous = frame
-            if len(kept) == len(times):
-                break
-        if previous is None:
-            raise FrameDecodeError("the video stream has no frame", "bad_video")
-        # Times at or after the last frame's start (the metadata may round the duration up) get the last frame.
-        last = _to_uint8_chw(resize_cover_crop(previous.to_image(), size)) if len(kept) < len(times) else None
-        kept += [last] * (len(times) - len(kept))
+        selected = av_frames_at(container, stream, times, video_fps)
+        kept = [to_uint8_chw(resize_cover_crop(frame.to_image(), size)) for frame in selected]
     return torch.stack(kept)  # [T, 3, size, size] uint8
 
 

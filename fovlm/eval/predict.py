@@ -25,6 +25,8 @@ from torch import Tensor
 from fovlm.data.chat import SYSTEM_PROMPT
 from fovlm.data.contract import FRAME_SETTINGS
 from fovlm.data.frames import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
     FrameDecodeError,
     decode_image,
     decode_images,
@@ -37,8 +39,6 @@ from fovlm.model.checkpoint import CheckpointError
 from fovlm.model.generate import Sampling, generate
 from fovlm.model.pretrained import load_any, use_queries
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 END_OF_TURN = "<|im_end|>"
 
 

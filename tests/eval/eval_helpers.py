@@ -19,6 +19,30 @@ def make_tiny_vlm(seed: int = 0) -> FoveatedVLM:
     return FoveatedVLM(Dinov2Model(tiny_vision_config()), LlamaForCausalLM(tiny_llm_config()), query_dim=32).eval()
 
 
+def export_taught_model(folder, tokenizer, answer: str = "red"):
+    """Export a tiny model taught (LLM side only, a few steps) to answer ``answer`` to any question about any clip."""
+    from fovlm.data.chat import render_chat
+    from fovlm.export import export_model
+    from fovlm.losses import AnswerOnlyCE
+
+    model = make_tiny_vlm(seed=4)
+    ids, roles = render_chat(tokenizer, [{"role": "user", "content": "What is shown?"},
+                                         {"role": "assistant", "content": answer}])
+    batch = {"frames": torch.randn(1, 3, 224, 224), "num_frames": torch.tensor([1]),
+             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "roles": torch.tensor([roles])}
+    model.encoder.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(12):
+        loss = AnswerOnlyCE()(model, batch, mode="coarse_fine").loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    export_model(model.eval(), tokenizer, folder)
+    return folder
+
+
 def png_bytes(colour: tuple[int, int, int], size: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((size, size, 3), colour, dtype=np.uint8)).save(buffer, format="PNG")

@@ -6,36 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_helpers import make_tiny_vlm, mp4_bytes, png_bytes
+from eval_helpers import export_taught_model, mp4_bytes, png_bytes
 
 from fovlm.cli import main as cli_main
-from fovlm.data.chat import render_chat
 from fovlm.eval.predict import answer, load_media, main
-from fovlm.export import export_model
-from fovlm.losses import AnswerOnlyCE
 from fovlm.model.pretrained import load_exported_tokenizer, load_pretrained
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
     """A tiny model taught to answer "red" to any question about any clip (LLM side only, a few steps)."""
-    model = make_tiny_vlm(seed=4)
-    ids, roles = render_chat(tokenizer, [{"role": "user", "content": "What is shown?"},
-                                         {"role": "assistant", "content": "red"}])
-    batch = {"frames": torch.randn(1, 3, 224, 224), "num_frames": torch.tensor([1]),
-             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "roles": torch.tensor([roles])}
-    model.encoder.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    for _ in range(12):
-        loss = AnswerOnlyCE()(model, batch, mode="coarse_fine").loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    folder = tmp_path_factory.mktemp("exported")
-    export_model(model.eval(), tokenizer, folder)
-    return folder
+    return export_taught_model(tmp_path_factory.mktemp("exported"), tokenizer)
 
 
 @pytest.fixture(scope="module")

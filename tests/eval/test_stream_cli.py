@@ -1,0 +1,52 @@
+"""``fovlm stream``: a video read one frame at a time, questions answered at their moments, clear errors."""
+
+import json
+
+import pytest
+from eval_helpers import export_taught_model, mp4_bytes
+
+from fovlm.cli import main as cli_main
+from fovlm.eval.stream import Question, main, parse_ask
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer):
+    return export_taught_model(tmp_path_factory.mktemp("exported"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "clip.mp4"
+    path.write_bytes(mp4_bytes(24, fps=4))  # 6 s -> frames at 0.5, 1.5, ..., 5.5 s
+    return path
+
+
+@pytest.mark.parametrize("cache", ["window", "full"])
+def test_questions_are_answered_at_their_moments(exported, clip, tmp_path, capsys, cache):
+    out = tmp_path / "answers.json"
+    code = main([str(clip), "--model", str(exported), "--ask", "2:What is shown?", "--ask", "0.2:What is shown?",
+                 "--ask", "60:What is shown?", "--max-new-tokens", "6", "--cache", cache, "--window-frames", "2",
+                 "--evict-frames", "1", "--sink-frames", "1", "--quiet", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [(a["at_s"], a["frames"], a["answer"]) for a in result["answers"]] == [
+        (0.2, 0, "red"), (2.0, 2, "red"), (60.0, 6, "red")]  # the frames up to each moment
+    assert result["frames"] == 6 and result["evicted"] == (2 if cache == "window" else 0)
+    printed = capsys.readouterr()
+    assert "[     2.0 s, 2 frames] What is shown?" in printed.out and "6 frames in" in printed.err
+
+
+def test_the_fovlm_command_runs_stream(exported, clip, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["stream", str(clip), "--model", str(exported), "--ask", "3:What is shown?", "--quiet",
+                  "--max-new-tokens", "4"])
+    assert done.value.code == 0 and "red" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(exported, tmp_path, capsys):
+    assert main([str(tmp_path / "missing.mp4"), "--model", str(exported), "--quiet"]) == 1
+    assert "missing.mp4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x.mp4"), "--model", str(exported), "--ask", "soon:what?"])
+    assert "SECONDS:QUESTION" in capsys.readouterr().err
+    assert parse_ask("12.5: Where is the cup? ") == Question(12.5, "Where is the cup?")
