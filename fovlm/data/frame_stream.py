@@ -34,6 +34,7 @@ from fovlm.data.frames import (
     av_frames_at,
     decode_image,
     resize_cover_crop,
+    select_frame_times,
     times_to_indices,
     to_uint8_chw,
     whole_intervals,
@@ -107,23 +108,34 @@ def video_frames(
     size: int = FRAME_SETTINGS.frame_size,
     start_s: float = 0.0,
     max_frames: int | None = None,
+    spread: bool = False,
 ) -> Iterator[StreamFrame]:
     """The frames of a video file at ``fps`` (times from :func:`stream_times`), one at a time.
+
+    With ``spread`` (and ``max_frames``) the times are instead the training rule's
+    (:func:`fovlm.data.frames.select_frame_times`): a video longer than ``max_frames`` intervals gives
+    ``max_frames`` frames spread over its whole length, as ``fovlm predict`` reads it.
 
     Arguments are checked now; the file is opened and decoded only from the first ``next()``. Frame t is the
     last frame that starts at or before t. Raises :class:`FrameDecodeError` naming the path for a missing file
     (``"missing"``), a video neither decord nor PyAV can open, or one whose decoding fails part-way
     (``"bad_video"``; once a backend has opened the file, the other one is not tried)."""
     _check(fps, size, max_frames, start_s)
+    if spread and (max_frames is None or start_s):
+        raise ValueError("spread takes max_frames and no start_s")
     path = Path(path)
     if not path.is_file():
         raise FrameDecodeError(f"{path}: no such video file", "missing")
-    return _video_stream(path, fps, size, start_s, max_frames)
+
+    def times(duration_s: float) -> Iterator[float]:
+        if spread:
+            return iter(select_frame_times(duration_s, fps, max_frames))
+        return stream_times(duration_s, fps, start_s, max_frames)
+
+    return _video_stream(path, size, times)
 
 
-def _video_stream(
-    path: Path, fps: float, size: int, start_s: float, max_frames: int | None
-) -> Iterator[StreamFrame]:
+def _video_stream(path: Path, size: int, times_of: Callable[[float], Iterator[float]]) -> Iterator[StreamFrame]:
     errors = []
     try:
         import decord
@@ -134,7 +146,7 @@ def _video_stream(
     except Exception as err:  # ImportError, decord's DECORDError / RuntimeError, ValueError
         errors.append(f"decord: {type(err).__name__}: {err}")
     else:
-        times = stream_times(count / video_fps, fps, start_s, max_frames)
+        times = times_of(count / video_fps)
         stamped = ((t, times_to_indices([t], video_fps, count)[0]) for t in times)
         images = ((t, Image.fromarray(reader[i].asnumpy())) for t, i in stamped)  # [H, W, 3] uint8
         yield from _converted(images, size, path)
@@ -146,14 +158,14 @@ def _video_stream(
         container = av.open(str(path))
         stream = container.streams.video[0]
         duration, video_fps = av_duration(container, stream)
-        times = stream_times(duration, fps, start_s, max_frames)
+        times = times_of(duration)
     except Exception as err:  # ImportError, av.error.*, IndexError (no video stream), FrameDecodeError
         if container is not None:
             container.close()
         errors.append(f"PyAV: {type(err).__name__}: {err}")
         raise FrameDecodeError(f"{path}: cannot decode video ({'; '.join(errors)})", "bad_video") from err
     with container:
-        selected = av_frames_at(container, stream, stream_times(duration, fps, start_s, max_frames), video_fps)
+        selected = av_frames_at(container, stream, times_of(duration), video_fps)
         images = ((t, frame.to_image()) for t, frame in zip(times, selected, strict=True))
         yield from _converted(images, size, path)
 

@@ -6,9 +6,11 @@
 Frames are chosen as in training (:mod:`fovlm.data.frames`): 1 FPS, at most 64 spread uniformly over longer
 videos, resized to cover 224 px and centre-cropped; a single image is replicated to 8 frames; a folder is
 taken as frames already sampled at 1 FPS, in name order. Frame size, frame cap and image replication default
-to the values the model was trained with (stored by ``fovlm export``, or the checkpoint's DataModule). The answer comes from
-:func:`fovlm.model.generate.generate` (autoregressive visual pass, then greedy or sampled decoding until
-``<|im_end|>``). A file that cannot be decoded ends the command with a message naming it and exit code 1.
+to the values the model was trained with (stored by ``fovlm export``, or the checkpoint's DataModule). A video is
+decoded one frame at a time as the model reads it, and every frame goes through a streaming session
+(:class:`fovlm.model.streaming.StreamingSession`, full cache): the autoregressive visual pass, one frame's patch
+pass held at a time, then greedy or sampled decoding until ``<|im_end|>``. A file that cannot be decoded ends
+the command with a message naming it and exit code 1.
 
 Options may come before or after the media path (``fovlm predict --model M clip.mp4``).
 """
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from fovlm.data.chat import SYSTEM_PROMPT
-from fovlm.data.contract import FRAME_SETTINGS
+from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
+from fovlm.data.frame_stream import video_frames
 from fovlm.data.frames import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -36,8 +40,9 @@ from fovlm.data.frames import (
     select_frame_indices,
 )
 from fovlm.model.checkpoint import CheckpointError
-from fovlm.model.generate import Sampling, generate
+from fovlm.model.generate import Sampling
 from fovlm.model.pretrained import load_any, use_queries
+from fovlm.model.streaming import CachePolicy, StreamingSession
 
 END_OF_TURN = "<|im_end|>"
 
@@ -103,25 +108,43 @@ def stop_ids(tokenizer) -> list[int]:
 def answer(
     model,
     tokenizer,
-    media: str | Path | Tensor,
+    media: str | Path | Tensor | Iterable[Tensor],
     prompt: str,
     max_new_tokens: int = 200,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> str:
-    """The model's answer to ``prompt`` about ``media`` (a path, or uint8 frames [T, 3, H, W])."""
-    frames = media if isinstance(media, Tensor) else load_media(media)[0]
+    """The model's answer to ``prompt`` about ``media``: a path, uint8 frames [T, 3, H, W], or any iterable of
+    uint8 frames [3, H, W] (e.g. :func:`fovlm.data.frame_stream.video_frames`, decoded as they are read).
+
+    The frames go one at a time through a :class:`fovlm.model.streaming.StreamingSession` (full cache), so no
+    more than one frame's patch pass is ever held; the answer is the offline autoregressive one.
+    """
+    frames = load_media(media)[0] if isinstance(media, str | Path) else media
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    ids = prompt_ids(tokenizer, prompt)
     question_len = question_length(tokenizer, prompt) if model.question_first else 0
-    result = generate(
-        model, normalize(frames).to(device), prompt_ids(tokenizer, prompt), stop_ids(tokenizer),
-        max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, generator), question_len=question_len,
-    )
+    session = StreamingSession(model, CachePolicy("full"), ids[:question_len] if question_len else None)
+    for frame in frames:
+        session.push(normalize(frame[None])[0].to(device))
+    result = session.answer(ids[question_len:], stop_ids(tokenizer), max_new_tokens,
+                            Sampling(temperature, top_p, generator))
     return tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+
+
+def media_frames(path: str | Path, settings: FrameSettings) -> Iterable[Tensor]:
+    """The frames ``fovlm predict`` reads: a video file decoded one frame at a time as it is read (at most
+    ``max_frames``, spread over a longer video), else :func:`load_media`'s frames."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        stream = video_frames(path, settings.fps, settings.frame_size, max_frames=settings.max_frames, spread=True)
+        return (item.frame for item in stream)
+    return load_media(path, max_frames=settings.max_frames, image_frames=settings.image_frames,
+                      size=settings.frame_size)[0]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -153,11 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
         use_queries(model, args.num_queries, args.model)
         settings = data.overridden(args.frame_size, args.max_frames, args.image_frames)
-        frames, _ = load_media(args.media, max_frames=settings.max_frames, image_frames=settings.image_frames,
-                               size=settings.frame_size)
+        frames = media_frames(args.media, settings)
         text = answer(model, tokenizer, frames, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                       args.seed)
-    except (MediaError, CheckpointError, FileNotFoundError) as err:
+    except (MediaError, FrameDecodeError, CheckpointError, FileNotFoundError) as err:
         print(f"fovlm predict: error: {err}", file=sys.stderr)
         return 1
     print(text)

@@ -44,6 +44,17 @@ def test_frames_follow_the_training_rules(media):
     assert kind == "video" and folder.shape[0] == 5
 
 
+def test_a_video_is_read_one_frame_at_a_time_with_the_training_rule(media):
+    from fovlm.data.contract import FRAME_SETTINGS
+    from fovlm.eval.predict import media_frames
+
+    settings = FRAME_SETTINGS.overridden(max_frames=2)  # the 3 s clip: 2 frames spread over it
+    frames = media_frames(media / "clip.mp4", settings)
+    assert not isinstance(frames, torch.Tensor)  # a generator: nothing decoded yet
+    streamed = torch.stack(list(frames))
+    torch.testing.assert_close(streamed, load_media(media / "clip.mp4", max_frames=2)[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["clip.mp4", "photo.png", "frames"])
 def test_predict_prints_the_models_answer(exported, media, capsys, name):
     code = main([str(media / name), "--model", str(exported), "--prompt", "What is shown?", "--max-new-tokens", "6"])
