@@ -22,10 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Dinov2Model
-from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2LayerScale, Dinov2MLP
 
 from fovlm.model.attention import attend
 
@@ -78,6 +79,28 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * head_dim)
 
 
+def scaled_linear(x: Tensor, linear: nn.Linear, scale: nn.Module) -> Tensor:
+    """``scale(linear(x))`` with DINOv2's LayerScale folded into the linear's weight and bias.
+
+    The same numbers (up to rounding), but autograd keeps ``x`` (which the linear keeps anyway) and a scaled copy
+    of the weight instead of the linear's whole output: worth it over a frame's 257 tokens, not for a few query
+    tokens (docs/measured.md#memory-of-a-training-step).
+    """
+    if not isinstance(scale, Dinov2LayerScale):
+        return scale(linear(x))
+    lam = scale.lambda1  # [D]
+    bias = None if linear.bias is None else linear.bias * lam
+    return F.linear(x, linear.weight * lam[:, None], bias)
+
+
+def _mlp(layer: Dinov2Layer, x: Tensor) -> Tensor:
+    """LayerScale(MLP(x)) with the LayerScale folded into the MLP's output projection where it has one."""
+    mlp = layer.mlp
+    if not isinstance(mlp, Dinov2MLP):
+        return layer.layer_scale2(mlp(x))
+    return scaled_linear(mlp.activation_fn(mlp.fc1(x)), mlp.fc2, layer.layer_scale2)
+
+
 def patch_layer(layer: Dinov2Layer, x: Tensor, kernel: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """One DINOv2 layer over all tokens of each frame, returning its keys and values as well.
 
@@ -99,8 +122,8 @@ def patch_layer(layer: Dinov2Layer, x: Tensor, kernel: str = "auto") -> tuple[Te
     v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
     dropout_p = attn.attention_dropout if layer.training else 0.0
     out, _ = attend(q, k, v, attn.scaling, dropout_p, kernel=kernel)
-    x = x + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, N, D]
-    x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))  # [n, N, D]
+    x = x + layer.drop_path(scaled_linear(_merge_heads(out), attn.o_proj, layer.layer_scale1))  # [n, N, D]
+    x = x + layer.drop_path(_mlp(layer, layer.norm2(x)))  # [n, N, D]
     return x, k, v
 
 
@@ -122,6 +145,7 @@ def query_layer(
     q = _split_heads(attn.q_proj(layer.norm1(h)), attn.head_dim)  # [n, h, k, hd]
     dropout_p = attn.attention_dropout if layer.training else 0.0
     out, weights = attend(q.to(k.dtype), k, v, attn.scaling, dropout_p, return_weights, kernel)  # [n, h, k, hd]
+    # LayerScale stays unfolded here: for a few tokens the scaled weight copies would outweigh the outputs.
     h = h + layer.drop_path(layer.layer_scale1(attn.o_proj(_merge_heads(out))))  # [n, k, D]
     h = h + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(h))))  # [n, k, D]
     return h, weights
