@@ -2,13 +2,14 @@
 
 On a CPU, SDPA's bf16 kernel runs far below the bf16 matmul rate (about 45 GFLOP/s against about 470 on the
 machine of docs/measured.md#attention-kernel-on-the-cpu), while two batched bf16 matmuls and a softmax do the same
-attention of a patch pass (257 queries and keys per frame) faster. For a few queries against a frame's keys (the
-query passes) SDPA stays faster: forward + backward over 16 frames x 6 heads x 257 keys in bf16 on one thread,
-SDPA / matmul took 15 / 29 ms at 1 query, 31 / 69 at 8, 123 / 81 at 64 and 273 / 183 at 257. ``auto`` therefore
-takes the matmul kernel for bf16 / fp16 on a CPU with at least :data:`MATMUL_MIN_QUERIES` queries, and SDPA
-everywhere else (fp32 on a CPU, where SDPA's kernel is the faster one; every GPU, where SDPA's fused kernels are).
-The matmul kernel keeps the [n, h, Lq, Lk] probabilities for backward (SDPA keeps a row statistic only): its
-memory cost, about 150 MB for a bf16 patch pass over 16 frames at 224 px.
+attention faster. Forward + backward over 16 frames x 6 heads x 257 keys in bf16 (2 threads, quiet machine),
+SDPA / matmul: 9.4 / 10.2 ms at 1 query (the query passes), 14.2 / 13.9 at 8, 27.8 / 17.5 at 64 and 76.3 / 44.4
+at 257 (the patch pass); on 1 thread 15.0 / 12.8 at 1 query and 94.5 / 64.6 at 257; and the whole bf16 SFT step
+(2 x 8 frames) was fastest with the matmul kernel in every pass (docs/measured.md#attention-kernel-on-the-cpu).
+``auto`` therefore takes the matmul kernel for bf16 / fp16 on a CPU and SDPA everywhere else (fp32 on a CPU,
+where SDPA's kernel is the faster one; every GPU, where SDPA's fused kernels are). The matmul kernel keeps the
+[n, h, Lq, Lk] probabilities for backward (SDPA keeps a row statistic only): its memory cost, about 150 MB for a
+bf16 patch pass over 16 frames at 224 px.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KERNELS = ("auto", "sdpa", "matmul")
-MATMUL_MIN_QUERIES = 64  # fewer queries than this: SDPA, whatever the dtype
 
 
 def resolve(kernel: str, q: Tensor) -> str:
@@ -28,8 +28,7 @@ def resolve(kernel: str, q: Tensor) -> str:
     if kernel != "auto":
         return kernel
     half = q.dtype in (torch.bfloat16, torch.float16)
-    long_block = q.shape[-2] >= MATMUL_MIN_QUERIES
-    return "matmul" if half and long_block and q.device.type == "cpu" else "sdpa"
+    return "matmul" if half and q.device.type == "cpu" else "sdpa"
 
 
 def attend(

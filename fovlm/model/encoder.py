@@ -79,6 +79,15 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, length, heads * head_dim)
 
 
+def _autocast_input(x: Tensor) -> Tensor:
+    """``x`` in autocast's dtype when autocast is on (a LayerNorm output read by several linears): autocast casts
+    an activation again for every linear that reads it, and each cast has its own backward."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x
+    return x.to(torch.get_autocast_dtype(device))
+
+
 def scaled_linear(x: Tensor, linear: nn.Linear, scale: nn.Module) -> Tensor:
     """``scale(linear(x))`` with DINOv2's LayerScale folded into the linear's weight and bias.
 
@@ -116,7 +125,7 @@ def patch_layer(layer: Dinov2Layer, x: Tensor, kernel: str = "auto") -> tuple[Te
         (new hidden states [n, N, D], keys [n, h, N, hd], values [n, h, N, hd]).
     """
     attn = layer.attention
-    normed = layer.norm1(x)  # [n, N, D]
+    normed = _autocast_input(layer.norm1(x))  # [n, N, D], cast once for the three projections
     q = _split_heads(attn.q_proj(normed), attn.head_dim)  # [n, h, N, hd]
     k = _split_heads(attn.k_proj(normed), attn.head_dim)  # [n, h, N, hd]
     v = _split_heads(attn.v_proj(normed), attn.head_dim)  # [n, h, N, hd]
