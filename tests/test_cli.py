@@ -4,8 +4,11 @@ command."""
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from fitkit import CONFIGS, fit_args, fovlm_command, subprocess_env, synthetic_data
@@ -135,6 +138,81 @@ def test_missing_init_from_is_named(data, tmp_path, capsys, monkeypatch):
                   "--data.init_args.train_shards", str(data / "sft/train/*.tar")], capsys)
     assert "model.init_args.init_from" in err and "runs/stage1/checkpoints/best.ckpt" in err
     assert not (tmp_path / "stage2").exists()
+
+
+def _write_shard(path: Path, samples: list[dict]) -> str:
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write({k: json.dumps(v).encode() if k == "json" else v for k, v in sample.items()})
+    return str(path)
+
+
+def _caption(key: str, frame: bytes) -> dict:
+    return {"__key__": key, "json": {"source": "toy", "media": "video", "caption": "A clip."}, "000.jpg": frame,
+            "001.jpg": frame}
+
+
+def _own_shards(extra: list[str], tmp_path: Path) -> list[str]:
+    """`fovlm fit` of stage 1 (tiny model) on the shards given in ``extra`` alone."""
+    base = fit_args(1, tmp_path / "no-data", tmp_path, 2, extra=["--data.init_args.val_shards", "null",
+                                                                 "--data.init_args.text_shards", "null"])
+    return base + extra
+
+
+def test_shards_without_a_readable_sample_are_a_configuration_error(tmp_path, capsys):
+    """Every sample broken (or a truncated tar): one error line naming the split, the shards and the skips by
+    reason, exit code 2, no traceback; the same for the validation split."""
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(jpeg, format="JPEG")
+    no_text = {"__key__": "no_text", "json": {"source": "toy", "media": "video"}, "000.jpg": jpeg.getvalue()}
+    broken = [_caption(f"broken{i}", b"not a jpeg") for i in range(3)]
+    bad = _write_shard(tmp_path / "bad" / "000.tar", [*broken, no_text])
+    cut = Path(_write_shard(tmp_path / "cut" / "000.tar", [_caption("lost", jpeg.getvalue())]))
+    cut.write_bytes(cut.read_bytes()[:700])
+    code, _, err = _exit(_own_shards(["--data.init_args.train_shards", bad], tmp_path), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: data.init_args.train_shards: no readable sample in the train shards ({bad!r}: 1 file); "
+        "skipped bad_image: 3, missing_text: 1; first: 000.tar/broken0 (bad_image), 000.tar/broken1 (bad_image), "
+        "000.tar/broken2 (bad_image)"
+    )
+    good = _write_shard(tmp_path / "good" / "000.tar", [_caption("fine", jpeg.getvalue())])
+    data_args = ["--data.init_args.train_shards", good, "--data.init_args.val_shards", str(cut)]
+    code, _, err = _exit(_own_shards(data_args, tmp_path), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: data.init_args.val_shards: no readable sample in the val shards ({str(cut)!r}: 1 file); "
+        "skipped damaged_shard: 1; first: 000.tar (damaged_shard)"
+    )
+
+
+def test_missing_model_folders_name_the_make_target(tmp_path, capsys, monkeypatch):
+    """A local llm / vision / tokenizer folder that does not exist fails before anything runs, naming the make
+    target that builds it (not transformers' "Repo id must use alphanumeric chars")."""
+    monkeypatch.chdir(tmp_path)  # no .cache/ here: as before `make smollm2` and `make dinov2` have run
+    shards = ["--data.init_args.train_shards", str(tmp_path / "unchecked.tar")]
+    (tmp_path / "unchecked.tar").write_bytes(b"")
+    code, _, err = _exit(_own_shards(shards, tmp_path), capsys)  # llm "tiny": SmolLM2's tokenizer folder
+    assert code == 2 and "Traceback" not in err and "Repo id" not in err
+    assert err.strip().splitlines()[-1].strip() == (
+        "data.init_args.tokenizer (linked from model.init_args.llm 'tiny'): tokenizer folder "
+        "'.cache/smollm2-135m-instruct' does not exist: run `make smollm2` to build it"
+    )
+    vision = str(tmp_path / ".cache" / "dinov2-small-imgfocus")
+    folders = ["--model.init_args.llm", ".cache/smollm2-135m-instruct", "--model.init_args.vision", vision]
+    code, _, err = _exit(_own_shards(shards + folders, tmp_path), capsys)
+    assert code == 2 and "Traceback" not in err
+    problems = [line.strip() for line in err.strip().splitlines()[-2:]]
+    assert problems == [
+        "model.init_args.llm: LLM folder '.cache/smollm2-135m-instruct' does not exist: run `make smollm2` to build it",
+        f"model.init_args.vision: DINOv2 folder {vision!r} does not exist: run `make dinov2` to build it",
+    ]  # the tokenizer is the LLM's own folder: named once
+    assert not (tmp_path / "stage1").exists()  # nothing was started
 
 
 def test_python_m_fovlm_lists_the_commands():

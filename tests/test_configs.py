@@ -29,7 +29,7 @@ from fovlm.callbacks import (
 )
 from fovlm.cli.train import FovlmCLI
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
-from fovlm.model.loading import TINY_LLM_TOKENIZER
+from fovlm.model.loading import SMOLLM2_FOLDER, TINY_LLM_TOKENIZER
 from fovlm.module import FoveatedModule
 
 DATAMODULES = {1: CaptionDataModule, 2: SFTDataModule, 3: PreferenceDataModule}
@@ -40,6 +40,16 @@ SIZES = [None, "360m", "1.7b"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
+
+
+@pytest.fixture
+def empty_folder(tmp_path, monkeypatch, smollm2_dir):
+    """Work in an empty folder (nothing may be written by instantiation) in which `make smollm2` has run: the
+    "tiny" LLM's tokenizer folder ``.cache/smollm2-135m-instruct`` must exist before anything is built."""
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / SMOLLM2_FOLDER).symlink_to(smollm2_dir.resolve(), target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def _compose(config: str, stage: int, data, tmp_path, *overlays: str) -> list[str]:
@@ -91,7 +101,7 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize(("config", "overlay"), COMPOSITIONS,
                          ids=[f"{b}+{o}" if o else b for b, o in COMPOSITIONS])
-def test_every_config_file_instantiates(config, overlay, data, tmp_path, monkeypatch):
+def test_every_config_file_instantiates(config, overlay, data, empty_folder, tmp_path, monkeypatch):
     """Model, DataModule and Trainer of each composition, with the tiny models and no network: a Trainer whose
     strategy needs a GPU (FSDP) is built only where there is one, its strategy object everywhere."""
 
@@ -99,7 +109,6 @@ def test_every_config_file_instantiates(config, overlay, data, tmp_path, monkeyp
         raise AssertionError("a config tried to reach the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.chdir(tmp_path)  # nothing may be written by instantiation
     gpu_only = (FSDPStrategy, ModelParallelStrategy)
 
     class CLI(FovlmCLI):
@@ -122,8 +131,7 @@ def test_every_config_file_instantiates(config, overlay, data, tmp_path, monkeyp
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stage_config_instantiates_with_demo_overlay(stage, size, data, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may be written by instantiation
+def test_stage_config_instantiates_with_demo_overlay(stage, size, data, empty_folder, tmp_path):
     overlays = ([f"size/{size}.yaml"] if size else []) + ["demo.yaml"]
     cli = FovlmCLI(args=_args(stage, data, tmp_path, *overlays), run=False)
     assert isinstance(cli.model, FoveatedModule) and cli.model.model is None  # built lazily, offline

@@ -11,9 +11,11 @@ with ``class_path`` / ``init_args``. Design choices:
 
 - Values that must agree are given once and linked (``link_arguments``): the model's ``llm`` (and its
   ``gguf_file``) decide the DataModule's tokenizer, so the tokenizer always matches the LLM.
-- A bad config fails before the first step with a message that names the key or the path and a non-zero
-  exit code: unknown keys and wrong types are rejected by the parser; a ``init_from`` file or a shard pattern
-  that does not exist is rejected by :meth:`FovlmCLI.before_instantiate_classes`.
+- A bad config fails before the first step with a message that names the key or the path and exit code 2:
+  unknown keys and wrong types are rejected by the parser; a ``init_from`` file, a shard pattern or a local
+  ``llm`` / ``vision`` / tokenizer folder that does not exist is rejected by
+  :meth:`FovlmCLI.before_instantiate_classes`; shards that hold no usable sample are found when the DataModule
+  is set up and reported the same way (the split, its patterns and the samples skipped, by reason).
 - Every run writes its fully resolved config into its log folder (``config.yaml``; a resumed run adds
   ``config-2.yaml``, ``config-3.yaml``, ... next to it instead of overwriting the first).
 - Checkpoints are written atomically (:class:`fovlm.callbacks.AtomicCheckpointIO` is added to every Trainer
@@ -38,8 +40,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from fovlm.callbacks import AtomicCheckpointIO  # noqa: E402
+from fovlm.data.readable import NoReadableSampleError  # noqa: E402
 from fovlm.data.shards import expand_shards  # noqa: E402
-from fovlm.model.loading import tokenizer_source  # noqa: E402
+from fovlm.model.loading import missing_path, tokenizer_source  # noqa: E402
 from fovlm.module import FoveatedModule  # noqa: E402
 
 SUBCOMMANDS = ("fit", "validate")
@@ -88,19 +91,45 @@ def _patterns(value: Any) -> list[str]:
     return []
 
 
+def _init_args(config: Any, section: str) -> dict[str, Any]:
+    """A parsed config's ``SECTION.init_args`` as a plain dict (empty when absent)."""
+    args = config.get(section, {}).get("init_args", {}) if config.get(section) else {}
+    return dict(args) if args else {}
+
+
+def _model_problems(model_args: dict[str, Any], data_args: dict[str, Any]) -> list[str]:
+    """A missing ``init_from`` checkpoint; an ``llm``, ``vision`` or ``tokenizer`` naming a local folder that
+    does not exist (:func:`fovlm.model.loading.missing_path`: with the make target that builds it)."""
+    problems = []
+    init_from = model_args.get("init_from")
+    if init_from and not Path(init_from).is_file():
+        problems.append(f"model.init_args.init_from: checkpoint {init_from!r} does not exist")
+    llm, tokenizer = model_args.get("llm"), data_args.get("tokenizer")
+    named = [
+        ("model.init_args.llm", llm, "LLM folder"),
+        ("model.init_args.vision", model_args.get("vision"), "DINOv2 folder"),
+    ]
+    if tokenizer != llm:  # linked from the LLM (for "tiny", SmolLM2's folder); one folder is named once
+        key = f"data.init_args.tokenizer (linked from model.init_args.llm {llm!r})"
+        named.append((key, tokenizer, "tokenizer folder"))
+    for key, value, what in named:
+        problem = missing_path(value, what) if isinstance(value, str) else None
+        if problem:
+            problems.append(f"{key}: {problem}")
+    return problems
+
+
 def config_problems(config: Any) -> list[str]:
     """Paths in a parsed config that do not exist, each named with its key (empty list when all is well).
 
-    Checked: ``model.init_args.init_from`` must be an existing file; every ``data.init_args.*shards*`` pattern
-    must match at least one file.
+    Checked: ``model.init_args.init_from`` must be an existing file; ``model.init_args.llm``,
+    ``model.init_args.vision`` and ``data.init_args.tokenizer`` must exist where they name a local path (a
+    folder that a make target builds names that target); every ``data.init_args.*shards*`` pattern must match
+    at least one file.
     """
-    problems = []
-    model_args = config.get("model", {}).get("init_args", {}) if config.get("model") else {}
-    init_from = model_args.get("init_from") if model_args else None
-    if init_from and not Path(init_from).is_file():
-        problems.append(f"model.init_args.init_from: checkpoint {init_from!r} does not exist")
-    data_args = config.get("data", {}).get("init_args", {}) if config.get("data") else {}
-    for key, value in (dict(data_args) if data_args else {}).items():
+    data_args = _init_args(config, "data")
+    problems = _model_problems(_init_args(config, "model"), data_args)
+    for key, value in data_args.items():
         if "shards" not in key:
             continue
         for pattern in _patterns(value.as_dict() if hasattr(value, "as_dict") else value):
@@ -149,6 +178,14 @@ class FovlmCLI(LightningCLI):
         problems = config_problems(config)
         if problems:
             self.parser.error("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A split without a usable sample shows when the DataModule is set up (its shards are read then):
+        # it is reported as a configuration error, like a shard pattern that matches nothing.
+        try:
+            super()._run_subcommand(subcommand)
+        except NoReadableSampleError as error:
+            self.parser.error(f"data.init_args.{error.argument}: {error}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={}) or {}

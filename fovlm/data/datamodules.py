@@ -4,8 +4,9 @@
   Stages 1 and 2 read the same kind of batches (token ids with roles); the loss head decides which tokens
   count (all text in stage 1, answers only in stage 2).
 - The typed ``__init__`` arguments are the configuration (LightningCLI); ``__init__`` does no I/O. ``setup``
-  loads the tokenizer, expands the shard patterns, indexes the shards (cached) and builds the epoch plans;
-  the loaders are built on demand.
+  loads the tokenizer, expands the shard patterns, indexes the shards (cached), checks that every split
+  holds a sample it can use (a :class:`~fovlm.data.readable.NoReadableSampleError` names the split, its
+  patterns and what was skipped, by reason) and builds the epoch plans; the loaders are built on demand.
 - The training loader is a :class:`~fovlm.data.stream.ShardLoader` (torchdata ``StatefulDataLoader``):
   Lightning saves its position in checkpoints and restores it on resume; the epoch it reads is the
   Trainer's ``current_epoch``.
@@ -27,7 +28,8 @@ from fovlm.data.chat import SYSTEM_PROMPT
 from fovlm.data.collate import Collator, SampleEncoder, normalize_frames
 from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
 from fovlm.data.plan import EpochPlanner, PlanConfig, ShardGroup, group_counts
-from fovlm.data.shards import build_index, expand_shards
+from fovlm.data.readable import NoReadableSampleError, find_readable
+from fovlm.data.shards import ShardInfo, build_index, expand_shards
 from fovlm.data.stream import ShardLoader, ShardStream
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,16 @@ def _groups(spec: ShardSpec | None, prefix: str) -> list[tuple[str, list[str]]]:
     if isinstance(spec, Mapping):
         return [(str(name), expand_shards(patterns)) for name, patterns in spec.items()]
     return [(prefix, expand_shards(spec))]
+
+
+def _spec_patterns(spec: ShardSpec | None, group: str | None = None) -> list[str]:
+    """The shard patterns of a spec as given (of one group of a mapping when ``group`` is named)."""
+    if spec is None:
+        return []
+    if isinstance(spec, Mapping):
+        chosen = [spec[group]] if group is not None else list(spec.values())
+        return [p for patterns in chosen for p in _spec_patterns(patterns)]
+    return [spec] if isinstance(spec, str) else [str(p) for p in spec]
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -172,7 +184,13 @@ class ShardDataModule(L.LightningDataModule):
         return load_tokenizer(self.tokenizer_name, self.gguf_file)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer, expand and index the shards, build the epoch plans (idempotent)."""
+        """Load the tokenizer, expand and index the shards, check that each split holds a readable sample,
+        build the epoch plans (idempotent).
+
+        Raises:
+            FileNotFoundError: a shard pattern matches no file.
+            NoReadableSampleError: a split's shards (or a weighted group's) hold no sample the loader can use.
+        """
         if self._train_planner is None and stage in (None, "fit"):
             main = _groups(self.train_shards, "train")
             if not main:
@@ -190,14 +208,14 @@ class ShardDataModule(L.LightningDataModule):
             self._train_planner = self._planner(
                 main + text,
                 weights + [None] * len(text),
-                [False] * len(main) + [True] * len(text),
+                ["train"] * len(main) + ["text"] * len(text),
                 shuffle=True,
                 batch_size=self.batch_size,
             )
         if self._val_planner is None and stage in (None, "fit", "validate") and self.val_shards is not None:
             val = _groups(self.val_shards, "val")
             self._val_planner = self._planner(
-                val, [None] * len(val), [False] * len(val), shuffle=False, batch_size=self.val_batch_size
+                val, [None] * len(val), ["val"] * len(val), shuffle=False, batch_size=self.val_batch_size
             )
         if self.tokenizer is None:
             self.tokenizer = self.load_tokenizer()
@@ -206,20 +224,25 @@ class ShardDataModule(L.LightningDataModule):
         self,
         groups: Sequence[tuple[str, list[str]]],
         weights: list[float | None],
-        text: list[bool],
+        splits: list[str],
         shuffle: bool,
         batch_size: int,
     ) -> EpochPlanner:
+        """The epoch plan of ``groups``, each of a split (``train``, ``text`` or ``val``); every split, and
+        every weighted group, must hold a readable sample (:meth:`_check_readable`)."""
         paths = [p for _, shards in groups for p in shards]
         index = build_index(paths, self.index_cache)
         for info in index.values():
             if info.error is not None:
                 self._counts["damaged_shard"] += 1
                 log.warning("%s (its %d readable samples are kept)", info.error, info.num_samples)
+        for split in dict.fromkeys(splits):
+            self._check_readable(split, [g for g, s in zip(groups, splits, strict=True) if s == split], index)
+        for (name, shards), weight in zip(groups, weights, strict=True):
+            if weight:  # a weighted group is drawn from every epoch, whatever the others hold
+                self._check_readable("train", [(name, shards)], index, group=name)
         totals = [sum(index[p].num_samples for p in shards) for _, shards in groups]
-        if not any(total for total, is_text in zip(totals, text, strict=True) if not is_text):
-            names = ", ".join(name for (name, _), is_text in zip(groups, text, strict=True) if not is_text)
-            raise ValueError(f"the shards of {names} hold no readable sample")
+        text = [split == "text" for split in splits]
         counts = group_counts(
             totals,
             weights,
@@ -238,12 +261,34 @@ class ShardDataModule(L.LightningDataModule):
         shard_groups = [ShardGroup(name, tuple(shards)) for name, shards in groups]
         return EpochPlanner(shard_groups, index, counts, config)
 
+    def _check_readable(
+        self,
+        split: str,
+        groups: Sequence[tuple[str, list[str]]],
+        index: Mapping[str, ShardInfo],
+        group: str | None = None,
+    ) -> None:
+        """Raise :class:`~fovlm.data.readable.NoReadableSampleError` unless a sample of ``groups`` encodes
+        (the first readable one ends the check: normally the first sample read)."""
+        if self.tokenizer is None:
+            self.tokenizer = self.load_tokenizer()
+        paths = [p for _, shards in groups for p in shards]
+        skipped = find_readable(paths, index, self._encoder())
+        if skipped is not None:
+            argument = f"{split}_shards"
+            where = split if group is None else f"{split} group {group!r}"
+            patterns = _spec_patterns(getattr(self, argument), group)
+            raise NoReadableSampleError(where, argument, patterns, len(paths), skipped)
+
     # -- loaders -------------------------------------------------------------------------------------------
 
-    def _stream(self, planner: EpochPlanner) -> ShardStream:
-        encoder = SampleEncoder(
+    def _encoder(self) -> SampleEncoder:
+        return SampleEncoder(
             self.tokenizer, self.max_length, self.preference, self.frames, self.system_prompt
         )
+
+    def _stream(self, planner: EpochPlanner) -> ShardStream:
+        encoder = self._encoder()
         collator = Collator(self.tokenizer.pad_token_id, self.frames, self.preference, normalize=False)
         rank, world_size = self._distributed()
         return ShardStream(planner, encoder, collator, rank=rank, world_size=world_size)

@@ -9,7 +9,8 @@ its frames with :mod:`fovlm.data.frames` (1 FPS, at most 64 spread uniformly; si
 
 A sample that is not a valid multiple-choice sample, or whose frames cannot be decoded, is skipped and
 counted per reason (:attr:`BenchmarkReader.skipped`): a score over fewer questions is reported as such,
-never hidden.
+never hidden. A benchmark whose shards give no question at all is an error (:class:`EmptyBenchmarkError`, raised
+when its reading ends) that names it, its shards and the skipped samples by reason, never an empty score.
 """
 
 from __future__ import annotations
@@ -21,11 +22,29 @@ from pathlib import Path
 
 from fovlm.data.contract import FRAME_SETTINGS
 from fovlm.data.frames import FrameDecodeError, sample_frames, select_frame_indices
+from fovlm.data.readable import SkipRecord, show_patterns
 from fovlm.data.schema import SampleError, parse_sample
 from fovlm.data.shards import ShardReadError, expand_shards, iter_tar_samples
 from fovlm.eval.questions import Question
 
 log = logging.getLogger(__name__)
+
+
+class EmptyBenchmarkError(ValueError):
+    """A benchmark whose shards give no question: every sample was skipped (or there is none).
+
+    Attributes:
+        name: the benchmark.
+        shards: its shard patterns as given.
+        record: the skipped samples by reason, with the first few.
+    """
+
+    def __init__(self, name: str, shards: str | Sequence[str], record: SkipRecord):
+        self.name = name
+        self.shards = [str(shards)] if isinstance(shards, str | Path) else [str(p) for p in shards]
+        self.record = record
+        what = f"every sample was skipped: {record.describe()}" if record.counts else "its shards hold no sample"
+        super().__init__(f"benchmark {name!r} ({show_patterns(self.shards)}) has no question to score: {what}")
 
 
 class BenchmarkReader:
@@ -38,6 +57,8 @@ class BenchmarkReader:
         max_frames: most frames per video (spread uniformly beyond).
         frame_size: square frame side in pixels.
         limit: stop after this many questions (None: all).
+
+    Iterating raises :class:`EmptyBenchmarkError` when the shards give no question (and ``limit`` is not 0).
     """
 
     def __init__(
@@ -55,10 +76,15 @@ class BenchmarkReader:
         self.max_frames = max_frames
         self.frame_size = frame_size
         self.limit = limit
-        self.skipped: Counter[str] = Counter()
+        self.record = SkipRecord()
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Samples skipped so far, by reason."""
+        return self.record.counts
 
     def __iter__(self) -> Iterator[Question]:
-        count = 0
+        count, self.record = 0, SkipRecord()  # each reading counts its own skips
         for path in expand_shards(_folder_to_glob(self.shards)):
             try:
                 for _, key, members in iter_tar_samples(path):
@@ -70,6 +96,8 @@ class BenchmarkReader:
                         yield question
             except ShardReadError as err:
                 self._skip("bad_shard", path, "-", str(err))
+        if count == 0 and self.limit != 0:
+            raise EmptyBenchmarkError(self.name, self.shards, self.record)
 
     def _question(self, path: str, key: str, members: dict[str, bytes]) -> Question | None:
         if "json" not in members:
@@ -101,7 +129,7 @@ class BenchmarkReader:
         )
 
     def _skip(self, reason: str, path: str, key: str, detail: str) -> None:
-        self.skipped[reason] += 1
+        self.record.add(reason, Path(path).name if key == "-" else f"{Path(path).name}/{key}")
         log.warning("%s: skipping sample %r of %s (%s): %s", self.name, key, Path(path).name, reason, detail)
 
 

