@@ -172,6 +172,8 @@ demo-real: install smollm2
 # k = 1, 2, 4, 8 (cloze, 200 questions). About 40 minutes on 2 cores; runs in runs/queries.
 QRY := data/queries
 QRY_RUNS := runs/queries
+QRY_WARM_STEPS ?= 200
+QRY_SFT_STEPS ?= 500
 .PHONY: data-queries demo-queries
 data-queries: install
 	$(PY) -m data_prep synthetic --output $(QRY) --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
@@ -185,10 +187,10 @@ queries_fit = $(FOVLM) fit --config configs/stage2.yaml --config configs/demo.ya
 demo-queries: install smollm2 dinov2 data-queries
 	for qf in false true; do \
 		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name warm-qf$$qf \
-			--trainer.max_steps 200 --model.init_args.init_from null \
+			--trainer.max_steps $(QRY_WARM_STEPS) --model.init_args.init_from null \
 			--data.init_args.train_shards '$(QRY)/look_warmup/train/*.tar' && \
 		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name sft-qf$$qf \
-			--trainer.max_steps 500 --model.init_args.init_from $(QRY_RUNS)/warm-qf$$qf/checkpoints/last.ckpt \
+			--trainer.max_steps $(QRY_SFT_STEPS) --model.init_args.init_from $(QRY_RUNS)/warm-qf$$qf/checkpoints/last.ckpt \
 			--data.init_args.train_shards '$(QRY)/look_sft/train/*.tar' || exit 1; \
 		for k in 1 2 4 8; do \
 			$(FOVLM) eval --model $(QRY_RUNS)/sft-qf$$qf/checkpoints/last.ckpt \
