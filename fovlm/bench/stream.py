@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evict-frames", type=int, default=128, help="window: frames dropped at once")
     parser.add_argument("--sink-frames", type=int, default=4, help="window: first frames kept")
     parser.add_argument("--frame-size", type=int, default=224)
+    parser.add_argument("--policies", default="window,full", help="comma-separated: window, full")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench/results/stream.json")
     args = parser.parse_args(argv)
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     window = CachePolicy("window", args.sink_frames, args.window_frames, args.evict_frames)
     policies = {"window": (window, checkpoints),
                 "full": (CachePolicy("full"), [c for c in checkpoints if c <= args.full_frames] or [args.full_frames])}
+    policies = {name: policies[name] for name in args.policies.split(",") if name}
     results: dict[str, Any] = {"size": args.size, "precision": args.precision, "threads": torch.get_num_threads(),
                                "frame_size": args.frame_size}
     with tempfile.TemporaryDirectory(prefix="fovlm-stream-") as tmp:

@@ -67,7 +67,8 @@ def run_stream(model, tokenizer, frames: Iterable[StreamFrame], questions: list[
 
     Returns:
         ``{"answers": [{"at_s", "frames", "question", "answer"}], "frames", "seconds", "frames_per_s",
-        "cache_bytes", "evicted"}``.
+        "cache_bytes", "evicted", "dropped"}`` (``dropped``: frames a live source's
+        :class:`fovlm.data.frame_stream.LatestFrame` pushed out before the model read them).
     """
     from tqdm import tqdm
 
@@ -104,7 +105,8 @@ def run_stream(model, tokenizer, frames: Iterable[StreamFrame], questions: list[
         ask(pending.pop(0))
     return {"answers": answers, "frames": session.frames_seen, "seconds": seconds,
             "frames_per_s": session.frames_seen / seconds if seconds > 0 else 0.0,
-            "cache_bytes": session.cache_bytes(), "evicted": session.evicted}
+            "cache_bytes": session.cache_bytes(), "evicted": session.evicted,
+            "dropped": int(getattr(frames, "dropped", 0))}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -4,7 +4,7 @@ Per frame (:meth:`StreamingSession.push`): the patch pass of that frame alone, t
 the LLM wrote after the previous frame (``q_init`` for the first), and one cached LLM step that appends the
 frame's k visual tokens and writes the next frame's queries. The frame's patch keys and values are dropped as
 soon as its query pass is done, so a stream holds one frame's patch cache at a time; what grows is the LLM's KV
-cache (k positions per frame).
+cache (k positions per frame), kept in buffers that double when full (:mod:`fovlm.model.stream_cache`).
 
 A question (:meth:`StreamingSession.answer`, :meth:`StreamingSession.score`) runs its prompt and answer on top of
 the cache and then crops them off again, so the stream goes on from the state it had. With the ``full`` policy
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicCache
 
 from fovlm.model.generate import GREEDY, Generation, Sampling, decode
+from fovlm.model.stream_cache import growing_cache
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class StreamingSession:
         self.policy = policy or CachePolicy()
         self.k = model.active_queries
         self.device = model.q_init.device
-        self.cache = DynamicCache(config=model.llm.get_decoder().config)
+        self.cache = growing_cache()
         self.max_positions = int(getattr(model.llm.config.get_text_config(), "max_position_embeddings", 0) or 0)
         self.queries = model.initial_queries.detach()  # [k, Dq]
         self.frames_seen = 0  # frames pushed in all
@@ -169,11 +169,8 @@ class StreamingSession:
         stop = start + count * self.k
         inv_freq = self.model.llm.get_decoder().rotary_emb.inv_freq
         for layer in self.cache.layers:
-            if not layer.is_initialized:
-                continue
-            moved = rotate_keys(layer.keys[..., stop:, :], start - stop, inv_freq)
-            layer.keys = torch.cat([layer.keys[..., :start, :], moved], -2)
-            layer.values = torch.cat([layer.values[..., :start, :], layer.values[..., stop:, :]], -2)
+            if layer.is_initialized:
+                layer.remove(start, stop, rotate_keys(layer.keys[..., stop:, :], start - stop, inv_freq))
         self.frames_kept -= count
         self.evicted += count
 

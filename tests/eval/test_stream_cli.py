@@ -50,3 +50,23 @@ def test_bad_input_is_a_clear_error(exported, tmp_path, capsys):
         main([str(tmp_path / "x.mp4"), "--model", str(exported), "--ask", "soon:what?"])
     assert "SECONDS:QUESTION" in capsys.readouterr().err
     assert parse_ask("12.5: Where is the cup? ") == Question(12.5, "Where is the cup?")
+
+
+def test_a_live_source_faster_than_the_model_drops_the_oldest_frames_and_counts_them(exported):
+    import time
+
+    import torch
+
+    from fovlm.data.frame_stream import LatestFrame, StreamFrame
+    from fovlm.eval.stream import run_stream
+    from fovlm.model.pretrained import load_exported_tokenizer, load_pretrained
+    from fovlm.model.streaming import CachePolicy
+
+    model, tokenizer = load_pretrained(exported), load_exported_tokenizer(exported)
+    camera = (StreamFrame(i, i / 30, torch.full((3, 56, 56), 8 * i, dtype=torch.uint8)) for i in range(30))
+    live = LatestFrame(camera, capacity=2)
+    deadline = time.monotonic() + 10
+    while live.received < 30 and time.monotonic() < deadline:  # the camera is done before the model reads
+        time.sleep(0.01)
+    result = run_stream(model, tokenizer, live, [], CachePolicy("full"), progress=False)
+    assert (live.received, result["frames"], result["dropped"]) == (30, 2, 28)  # the newest two were read
