@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -221,6 +222,16 @@ class FoveatedModule(L.LightningModule):
             if vlm is not None:
                 vlm.use_packing(hp.pack_tokens)
         self.model = model
+
+    def on_fit_start(self) -> None:
+        """Train the policy in train mode: backbones loaded with ``from_pretrained`` start in eval mode, and
+        Lightning keeps each module's mode. The DPO reference model stays in eval mode on purpose, so Lightning's
+        warning about modules in eval mode is silenced for exactly its count of modules (any other module left in
+        eval mode changes the count and still warns)."""
+        self.train()
+        if self.reference is not None:
+            count = sum(1 for _ in self.reference.modules())
+            warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start of training")
 
     def train(self, mode: bool = True) -> FoveatedModule:
         """Switch train/eval mode; the DPO reference model always stays in eval mode."""

@@ -407,6 +407,30 @@ def test_stage3_dpo_trains_the_policy_and_never_touches_the_reference(tmp_path):
     assert expected | {"train/loss", "train/loss/caps", "train/grad_norm", "val/loss", "val/rewards/margins"} <= columns
 
 
+class PolicyModeCheck(Callback):
+    """Records whether every policy module trained in train mode and every reference module in eval mode."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        policy = all(m.training for m in pl_module.model.modules())
+        reference = pl_module.reference is None or not any(m.training for m in pl_module.reference.modules())
+        self.seen.append(policy and reference)
+
+
+@pytest.mark.parametrize("loss", ["answer_only", "dpo"])
+def test_the_policy_trains_in_train_mode_and_the_reference_warns_nothing(tmp_path, recwarn, loss):
+    module = built(loss=loss)
+    module.model.llm.eval()  # as from_pretrained leaves a pretrained backbone
+    check = PolicyModeCheck()
+    data = (PreferenceSet if loss == "dpo" else SFTSet)([2, 3])
+    trainer(tmp_path, 2, callbacks=[check], logger=False).fit(
+        module, loader(data, 2, collate_preference if loss == "dpo" else collate_sft))
+    assert check.seen == [True, True]
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
+
+
 def test_dpo_reference_is_not_checkpointed_and_is_verified_on_resume(tmp_path):
     init = stage2_weights(tmp_path)
     pairs = PreferenceSet([3, 4, 3, 4])
