@@ -70,3 +70,14 @@ def test_a_live_source_faster_than_the_model_drops_the_oldest_frames_and_counts_
         time.sleep(0.01)
     result = run_stream(model, tokenizer, live, [], CachePolicy("full"), progress=False)
     assert (live.received, result["frames"], result["dropped"]) == (30, 2, 28)  # the newest two were read
+
+
+def test_a_later_question_is_a_new_user_turn_without_the_system_turn(tokenizer):
+    from fovlm.eval.predict import prompt_ids
+    from fovlm.eval.stream import follow_up_ids
+
+    later = follow_up_ids(tokenizer, "And now?")
+    text = tokenizer.decode(later)
+    assert text.startswith("<|im_start|>user") and text.endswith("<|im_start|>assistant\n") and "system" not in text
+    full = prompt_ids(tokenizer, "And now?")
+    assert full[-len(later):].tolist() == later.tolist()  # the same tokens as the end of the whole prompt
