@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fovlm.bench.inputs import sft_batch_of
-from fovlm.model.packing import place
+from fovlm.model.packing import padding
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,8 @@ def padding_figures(mix_name: str, batch_size: int, k: int, settings: dict[str, 
     for _ in range(batches):
         for name, lengths in pass_lengths(mix_name, batch_size, k, gen).items():
             for label, pack_tokens in settings.items():
-                placement = place(lengths, pack_tokens)
-                total = placement.rows * placement.width
-                counts[label][name][0] += total - int(lengths.sum())
+                padded, total = padding(lengths, pack_tokens)
+                counts[label][name][0] += padded
                 counts[label][name][1] += total
     return {label: {name: pad / total if total else 0.0 for name, (pad, total) in passes.items()}
             for label, passes in counts.items()}

@@ -112,8 +112,15 @@ def positions(placement: RowPlacement, lengths: Tensor) -> Tensor:
     return columns[None] - starts.cummax(1).values  # offsets grow along a row: the latest start at or before
 
 
-def padding_share(lengths: Tensor, pack_tokens: int | None) -> float:
-    """Share of the LLM input's R x W positions that hold no token, for ``lengths`` laid out with ``pack_tokens``."""
+def padding(lengths: Tensor, pack_tokens: int | None) -> tuple[int, int]:
+    """(positions holding no token, all R x W positions) of the LLM input for ``lengths`` laid out with
+    ``pack_tokens``."""
     placement = place(lengths, pack_tokens)
     total = placement.rows * placement.width
-    return 1.0 - int(lengths.sum()) / total if total else 0.0
+    return total - int(lengths.sum()), total
+
+
+def padding_share(lengths: Tensor, pack_tokens: int | None) -> float:
+    """Share of the LLM input's R x W positions that hold no token, for ``lengths`` laid out with ``pack_tokens``."""
+    padded, total = padding(lengths, pack_tokens)
+    return padded / total if total else 0.0
