@@ -3,9 +3,12 @@
 Input items are cut into consecutive chunks of ``samples_per_shard``; chunk ``i`` becomes shard
 ``{i:06d}.tar`` (fewer samples when items of it are skipped). Each shard is written by webdataset's
 ``ShardWriter`` under a ``.partial`` name and renamed once complete, after its stats file
-(``{i:06d}.stats.json``: samples per source, skipped items with reasons, frame-count histogram and a
-fingerprint of the chunk's items and of the conversion options). A re-run skips every shard whose tar
-exists and whose stats carry the same fingerprint, so finished shards are never re-encoded; a run killed
+(``{i:06d}.stats.json``: samples per source, skipped items with reasons, frame-count histogram, a
+fingerprint of the chunk's items and of the conversion options, and the shard's index: its keys, the frame
+code of every sample and its size, :mod:`fovlm.data.shard_stats`, from which the loader plans a shard it
+streams without reading it). A re-run skips every shard whose tar exists and whose stats carry the same
+fingerprint, so finished shards are never re-encoded (stats written before they carried the index get it from
+a scan of the tar's headers and JSON); a run killed
 half-way leaves only ``.partial`` files behind, which the next run overwrites; shards numbered beyond the
 current input (from an earlier, longer run) are deleted, so the folder holds exactly what the manifest
 describes.
@@ -40,6 +43,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_prep.media import SkipItem
+from fovlm.data.shard_stats import index_entry
+from fovlm.data.shards import frame_code, scan_samples
 
 MANIFEST_NAME = "manifest.json"
 _SHARD_FILE = re.compile(r"(\d{6})\.(tar|stats\.json|tar\.partial)")
@@ -76,6 +81,7 @@ class ShardStats:
     per_source: Counter = field(default_factory=Counter)
     skipped: list[dict[str, str]] = field(default_factory=list)
     frame_histogram: Counter = field(default_factory=Counter)
+    index: dict[str, Any] | None = None  # the shard's index (fovlm.data.shard_stats.index_entry)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -85,6 +91,7 @@ class ShardStats:
             "per_source": dict(self.per_source),
             "skipped": self.skipped,
             "frame_histogram": {str(k): v for k, v in sorted(self.frame_histogram.items())},
+            "index": self.index,
         }
 
     @classmethod
@@ -96,6 +103,7 @@ class ShardStats:
             per_source=Counter(obj["per_source"]),
             skipped=list(obj["skipped"]),
             frame_histogram=Counter({int(k): v for k, v in obj["frame_histogram"].items()}),
+            index=obj.get("index"),
         )
 
 
@@ -247,11 +255,19 @@ class _ShardSet:
                 yield shard_key(index, position), record
 
     def _reuse(self, index: int, digest: str, items: int) -> bool:
-        """Keep shard ``index`` when its tar exists and its stats carry the chunk's fingerprint."""
+        """Keep shard ``index`` when its tar exists and its stats carry the chunk's fingerprint (stats without
+        the shard's index get it from a scan of the tar)."""
         name = f"{index:06d}.tar"
-        stats = _load_stats(self.output / f"{index:06d}.stats.json")
+        stats_path = self.output / f"{index:06d}.stats.json"
+        stats = _load_stats(stats_path)
         if not ((self.output / name).is_file() and stats is not None and stats.fingerprint == digest):
             return False
+        if stats.index is None:
+            keys, codes, error = scan_samples(str(self.output / name))
+            if error is not None or len(keys) != stats.samples:
+                return False  # a damaged tar: written again
+            stats.index = index_entry(keys, codes, (self.output / name).stat().st_size)
+            stats_path.write_text(json.dumps(stats.to_json(), indent=1))
         self.stats.append(stats)
         self.reused.append(name)
         self.bar.update(items)
@@ -265,6 +281,8 @@ class _ShardSet:
             return False
         index, digest, chunk = self.pending.pop(0)
         stats = ShardStats(f"{index:06d}.tar", digest)
+        keys: list[str] = []
+        codes: list[int] = []
         # An out-of-date tar goes first, so that the new stats can never sit beside old samples.
         (self.output / stats.name).unlink(missing_ok=True)
         partial = self.output / f"{index:06d}.tar.partial"
@@ -274,9 +292,13 @@ class _ShardSet:
             for position in range(len(chunk)):
                 built = first if position == 0 else next(results)
                 self.bar.update(1)
-                self._add(writer, stats, shard_key(index, position), built)
+                key = shard_key(index, position)
+                if self._add(writer, stats, key, built):
+                    keys.append(key)
+                    codes.append(frame_code({name.lower(): data for name, data in built.members.items()}, key))
         finally:
             writer.close()
+        stats.index = index_entry(keys, codes, partial.stat().st_size)
         # Stats first, tar last: a tar under its final name always has its stats beside it.
         (self.output / f"{index:06d}.stats.json").write_text(json.dumps(stats.to_json(), indent=1))
         partial.replace(self.output / stats.name)
@@ -284,13 +306,13 @@ class _ShardSet:
         self.written += 1
         return True
 
-    def _add(self, writer: wds.ShardWriter, stats: ShardStats, key: str, built: Built) -> None:
-        """Write one built sample under ``key`` and count it, or list its skip."""
+    def _add(self, writer: wds.ShardWriter, stats: ShardStats, key: str, built: Built) -> bool:
+        """Write one built sample under ``key`` and count it (True), or list its skip (False)."""
         if built.skip is not None:
             if len(stats.skipped) < MAX_LISTED_SKIPS:
                 stats.skipped.append({"item": built.skip.item, "reason": built.skip.reason,
                                       "detail": built.skip.detail[:500]})
-            return
+            return False
         assert built.members is not None
         writer.write({"__key__": key, **built.members})
         stats.samples += 1
@@ -298,6 +320,7 @@ class _ShardSet:
         stats.frame_histogram[built.num_frames] += 1
         self.frames_written += built.num_frames
         self.videos_written += built.num_frames > 0
+        return True
 
 
 def write_shards(

@@ -12,7 +12,13 @@ and every worker computes the same plan without talking to each other):
 2. **Split by rank, then by worker.** Each group's epoch range is cut into ``world_size * num_workers``
    contiguous slots, rank-major (slot = rank * num_workers + worker), at *sample* granularity: slot sizes
    differ by at most one sample, and a slot reads a contiguous run of shards (the first and last possibly
-   in part; a tar is entered at a sample by skipping member headers without reading their data).
+   in part; a local tar is entered at a sample by skipping member headers without reading their data).
+   A group holding streamed shards (``pipe:`` commands, URLs: a stream cannot be entered mid-way) is cut at
+   *shard* boundaries instead, each cut moved to the nearest shard boundary, so that every shard of the epoch
+   is read by one slot alone, provided no slot's share then differs from the even share by more than
+   ``shard_split_tolerance`` (10 %); otherwise (few or very uneven shards) it is cut at sample granularity as
+   above, and a slot that starts inside a streamed shard reads it from its beginning, passing over the samples
+   before its own. Either way every sample belongs to exactly one slot.
 3. **Mixing, shuffling.** Inside a slot the groups are interleaved at sample level in a seeded random order
    (an exact share per group, so ``text_ratio`` holds in every slot); a bounded shuffle buffer
    (``shuffle_buffer`` samples, seeded) reorders the stream. Both are simulated on sample ids to get the
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
-from fovlm.data.shards import ShardInfo, planned_frames
+from fovlm.data.shards import ShardInfo, is_streamed, planned_frames
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class PlanConfig:
         shuffle_buffer: samples the simulated shuffle buffer holds.
         max_frames_per_batch: optional frame budget per batch.
         frames: the frame settings that turn the index's frame codes into frame counts.
+        shard_split_tolerance: a group of streamed shards is split at shard boundaries when no slot's share
+            then differs from the even share by more than this fraction of it (else at sample granularity).
     """
 
     batch_size: int
@@ -90,6 +98,7 @@ class PlanConfig:
     shuffle_buffer: int = 1000
     max_frames_per_batch: int | None = None
     frames: FrameSettings = FRAME_SETTINGS
+    shard_split_tolerance: float = 0.1
 
 
 class EpochPlanner:
@@ -110,6 +119,9 @@ class EpochPlanner:
         ]
         self.codes = [[index[p].frame_codes for p in g.shards] for g in self.groups]
         self.totals = [int(s.sum()) for s in self.sizes]
+        self.streamed = [any(is_streamed(p) for p in g.shards) for g in self.groups]
+        # Shard-boundary cuts of streamed groups, by (group, epoch, slots).
+        self._cuts: dict[tuple[int, int, int], list[int] | None] = {}
         for g, (count, total) in enumerate(zip(self.counts, self.totals, strict=True)):
             if count > 0 and total == 0:
                 raise ValueError(f"shard group {self.groups[g].name!r} has no readable sample")
@@ -149,12 +161,53 @@ class EpochPlanner:
     def _cut(total: int, slots: int, slot: int) -> tuple[int, int]:
         return total * slot // slots, total * (slot + 1) // slots
 
+    def _shard_bounds(self, group: int, lo: int, hi: int) -> np.ndarray:
+        """Positions (relative to ``lo``) where a shard starts or ends in ``lo <= position < hi`` of a group's
+        stream, ``0`` and ``hi - lo`` included."""
+        total, bounds, position = self.totals[group], [np.zeros(1, dtype=np.int64)], lo
+        while position < hi:
+            pass_index = position // total
+            ends = pass_index * total + np.cumsum(self.sizes[group][self._pass_order(group, pass_index)])
+            bounds.append(ends[(ends > position) & (ends < hi)] - lo)
+            position = (pass_index + 1) * total
+        bounds.append(np.asarray([hi - lo], dtype=np.int64))
+        return np.unique(np.concatenate(bounds))
+
+    def _shard_cuts(self, group: int, epoch: int, slots: int) -> list[int] | None:
+        """Slot boundaries of a streamed group's epoch range moved to the nearest shard boundaries, or None when
+        a slot's share would then differ from the even share by more than the tolerance."""
+        cached = (group, epoch, slots)
+        if cached not in self._cuts:
+            count = self.counts[group]
+            bounds = self._shard_bounds(group, epoch * count, (epoch + 1) * count)
+            even = [count * s // slots for s in range(slots + 1)]
+            cuts = [0]
+            for target in even[1:-1]:
+                k = int(np.searchsorted(bounds, target))
+                near = [int(b) for b in bounds[max(0, k - 1) : k + 1]]
+                cuts.append(max(cuts[-1], min(near, key=lambda b: (abs(b - target), b))))
+            cuts.append(count)
+            tolerance = self.config.shard_split_tolerance
+            balanced = all(
+                abs((cuts[s + 1] - cuts[s]) - (even[s + 1] - even[s])) <= tolerance * (even[s + 1] - even[s])
+                for s in range(slots)
+            )
+            self._cuts[cached] = cuts if balanced else None
+        return self._cuts[cached]
+
+    def group_range(self, group: int, epoch: int, slot: int, slots: int) -> tuple[int, int]:
+        """The positions ``lo <= position < hi`` of a group's stream that a slot reads this epoch: at shard
+        boundaries for a streamed group where they are balanced enough, else at sample granularity."""
+        count = self.counts[group]
+        cuts = self._shard_cuts(group, epoch, slots) if self.streamed[group] else None
+        lo, hi = (cuts[slot], cuts[slot + 1]) if cuts is not None else self._cut(count, slots, slot)
+        return epoch * count + lo, epoch * count + hi
+
     def slot_inputs(self, epoch: int, slot: int, slots: int) -> list[Ref]:
         """The samples a slot reads this epoch, groups interleaved at sample level (seeded)."""
-        pieces = []
-        for g, count in enumerate(self.counts):
-            lo, hi = self._cut(count, slots, slot)
-            pieces.append(self._stream_refs(g, epoch * count + lo, epoch * count + hi))
+        pieces = [
+            self._stream_refs(g, *self.group_range(g, epoch, slot, slots)) for g in range(len(self.counts))
+        ]
         labels = np.concatenate(
             [np.full(len(p), g, dtype=np.int64) for g, p in enumerate(pieces)] or [np.zeros(0)]
         )
@@ -211,10 +264,7 @@ class EpochPlanner:
         if self.config.max_frames_per_batch is not None:
             plan = self.slot_plan(epoch, slot, slots)
             return [b - a for a, b in zip(plan.bounds[:-1], plan.bounds[1:], strict=True)]
-        n = sum(
-            hi - lo
-            for hi, lo in ((self._cut(c, slots, slot)[1], self._cut(c, slots, slot)[0]) for c in self.counts)
-        )
+        n = sum(hi - lo for lo, hi in (self.group_range(g, epoch, slot, slots) for g in range(len(self.counts))))
         full, rest = divmod(n, self.config.batch_size)
         return [self.config.batch_size] * full + ([rest] if rest else [])
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fovlm.data.shards import ShardInfo, ShardReadError, iter_tar_samples
+from fovlm.data.shards import ShardInfo
+from fovlm.data.tar_samples import ShardReadError, iter_tar_samples
 
 MAX_EXAMPLES = 3
 """Failing samples (or shards) named in a message, in reading order."""

@@ -1,14 +1,14 @@
-"""Shards on disk: expanding shard patterns, reading samples out of a tar, and the cached shard index.
+"""Shard sets: expanding shard patterns, and the shard index the epoch plan is computed from.
 
-The shard format is webdataset's (members grouped by the key before the first dot, as
-``webdataset.tariterators.base_plus_ext``); the tars are read with ``tarfile`` in seek mode because a worker's
-share of an epoch starts mid-shard (a tar is entered at a sample by skipping member headers without reading
-their data), and shards must therefore be local (or mounted) files.
+A shard is a webdataset tar (:mod:`fovlm.data.tar_samples` reads its samples): a local file, or a streamed
+source, i.e. a ``pipe:`` command or a URL (``http://``, ``https://``, ...).
 
-The index holds, per shard, one frame-count code per sample, found from the member names and the small JSON
-and text members alone (the media are never read); :func:`planned_frames` turns a code into a frame count
-under a run's frame settings. It is cached per file path, size and mtime; a shard that is unreadable or
-truncated keeps its readable samples and carries the error.
+The index holds, per shard, one frame-count code per sample; :func:`planned_frames` turns a code into a frame
+count under a run's frame settings. A local shard is indexed from its member names and its small JSON and text
+members alone (the media are never read); the index is cached per file path, size and mtime, and a shard that is
+unreadable or truncated keeps its readable samples and carries the error. A streamed shard is indexed from the
+stats file written beside it (:mod:`fovlm.data.shard_stats`), never by reading the shard; its damage, if any,
+is found when it is read.
 """
 
 from __future__ import annotations
@@ -18,20 +18,26 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from fovlm.data.contract import FrameSettings
 from fovlm.data.frames import select_frame_times
 from fovlm.data.schema import SampleError, frame_fields, parse_sample, single_image_field, video_field
+from fovlm.data.shard_stats import read_stats_index
+from fovlm.data.tar_samples import (  # noqa: F401 (ShardReadError and iter_tar_samples: importable from here)
+    STREAM_SCHEMES,
+    ShardReadError,
+    is_streamed,
+    iter_tar_samples,
+    url_scheme,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +50,38 @@ _CODE_UNKNOWN_VIDEO = -1  # an mp4 without a duration in its JSON (planned as ma
 # Shard patterns
 
 
+def _check_scheme(pattern: str) -> None:
+    scheme = url_scheme(pattern)
+    if scheme is not None and scheme != "pipe" and scheme not in STREAM_SCHEMES:
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r} names no file this loader reads: the scheme {scheme!r} is not read "
+            f"directly; give a local path, a command that writes the tar to its output (e.g. "
+            f"'pipe:aws s3 cp s3://bucket/000000.tar -') or a URL of one of the schemes "
+            f"{', '.join(sorted(STREAM_SCHEMES))}"
+        )
+
+
 def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     """Expand shard patterns: brace ranges (``shard-{000..009}.tar``), globs (``data/*.tar``), or lists of
     them.
 
-    Each pattern's matches are sorted; the lists are concatenated in order, without duplicates.
+    Each pattern's matches are sorted; the lists are concatenated in order, without duplicates. A streamed
+    pattern (a ``pipe:`` command or URL) is brace-expanded only, in order (nothing to list or glob): whether
+    its shards exist is found when their stats are read.
 
     Raises:
-        FileNotFoundError: naming the first pattern (or brace expansion) that matches no file.
+        FileNotFoundError: naming the first local pattern (or brace expansion) that matches no file, or a URL
+            of a scheme that is not read directly (``s3://``: give a ``pipe:`` command).
     """
     if isinstance(patterns, str | os.PathLike):
         patterns = [patterns]
     out: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        matched: list[str] = []
+    for pattern in map(str, patterns):
+        _check_scheme(pattern)
+        if is_streamed(pattern):
+            out += braceexpand.braceexpand(pattern)
+            continue
+        pattern = os.path.expanduser(pattern)
         for item in braceexpand.braceexpand(pattern):
             if glob.has_magic(item):
                 found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
@@ -67,95 +90,9 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
             if not found:
                 where = f"{item!r} (from {pattern!r})" if item != pattern else repr(pattern)
                 raise FileNotFoundError(f"shard pattern {where} matches no file")
-            matched += found
-        out += matched
+            out += found
     seen: set[str] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tar reading (webdataset's grouping rules)
-
-
-class ShardReadError(OSError):
-    """A shard that cannot be opened, or that ends early (truncated)."""
-
-
-def _split_member(name: str) -> tuple[str | None, str]:
-    key, field_name = base_plus_ext(name)
-    return key, (field_name or "").lower()
-
-
-def iter_tar_samples(
-    path: str,
-    start: int = 0,
-    stop: int | None = None,
-    load: Callable[[int], bool] | None = None,
-    fields: Callable[[str], bool] | None = None,
-) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """Yield ``(index, key, members)`` for samples ``start <= index < stop`` of a tar, in file order.
-
-    Samples are consecutive members sharing a key (webdataset rules; member suffixes lower-cased). Members are
-    read only for samples where ``load(index)`` is true (otherwise ``None`` is yielded: tarfile seeks over
-    their data); if ``fields`` is given, members whose suffix it rejects are listed with empty data.
-
-    Raises:
-        ShardReadError: the file is not a readable tar, or it is truncated; samples completed before the
-            damage have been yielded, the partial one is not.
-    """
-    try:
-        size = os.path.getsize(path)
-        handle = open(path, "rb")  # noqa: SIM115 (closed in finally; the tarfile borrows it)
-    except OSError as err:
-        raise ShardReadError(f"cannot open shard {path}: {err}") from err
-    index, key, members = -1, None, None
-    try:
-        try:
-            archive = tarfile.open(fileobj=handle, mode="r:")
-        except (tarfile.TarError, EOFError) as err:
-            raise ShardReadError(f"shard {path} is not a readable tar ({err})") from err
-        while True:
-            try:
-                info = archive.next()
-            except (tarfile.TarError, EOFError, OSError) as err:
-                raise ShardReadError(
-                    f"shard {path} is truncated or damaged after sample {index} ({err})"
-                ) from err
-            if info is None:
-                # A complete tar ends with two zero blocks; a file that stops right at a member boundary
-                # was cut off there (its last sample may have lost members, so it is not yielded).
-                if size - archive.offset < 2 * tarfile.BLOCKSIZE:
-                    raise ShardReadError(
-                        f"shard {path} is truncated after sample {index} (no end-of-archive)"
-                    )
-                break
-            # A member whose data runs past the end of the file: the tar was cut off.
-            if info.offset_data + info.size > size:
-                raise ShardReadError(f"shard {path} is truncated inside sample {index + 1}")
-            if not info.isreg():
-                continue
-            member_key, field_name = _split_member(info.name)
-            if member_key is None or os.path.basename(member_key).startswith("__"):
-                continue
-            if member_key != key:
-                if key is not None and index >= start:
-                    yield index, key, members
-                index, key = index + 1, member_key
-                if stop is not None and index >= stop:
-                    return
-                members = {} if index >= start and (load is None or load(index)) else None
-            if members is not None and fields is not None and not fields(field_name):
-                members[field_name] = b""
-            elif members is not None:
-                reader = archive.extractfile(info)
-                try:
-                    members[field_name] = reader.read() if reader is not None else b""
-                except (tarfile.TarError, EOFError, OSError) as err:
-                    raise ShardReadError(f"shard {path} is truncated inside sample {index} ({err})") from err
-        if key is not None and index >= start:
-            yield index, key, members
-    finally:
-        handle.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,7 +112,10 @@ class ShardInfo:
         return int(self.frame_codes.shape[0])
 
 
-def _frame_code(members: Mapping[str, bytes], key: str) -> int:
+def frame_code(members: Mapping[str, bytes], key: str) -> int:
+    """The index code of one sample from its members (suffix -> data; only ``json`` and ``txt`` are read): its
+    frame count, ``-2`` for a single image, ``-1`` for a video file whose JSON gives no duration, 0 for text
+    and for an invalid sample (skipped when read)."""
     names = list(members)
     try:
         sample = parse_sample(members.get("json", b""), key, names, members.get("txt"))
@@ -205,17 +145,25 @@ def planned_frames(code: int, frames: FrameSettings) -> int:
     return min(code, frames.max_frames)
 
 
-def scan_shard(path: str) -> ShardInfo:
-    """Read a shard's member headers and its small JSON/text members to count samples and their frames.
+def scan_samples(path: str) -> tuple[list[str], list[int], str | None]:
+    """Read a shard's member headers and its small JSON/text members: the keys and frame codes of its samples,
+    and why it stops early (None for a complete shard).
 
     Media members are listed (their names decide the frame count) but their data is not read."""
+    keys: list[str] = []
     codes: list[int] = []
-    error = None
     try:
         for _, key, members in iter_tar_samples(path, fields=lambda name: name in ("json", "txt")):
-            codes.append(_frame_code(members, key))
+            keys.append(key)
+            codes.append(frame_code(members or {}, key))
     except ShardReadError as err:
-        error = str(err)
+        return keys, codes, str(err)
+    return keys, codes, None
+
+
+def scan_shard(path: str) -> ShardInfo:
+    """Index a shard by reading it (:func:`scan_samples`)."""
+    _, codes, error = scan_samples(path)
     return ShardInfo(path, np.asarray(codes, dtype=np.int16), error)
 
 
@@ -232,10 +180,17 @@ def default_index_cache() -> Path:
 def build_index(
     paths: Sequence[str], cache_dir: str | os.PathLike | None = None, threads: int = 4
 ) -> dict[str, ShardInfo]:
-    """Index every shard (cached per file path, size and mtime; a damaged shard is re-scanned each time)."""
+    """Index every shard: a local one by scanning it (cached per file path, size and mtime; a damaged shard is
+    re-scanned each time), a streamed one from its stats (read each time, ``threads`` at once, at least 16).
+
+    Raises:
+        ShardStatsError: a streamed shard's stats cannot be found or read, or hold no index.
+    """
     cache = Path(cache_dir) if cache_dir is not None else default_index_cache()
 
     def one(path: str) -> ShardInfo:
+        if is_streamed(path):
+            return ShardInfo(path, read_stats_index(path))
         cached = cache / _cache_name(path)
         try:
             data = json.loads(cached.read_text())
@@ -254,6 +209,8 @@ def build_index(
                 log.warning("cannot cache the shard index in %s: %s", cache, err)
         return info
 
+    if any(is_streamed(p) for p in paths):
+        threads = max(threads, 16)  # stats downloads wait on the network, not on this machine
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         infos = list(pool.map(one, paths))
     return {info.path: info for info in infos}

@@ -1,9 +1,11 @@
-"""Test helpers for the data tests: tiny JPEG/PNG frames, tiny mp4 videos and webdataset shards."""
+"""Test helpers for the data tests: tiny JPEG/PNG frames, tiny mp4 videos, webdataset shards with their stats,
+and a local HTTP server to stream them from."""
 
 from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,3 +106,52 @@ def text_sample(key: str, answer: str, source: str = "smoltalk") -> dict[str, An
             ],
         },
     }
+
+
+def write_stats(paths: Iterable[str]) -> None:
+    """Write the stats file with the shard index beside each local shard (as ``data_prep`` does)."""
+    from data_prep.stats_index import write_stats_index
+
+    for path in paths:
+        write_stats_index(path)
+
+
+class ShardServer:
+    """A local HTTP server over a folder (``http.server`` in a thread) that counts the requests per path.
+
+    Args:
+        root: the folder served.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.requests: Counter[str] = Counter()
+        self._server: Any = None
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{name}"
+
+    def __enter__(self) -> ShardServer:
+        import functools
+        import http.server
+        import threading
+
+        requests = self.requests
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                requests[self.path.lstrip("/")] += 1
+                super().do_GET()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(self.root))
+        )
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -142,3 +142,32 @@ def test_command_line_converts_and_reports(tmp_path, capsys):
     assert printed["skipped"] == {"bad_row": 1, "empty_file": 1, "missing_file": 1, "unreadable_video": 1,
                                   "unsupported_media": 1}
     assert all(s["frames"].shape[-1] == 224 for s in read_shards(tmp_path / "out"))
+
+
+def test_stats_carry_the_shard_index(tmp_path):
+    import json
+
+    from fovlm.data.shards import scan_samples
+
+    csv_path = openvid_set(tmp_path / "in", n_good=5)
+    out = tmp_path / "out"
+    convert("openvid", csv_path, out, workers=0, samples_per_shard=4, progress=False)
+    for tar in sorted(out.glob("*.tar")):
+        stats_path = out / tar.name.replace(".tar", ".stats.json")
+        index = json.loads(stats_path.read_text())["index"]
+        keys, codes, error = scan_samples(str(tar))
+        assert error is None and index["samples"] == len(keys) == json.loads(stats_path.read_text())["samples"]
+        assert (index["keys"], index["frame_codes"]) == (keys, codes)  # what the loader finds in the tar
+        assert index["bytes"] == tar.stat().st_size
+    assert [c for s in sorted(out.glob("*.stats.json")) for c in json.loads(s.read_text())["index"]["frame_codes"]] \
+        == [2, 3, 4, 2, 3]
+    # Stats written before they carried the index get it on the next run, without re-encoding the shard.
+    first = out / "000000.stats.json"
+    old = json.loads(first.read_text())
+    old.pop("index")
+    first.write_text(json.dumps(old))
+    stamp = (out / "000000.tar").stat().st_mtime_ns
+    again = convert("openvid", csv_path, out, workers=0, samples_per_shard=4, progress=False)
+    assert again["run"]["shards_written"] == 0
+    assert json.loads(first.read_text())["index"]["keys"] == [f"000000_{i:04d}" for i in range(4)]
+    assert (out / "000000.tar").stat().st_mtime_ns == stamp
