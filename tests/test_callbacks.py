@@ -1,18 +1,24 @@
-"""Callbacks: what a short fit writes to TensorBoard, the smoothed loss, throughput windows, the atomic writer."""
+"""Callbacks: what a short fit writes to TensorBoard, the smoothed loss, data counts over two ranks, throughput
+windows, the atomic writer."""
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import webdataset as wds
 from fitkit import fit_args, read_events, synthetic_data
 from lightning.pytorch.loggers import Logger
 
-from fovlm.callbacks import AtomicCheckpointIO, SmoothedLoss, atomic_torch_save, batch_counts
+from fovlm.callbacks import AtomicCheckpointIO, DataStats, SmoothedLoss, atomic_torch_save, batch_counts
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +26,45 @@ def data(tmp_path_factory):
     return synthetic_data(tmp_path_factory.getbasetemp() / "synthetic")
 
 
+def _jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _bad_shard(path, samples: list[dict]) -> str:
+    """A shard of samples the loader skips; returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
 def test_tensorboard_holds_scalars_images_and_text(data, tmp_path):
     """A short stage-1 fit logs losses, smoothed loss, LR, throughput, data counts, attention entropies and maps,
-    and a generated answer; the events are read back from the files."""
+    and a generated answer; the events are read back from the files. A sample without text among the training
+    shards and two without JSON among the validation shards are counted apart, by split."""
     from fovlm.cli import main
 
+    no_text = {"__key__": "no_text", "json": json.dumps({"source": "openvid", "media": "video"}).encode(),
+               "000.jpg": _jpeg()}
+    train_bad = _bad_shard(tmp_path / "bad" / "train.tar", [no_text])
+    val_bad = _bad_shard(tmp_path / "bad" / "val.tar", [{"__key__": f"no_json_{i}", "000.jpg": _jpeg()} for i in (0, 1)])
     out = tmp_path / "runs"
-    main(fit_args(1, data, out, steps=8, every=4, extra=["--trainer.val_check_interval", "4"]))
+    main(fit_args(1, data, out, steps=8, every=4, extra=[
+        "--trainer.val_check_interval", "4",
+        "--data.init_args.train_shards", json.dumps([str(data / "caption/train/*.tar"), train_bad]),
+        "--data.init_args.val_shards", json.dumps([str(data / "caption/val/*.tar"), val_bad]),
+    ]))
     run = out / "stage1"
     events = read_events(run)
     scalars = events["scalars"]
     for tag in ("train/loss", "train/loss_smooth", "train/grad_norm", "val/loss", "perf/samples_per_s",
-                "perf/frames_per_s", "perf/tokens_per_s", "data/skipped", "attention/entropy_coarse",
-                "attention/entropy_fine"):
+                "perf/frames_per_s", "perf/tokens_per_s", "data/skipped/train", "data/skipped/val",
+                "attention/entropy_coarse", "attention/entropy_fine"):
         assert tag in scalars, f"{tag} missing; logged: {sorted(scalars)}"
     assert any(tag.startswith("lr-") for tag in scalars), sorted(scalars)
     assert sorted(scalars["train/loss"]) == list(range(8))  # one value per optimizer step
@@ -52,6 +84,18 @@ def test_tensorboard_holds_scalars_images_and_text(data, tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 8
+    # Data counts: each validation run (after steps 4 and 8, not the sanity check) skips its two samples, and
+    # neither split's reasons leak into the other's; training counts are cumulative (8 steps pass the first epoch).
+    assert list(scalars["data/skipped/val"].values()) == [2.0, 2.0]
+    assert list(scalars["data/missing_json/val"].values()) == [2.0, 2.0]
+    assert sorted(scalars["data/skipped/train"]) == [1, 3, 5, 7]  # every 2 optimizer steps
+    train_skipped = [scalars["data/skipped/train"][step] for step in (1, 3, 5, 7)]
+    assert train_skipped == sorted(train_skipped) and train_skipped[-1] >= 1
+    assert train_skipped[-1] == scalars["data/missing_text/train"][7]
+    assert "data/missing_json/train" not in scalars and "data/missing_text/val" not in scalars
+    # The checkpoint carries the run's training counts, as last logged.
+    (stats,) = [state for name, state in ckpt["callbacks"].items() if name.startswith("DataStats")]
+    assert stats["train"]["missing_text"] == train_skipped[-1]
 
 
 class _Regression(pl.LightningModule):
@@ -124,6 +168,76 @@ def test_smoothed_loss_is_a_bias_corrected_ema(tmp_path):
     assert expected[0] == pytest.approx(step_losses[0])  # bias-corrected: the first value is the first step's loss
     with pytest.raises(ValueError):
         SmoothedLoss(window=0)
+
+
+class _CountingData:
+    """Stands in for a DataModule: this rank's skip counts by split, as ``skip_counts(split)`` reports them."""
+
+    def __init__(self, train: dict[str, int], val: dict[str, int]) -> None:
+        self.counts = {"train": train, "val": val}
+
+    def skip_counts(self, split: str) -> dict[str, int]:
+        return dict(self.counts[split])
+
+
+# Each rank's training counts: the reasons differ between ranks; both indexed the same damaged shard.
+RANK_TRAIN = [{"bad_image": 1, "truncated": 2, "damaged_shard": 1}, {"bad_video": 3, "damaged_shard": 1}]
+
+
+def _rank_logs_data_counts(rank: int, rendezvous: str, out: str) -> None:
+    """One of two gloo ranks driving DataStats through a resumed run's step, a sanity check and a validation run;
+    writes what it logged (rank 0 only logs) and what it would save."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        logger = _MemoryLogger()
+        # The validation split's counts so far include reads outside validation runs (the monitors'), and a
+        # damaged validation shard that every rank indexed; its loader counts the current run apart.
+        data = _CountingData(dict(RANK_TRAIN[rank]), {"missing_json": 5, "damaged_shard": 1})
+        trainer = SimpleNamespace(
+            datamodule=data, val_dataloaders=SimpleNamespace(iteration_counts={"missing_json": 1}),
+            is_global_zero=rank == 0, loggers=[logger], sanity_checking=True, global_step=0,
+            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=4)),
+        )
+        stats = DataStats(every_n_steps=1)
+        stats.load_state_dict({"train": {"bad_image": 5}})  # the same checkpoint on every rank
+        stats.setup(trainer, None, "fit")
+        stats.on_validation_epoch_end(trainer, None)  # the sanity check: not logged
+        trainer.sanity_checking = False
+        stats.on_train_batch_start(trainer, None, None, 0)
+        trainer.global_step = 1
+        stats.on_train_batch_end(trainer, None, None, None, 0)
+        # The validation run reads one sample without JSON on each rank, and rank 1 repeats one to even out.
+        trainer.val_dataloaders.iteration_counts = {"missing_json": 1, **({"padded": 1} if rank == 1 else {})}
+        stats.on_validation_epoch_end(trainer, None)
+        record = {"logged": {k: v[4] for k, v in logger.metrics.items()}, "saved": stats.state_dict()}
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_counts_are_summed_over_two_gloo_ranks(tmp_path):
+    """Two processes over gloo: rank 0 logs every rank's counts added up (a damaged shard once), training and
+    validation apart; both ranks save the same run-wide training totals."""
+    import torch.multiprocessing as mp
+
+    # Forked, the ranks start with this process's imports (spawned, each would import the test module again).
+    mp.start_processes(_rank_logs_data_counts, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    train = {"bad_image": 6, "bad_video": 3, "damaged_shard": 1, "truncated": 2}
+    assert ranks[0]["logged"] == {
+        **{f"data/{reason}/train": float(n) for reason, n in train.items()},
+        "data/skipped/train": 10.0,  # truncated samples are counted, not skipped
+        "data/missing_json/val": 2.0,  # one per rank in this validation run alone
+        "data/padded/val": 1.0,
+        "data/damaged_shard/val": 1.0,
+        "data/skipped/val": 3.0,
+    }
+    assert ranks[1]["logged"] == {}
+    assert ranks[0]["saved"] == ranks[1]["saved"] == {"train": train}
 
 
 def test_batch_counts_caption_and_preference():
@@ -210,8 +324,6 @@ def test_preemption_handles_every_stop_signal_and_leaves_slurm_requeue_to_lightn
 def test_the_fixed_validation_sample_is_normalised_as_training_batches_are(data, smollm2_dir):
     """Monitors read the validation sample as the model sees a batch: ImageNet-normalised floats, not the
     loader's uint8 frames."""
-    from types import SimpleNamespace
-
     from fovlm.callbacks import AttentionMonitor
     from fovlm.data.datamodules import CaptionDataModule
 

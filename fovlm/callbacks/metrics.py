@@ -5,13 +5,15 @@
   micro-batch.
 - ``Throughput``: samples/s, frames/s and text tokens/s over a window of recent batches measured in this process
   only, so neither a resume nor a validation pause distorts it.
-- ``DataStats``: the data pipeline's skipped (and truncated / padded) samples, by reason, over the whole run.
+- ``DataStats``: the data pipeline's skipped (and truncated / padded) samples, by reason, summed over all ranks,
+  training (over the whole run) and validation (per validation run) apart.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from fovlm.callbacks.common import StepBoundary, log_scalars, require_positive
+from fovlm.rank_state import RANKS_KEY, gather_by_rank
 
 
 def _training_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> torch.Tensor | None:
@@ -141,46 +144,111 @@ class Throughput(Callback):
 # Counted by the pipeline but not skipped: truncated texts and samples repeated to even out ranks' batch counts.
 NOT_SKIPPED = ("truncated", "padded")
 
+# Counted from the shard index, which every process builds whole when it sets up: the same on every rank and again
+# in a resumed run, so these are taken once (the largest), never added up.
+PER_PROCESS = ("damaged_shard",)
 
-class DataStats(Callback):
-    """Log the data pipeline's counts of skipped (and truncated / padded) samples, by reason, as ``data/<reason>``,
-    and their sum over the skip reasons as ``data/skipped``.
 
-    The counts come from ``trainer.datamodule.skip_counts()`` (summed over the loader workers of this process)
-    and are cumulative over the whole run: the totals at a checkpoint are carried into the resumed run.
+def combine(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """The counts of several disjoint parts of a run (ranks, or a checkpoint's totals and this process's) added up,
+    by reason; :data:`PER_PROCESS` reasons, which every part counts alike, are taken once."""
+    parts = list(parts)
+    reasons = sorted({reason for part in parts for reason in part})
+    return {
+        reason: (max if reason in PER_PROCESS else sum)(int(part.get(reason, 0)) for part in parts)
+        for reason in reasons
+    }
+
+
+def sum_over_ranks(counts: Mapping[str, int]) -> dict[str, int]:
+    """This rank's counts combined with every other rank's (:func:`combine`); the reasons may differ between ranks.
+
+    A collective under a process group: every rank must call it, at the same point. Without one it returns
+    ``counts`` itself.
+    """
+    return combine(gather_by_rank(dict(counts))[RANKS_KEY])
+
+
+def count_metrics(counts: Mapping[str, int], split: str) -> dict[str, float]:
+    """``data/<reason>/<split>`` for every counted reason and ``data/skipped/<split>``, their sum over the skip
+    reasons (always present, 0 on clean data, so a dashboard shows that skipping is being watched)."""
+    metrics = {f"data/{reason}/{split}": float(n) for reason, n in counts.items()}
+    metrics[f"data/skipped/{split}"] = float(sum(n for r, n in counts.items() if r not in NOT_SKIPPED))
+    return metrics
+
+
+def _split_counts(trainer: pl.Trainer, split: str) -> dict[str, int]:
+    """This process's counts of ``split`` so far (none when the DataModule keeps no counts)."""
+    datamodule = trainer.datamodule
+    if not hasattr(datamodule, "skip_counts"):
+        return {}
+    return {reason: int(n) for reason, n in datamodule.skip_counts(split).items()}
+
+
+def _validation_run_counts(trainer: pl.Trainer) -> dict[str, int]:
+    """This process's counts of the validation run that just ended: what its loaders read in this run (a loader
+    counts each iteration apart, so reads of the validation set outside the run, e.g. by the monitors, are left
+    out), with the validation shard index's :data:`PER_PROCESS` counts."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        loaders = []
+    elif isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    counts: Counter[str] = Counter()
+    for loader in loaders:
+        counts.update(getattr(loader, "iteration_counts", {}))
+    index = {reason: n for reason, n in _split_counts(trainer, "val").items() if reason in PER_PROCESS}
+    return {reason: int(n) for reason, n in counts.items() if reason not in PER_PROCESS} | index
+
+
+class DataStats(StepBoundary):
+    """Log the data pipeline's counts of skipped (and truncated / padded) samples, summed over all ranks, with
+    training and validation kept apart: ``data/<reason>/<split>`` by reason and ``data/skipped/<split>``, their
+    sum over the skip reasons, for ``<split>`` ``train`` and ``val``.
+
+    Each rank's counts (summed over its loader workers) are gathered from every rank before rank 0 logs them.
+    Training counts come from ``trainer.datamodule.skip_counts("train")`` and are cumulative over the whole run
+    (the totals at a checkpoint are carried into the resumed run), logged every ``every_n_steps`` optimizer steps.
+    Validation reads the same samples each time, so its counts are those of one validation run (the validation
+    loaders' ``iteration_counts``), logged when it ends; the sanity check's are not logged. ``damaged_shard``
+    counts shards, once (every rank indexes every shard).
 
     Args:
-        every_n_steps: log every this many optimizer steps.
+        every_n_steps: log the training counts every this many optimizer steps.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
         require_positive("every_n_steps", every_n_steps)
         self.every_n_steps = every_n_steps
         self.base: dict[str, int] = {}
-
-    def totals(self, trainer: pl.Trainer) -> dict[str, int]:
-        """Run-wide counts so far: those carried from the checkpoint plus this process's."""
-        datamodule = trainer.datamodule
-        current = datamodule.skip_counts() if hasattr(datamodule, "skip_counts") else {}
-        keys = set(self.base) | set(current)
-        return {k: int(self.base.get(k, 0)) + int(current.get(k, 0)) for k in sorted(keys)}
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            counts = self.totals(trainer)
-            metrics = {f"data/{reason}": float(n) for reason, n in counts.items()}
-            # Always present (0 on clean data), so a dashboard shows that skipping is being watched.
-            metrics["data/skipped"] = float(sum(n for r, n in counts.items() if r not in NOT_SKIPPED))
-            log_scalars(trainer, metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        trainer = getattr(self, "_trainer", None)
-        return {"counts": self.totals(trainer) if trainer is not None else dict(self.base)}
+        self._trainer: pl.Trainer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
+    def training_totals(self, trainer: pl.Trainer) -> dict[str, int]:
+        """Run-wide training counts so far: those carried from the checkpoint plus every rank's (a collective)."""
+        return combine([self.base, sum_over_ranks(_split_counts(trainer, "train"))])
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Every rank ends the same optimizer steps, so every rank joins the gathering at the same point.
+        if self.ended_step(trainer) and trainer.global_step % self.every_n_steps == 0:
+            log_scalars(trainer, count_metrics(self.training_totals(trainer), "train"))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            log_scalars(trainer, count_metrics(sum_over_ranks(_validation_run_counts(trainer)), "val"))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run-wide training counts (a collective under DDP: Lightning calls it on every rank when it saves)."""
+        totals = self.training_totals(self._trainer) if self._trainer is not None else dict(self.base)
+        return {"train": totals}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base = {k: int(v) for k, v in state_dict.get("counts", {}).items()}
+        # Checkpoints written before the splits were kept apart hold one total of both, under "counts".
+        counts = state_dict.get("train", state_dict.get("counts", {}))
+        self.base = {reason: int(n) for reason, n in counts.items()}

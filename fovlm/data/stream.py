@@ -1,15 +1,17 @@
 """The stateful stream of batches and its loader: what a loader worker reads in an epoch, resumable exactly.
 
 A :class:`ShardStream` is an ``IterableDataset``: each loader worker computes its own plan for the epoch
-(:mod:`fovlm.data.plan`), reads its samples from the shards (:mod:`fovlm.data.shards`), encodes them and yields
-the planned batches (:mod:`fovlm.data.batching`).
+(:mod:`fovlm.data.plan`), reads its samples from the shards, local or streamed (:mod:`fovlm.data.tar_samples`),
+encodes them and yields the planned batches (:mod:`fovlm.data.batching`).
 
 **Resume.** A worker's state is its epoch, the batches it yielded, the next planned batch and the samples
-read but held back (by plan position). Restoring replays the plan, passes over the batches already yielded
-without reading their data, re-reads the held samples and continues with the next batch. torchdata's
-``StatefulDataLoader`` collects these states from the workers; Lightning stores a stateful loader's state in
-checkpoints and restores it before iterating. The epoch comes from the Trainer (``epoch_fn``), or the loader
-counts its iterations.
+read but held back (by plan position): with the plan, an exact place in every shard (shard and sample
+offset). Restoring replays the plan, passes over the batches already yielded without reading their data (a
+shard all of whose samples were yielded is not opened; a local tar seeks over the samples before the resume
+point, a streamed one reads forward past them), re-reads the held samples and continues with the next batch.
+torchdata's ``StatefulDataLoader`` collects these states from the workers; Lightning stores a stateful
+loader's state in checkpoints and restores it before iterating. The epoch comes from the Trainer
+(``epoch_fn``), or the loader counts its iterations.
 
 Bad data never stops training: a sample that cannot be encoded is skipped and counted by reason, a shard that
 is unreadable or truncated keeps its readable samples and is reported. The counts travel with the batches to
@@ -31,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from fovlm.data.batching import COUNTS_KEY, EXAMPLES_KEY, BatchAssembly, Outcome, start_position
 from fovlm.data.plan import EpochPlanner, SlotPlan
 from fovlm.data.schema import SampleError
-from fovlm.data.shards import ShardReadError, iter_tar_samples
+from fovlm.data.tar_samples import ShardReadError, iter_tar_samples
 from fovlm.data.workers import WorkerInit, stop_signals_blocked
 from fovlm.rank_state import gather_by_rank, is_gathered, pick_rank
 
@@ -135,7 +137,8 @@ class ShardStream(IterableDataset):
         """Encoded samples (or skip reasons) by input position, in reading order.
 
         Inputs of different groups interleave, so each shard keeps its own open reader ("run": consecutive
-        samples of one shard) and continues where it stopped."""
+        samples of one shard) and continues where it stopped. A run none of whose samples is needed (all
+        yielded before a resume) is not opened: a streamed shard is then not downloaded again."""
         runs: list[list[int]] = []  # positions of consecutive samples of one shard
         open_run: dict[tuple[int, int], int] = {}
         run_of: list[int] = []
@@ -146,10 +149,14 @@ class ShardStream(IterableDataset):
                 runs.append([])
             runs[r].append(pos)
             run_of.append(r)
+        wanted = [any(needed(pos) for pos in run) for run in runs]
         readers: dict[int, Iterator[tuple[int, str, dict[str, bytes] | None]]] = {}
         failed: dict[int, str] = {}
         for pos, ref in enumerate(plan.inputs):
             r = run_of[pos]
+            if not wanted[r]:
+                yield pos, ("skipped", None)
+                continue
             path = self.planner.groups[ref.group].shards[ref.shard]
             if r not in readers and r not in failed:
                 first = plan.inputs[runs[r][0]].index
@@ -166,13 +173,15 @@ class ShardStream(IterableDataset):
                 index, key, members = next(readers[r])
             except (ShardReadError, StopIteration) as err:
                 failed[r] = (
-                    str(err) if isinstance(err, ShardReadError) else f"shard {path} has no sample {ref.index}"
+                    str(err)
+                    if isinstance(err, ShardReadError)
+                    else f"shard {path} has no sample {ref.index} (it ends before the samples its index counts)"
                 )
                 readers.pop(r)
                 yield pos, ("error", ("shard_error", failed[r]))
                 continue
             if pos == runs[r][-1]:
-                readers.pop(r).close()  # the run is complete: release the file
+                readers.pop(r).close()  # the run is complete: release the file (or stop the stream)
             if index != ref.index:
                 raise RuntimeError(
                     f"internal reading error: expected sample {ref.index} of {path}, got {index}"
@@ -208,7 +217,8 @@ class ShardLoader(StatefulDataLoader):
         num_workers: loader worker processes (each reads its own slot of every epoch).
         epoch_fn: returns the epoch to read when an iteration starts (a Trainer's ``current_epoch``); without
             it the loader counts its own iterations. The epoch is part of the loader's state.
-        counts: a Counter the skip counts are added to (shared by a DataModule's loaders).
+        counts: a Counter the skip counts are added to (shared by a DataModule's loaders); the counts of the
+            current (or last) iteration alone are ``iteration_counts``.
         finalize: applied to every batch in the main process (e.g. normalising uint8 frames).
         **kwargs: passed on to ``StatefulDataLoader`` (``pin_memory``, ``prefetch_factor``, ...).
 
@@ -239,6 +249,7 @@ class ShardLoader(StatefulDataLoader):
         dataset.set_num_workers(num_workers)
         self.epoch_fn = epoch_fn
         self.counts: Counter[str] = counts if counts is not None else Counter()
+        self.iteration_counts: Counter[str] = Counter()
         self.finalize = finalize
         self._warned: set[str] = set()
         self._next_epoch = 0
@@ -256,6 +267,7 @@ class ShardLoader(StatefulDataLoader):
         self.dataset.set_epoch(epoch)
         with stop_signals_blocked():  # workers forked now start with the stop signals blocked
             iterator = super().__iter__()
+        self.iteration_counts = Counter()
         return _CountingIterator(iterator, self)
 
     def state_dict(self) -> dict[str, Any]:
@@ -277,7 +289,9 @@ class ShardLoader(StatefulDataLoader):
     def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
         counts = batch.pop(COUNTS_KEY, None) or {}
         examples = batch.pop(EXAMPLES_KEY, None) or {}
-        self.counts.update({reason: n for reason, n in counts.items() if n})
+        counted = {reason: n for reason, n in counts.items() if n}
+        self.counts.update(counted)
+        self.iteration_counts.update(counted)
         for reason, n in counts.items():
             if n and reason not in self._warned and reason != "truncated":
                 self._warned.add(reason)
