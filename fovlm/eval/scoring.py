@@ -138,7 +138,12 @@ def question_length(model, options: OptionTokens) -> int:
 
 @torch.no_grad()
 def score_question(
-    model, frames: Tensor, options: OptionTokens, modes: tuple[str, ...] = MODES, patches: PatchCache | None = None
+    model,
+    frames: Tensor,
+    options: OptionTokens,
+    modes: tuple[str, ...] = MODES,
+    patches: PatchCache | None = None,
+    score_options: Callable[..., Tensor] = score_on_prefix,
 ) -> dict[str, Tensor]:
     """Mean answer-token NLL of every option in every mode, sharing all the work the modes and options share.
 
@@ -155,9 +160,11 @@ def score_question(
         options: the question's option layout (:func:`fovlm.eval.questions.render_options`).
         modes: any of "coarse_only", "coarse_fine", "autoregressive".
         patches: the question's patch pass when the caller already ran it (``model.encode_patches(frames)``).
+        score_options: scores the options against each mode's prefix; takes :func:`score_on_prefix`'s
+            arguments (the lmms-eval adapter, :mod:`fovlm.eval.lmms`, also reads the greedy tokens there).
 
     Returns:
-        mode -> float32 [n] mean NLL per option.
+        mode -> what ``score_options`` returns (by default float32 [n] mean NLL per option).
     """
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -174,16 +181,16 @@ def score_question(
         coarse, _ = model.static_tokens(patches)  # [T*k, Dl]
         cache, visual_hidden, last = _prefix_on_tokens(model, coarse, prefix_ids, question_len)
         if "coarse_only" in modes:
-            results["coarse_only"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
+            results["coarse_only"] = score_options(step, cache, cache.get_seq_length(), last, options)
         if "coarse_fine" in modes:
             queries = shift_queries(model.query_head(visual_hidden), num_frames, model.initial_queries)  # [T*k, Dq]
             fine, _ = model.read_frames(queries, patches)  # [T*k, Dl]
             cache, _, last = _prefix_on_tokens(model, fine, prefix_ids, question_len)
-            results["coarse_fine"] = score_on_prefix(step, cache, cache.get_seq_length(), last, options)
+            results["coarse_fine"] = score_options(step, cache, cache.get_seq_length(), last, options)
     if "autoregressive" in modes:
         prefix, last = autoregressive_prompt(model, patches, prefix_ids, question_len)
         cache = prefix.past_key_values
-        results["autoregressive"] = score_on_prefix(step, cache, cache.get_seq_length(), model.lm_head(last), options)
+        results["autoregressive"] = score_options(step, cache, cache.get_seq_length(), model.lm_head(last), options)
     return {mode: results[mode] for mode in modes}
 
 
