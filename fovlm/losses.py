@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER, ROLE_PAD, question_end
+from fovlm.reference_logps import CachedReference
 
 LOSS_NAMES = ("all_text", "answer_only", "dpo")
 
@@ -189,7 +190,8 @@ class HeadOptions:
         mode: the model's forward mode (e.g. ``coarse_fine``).
         lambda_coarse: weight of the auxiliary coarse_only cross-entropy (CE heads).
         lambda_ar: weight of the auxiliary autoregressive cross-entropy (CE heads).
-        reference: the frozen reference model (DPO).
+        reference: the frozen reference model (DPO), or its log-probabilities read from a cache
+            (:class:`~fovlm.reference_logps.CachedReference`).
     """
 
     mode: str = "coarse_fine"
@@ -304,33 +306,45 @@ class DPO(LossHead):
             labels_per_side.append(labels)
         return inputs, labels_per_side
 
+    def pair_logps(self, model: Any, batch: dict[str, Any], mode: str = "coarse_fine",
+                   sides: tuple[list, list[Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+        """Sequence log-probs (chosen, rejected) float32 [B] of ``model`` on a preference batch: the policy's, the
+        reference model's, and what ``fovlm reference-logps`` caches (the same code, so the same numbers).
+        ``sides``: the batch's model inputs and labels per side, when already made."""
+        (chosen, rejected), labels_per_side = sides or self._sides(batch)
+        batch_size = labels_per_side[0].shape[0]
+        chosen_logits, rejected_logits = model.forward_pair(
+            batch["frames"], batch["num_frames"], chosen, rejected, mode=mode,
+            visual_at=visual_positions(model, batch["chosen_roles"]),
+        )
+        result = []
+        for logits, labels in ((chosen_logits, labels_per_side[0]), (rejected_logits, labels_per_side[1])):
+            _, targets, sample_index = selected_targets(labels)
+            result.append(sequence_logps(logits, targets, sample_index, batch_size))  # [B]
+        return result[0], result[1]
+
     def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
-        """Run policy and reference model on a preference batch; ``reference`` runs without gradients."""
+        """Run the policy and the reference model on a preference batch; ``reference`` runs without gradients.
+
+        ``reference`` may instead be a :class:`~fovlm.reference_logps.CachedReference`: the reference model's
+        log-probabilities read from a cache (by the batch's keys, at the policy's k queries per frame)."""
         mode, reference = options.mode, options.reference
         if reference is None:
-            raise ValueError("the DPO loss needs a reference model")
+            raise ValueError("the DPO loss needs a reference model (or cached reference log-probabilities)")
         if options.lambda_coarse > 0 or options.lambda_ar > 0:
             raise ValueError("the DPO loss has no auxiliary losses (lambda_coarse and lambda_ar must be 0)")
-        (chosen, rejected), (chosen_labels, rejected_labels) = self._sides(batch)
-        batch_size = chosen_labels.shape[0]
-
-        def logps(pair_model: Any) -> tuple[Tensor, Tensor]:
-            chosen_logits, rejected_logits = pair_model.forward_pair(
-                batch["frames"], batch["num_frames"], chosen, rejected, mode=mode,
-                visual_at=visual_positions(pair_model, batch["chosen_roles"]),
-            )
-            result = []
-            for logits, labels in ((chosen_logits, chosen_labels), (rejected_logits, rejected_labels)):
-                _, targets, sample_index = selected_targets(labels)
-                result.append(sequence_logps(logits, targets, sample_index, batch_size))  # [B]
-            return result[0], result[1]
-
-        policy_chosen, policy_rejected = logps(model)
-        with torch.no_grad():
-            reference_chosen, reference_rejected = logps(reference)
+        sides = self._sides(batch)
+        policy_chosen, policy_rejected = self.pair_logps(model, batch, mode, sides)
+        if isinstance(reference, CachedReference):
+            k = getattr(model, "active_queries", 1)
+            reference_chosen, reference_rejected = reference.logps(batch, k, policy_chosen.device)
+        else:
+            with torch.no_grad():
+                reference_chosen, reference_rejected = self.pair_logps(reference, batch, mode, sides)
         loss, losses, metrics = dpo_loss(
             policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta
         )
+        chosen_labels, rejected_labels = sides[1]
         num_scored = int((chosen_labels != IGNORE_INDEX).sum() + (rejected_labels != IGNORE_INDEX).sum())
         return LossOutput(loss, num_scored, losses.detach(), torch.ones_like(losses), metrics)
 

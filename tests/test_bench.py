@@ -180,6 +180,7 @@ def test_cpu_dry_run_at_two_queries_per_frame(tmp_path):
     assert fp32["sft8"]["samples_per_s"] > 0 and fp32["sft8"]["model_flop_per_step"] > 0
     assert "mixed_padded" not in fp32 and fp32["scoring"]["ratio"] > 0
     assert fp32["packing"]["packed"]["tokens_per_s"] > 0
+    assert fp32["dpo_cached"]["online_module_bytes"] == 2 * fp32["dpo_cached"]["module_bytes"]  # one model, not two
     assert set(result["padding"]) == {"stage2", "synthetic", "stage3"}
 
 
@@ -218,3 +219,23 @@ def test_stream_bench_runs_and_bounds_the_window_cache(tmp_path, capsys):
     assert window["40"]["positions"] <= 2 + 6 + 4 and window["40"]["cache_bytes"] <= 12 * per_position
     assert window["40"]["evicted"] > 0 and window["40"]["frames_per_s"] > 0
     assert "frames/s" in capsys.readouterr().out
+
+
+def test_cached_dpo_section_holds_one_model_and_three_quarters_of_the_flops(tmp_path, capsys):
+    """`python -m fovlm.bench.dpo_cache`: the DPO step from cached reference log-probabilities against the SFT step,
+    next to its FLOP ratio (the policy's 3 pair forwards, not 4), holding one model instead of two."""
+    from fovlm.bench.dpo_cache import main, probe, section
+
+    out = tmp_path / "dpo_cache.json"
+    assert main(["--dry-run", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["tiny"]["fp32"]["dpo_cached"]
+    assert r["online_module_bytes"] == 2 * r["module_bytes"]
+    assert r["flop_vs_sft8_step"] == pytest.approx(0.75 * r["online_flop_vs_sft8_step"])
+    assert 1 < r["flop_vs_sft8_step"] < r["online_flop_vs_sft8_step"]
+    assert r["step_vs_sft8_step"] > 0 and r["step_ratio_over_flop_ratio"] > 0
+    assert "DPO step, cached reference / SFT step" in capsys.readouterr().out
+    # --memory's child: one configuration per process, the cached one building only its own model
+    section("tiny", "fp32", tmp_path, dry_run=True)
+    held = {config: probe(config, "tiny", "fp32", tmp_path, dry_run=True) for config in ("dpo", "dpo_cached")}
+    assert held["dpo"]["module_bytes"] == 2 * held["dpo_cached"]["module_bytes"]
+    assert held["dpo_cached"]["peak_rss_bytes"] > held["dpo_cached"]["module_bytes"]

@@ -261,3 +261,70 @@ def test_summary_reads_first_and_last_loss(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", str(tmp_path / "empty")])
     assert exit_info.value.code == 1
+
+
+def test_reference_logps_writes_the_cache_that_fit_reads_instead_of_a_reference_model(data, tmp_path, capsys):
+    """`fovlm reference-logps` over a stage-3 run's shards (its own configs), then `fovlm fit` with the cache: the
+    losses of the run with a reference model, every pair cached, the data settings recorded."""
+    import torch
+    from fitkit import read_events
+
+    from fovlm.module import FoveatedModule
+
+    torch.manual_seed(3)
+    stage2 = FoveatedModule(llm="tiny", vision="tiny", query_dim=64, vision_init_range=0.2)  # demo + test overlay
+    stage2.configure_model()
+    init = tmp_path / "stage2.pt"
+    torch.save(stage2.model.state_dict(), init)
+    online = fit_args(3, data, tmp_path / "online", 3, extra=["--model.init_args.init_from", str(init)])
+    cache = tmp_path / "reference-logps"
+    code, out, _ = _exit(["reference-logps", *online[1:], "--output", str(cache)], capsys)
+    assert code == 0 and f"wrote {cache / 'manifest.json'}" in out
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["pairs"] == 12  # every preference pair of the synthetic set, once
+    assert [Path(p).parent.name for p in manifest["splits"]["train"]["shards"]] == ["train"]
+    assert manifest["identity"]["data"]["max_length"] == 128 and manifest["identity"]["precision"] == "32-true"
+    assert manifest["identity"]["data"]["frames"] == {"frame_size": 56, "max_frames": 8, "image_frames": 4}
+
+    FovlmCLI(args=online)
+    cached_args = fit_args(3, data, tmp_path / "cached", 3, extra=[
+        "--model.init_args.init_from", str(init), "--model.init_args.reference_logps", str(cache)])
+    cli = FovlmCLI(args=cached_args)
+    assert cli.model.reference is None and cli.model.reference_cache is not None
+    expected = read_events(tmp_path / "online" / "stage3")["scalars"]["train/loss"]
+    losses = read_events(tmp_path / "cached" / "stage3")["scalars"]["train/loss"]
+    assert len(expected) == 3 and sorted(losses) == sorted(expected)  # the same steps
+    assert [losses[s] for s in sorted(losses)] == pytest.approx([expected[s] for s in sorted(expected)], abs=1e-5)
+
+    # another max_length tokenizes other pairs: the cache is stale, named with the setting
+    with pytest.raises(ValueError, match=r"manifest\.json is stale: data\.max_length is 128 there but 96"):
+        FovlmCLI(args=cached_args + ["--data.init_args.max_length", "96"])
+
+
+@pytest.mark.slow
+def test_reference_logps_on_two_ranks_writes_a_part_each_and_the_same_numbers(data, tmp_path, capsys):
+    """Two CPU processes (DDP over gloo) split the pairs as training splits them: one part file per rank, every
+    pair once, the numbers of the one-process build."""
+    import torch
+
+    from fovlm.module import FoveatedModule
+    from fovlm.reference_logps import ReferenceLogps
+
+    torch.manual_seed(3)
+    stage2 = FoveatedModule(llm="tiny", vision="tiny", query_dim=64, vision_init_range=0.2)
+    stage2.configure_model()
+    torch.save(stage2.model.state_dict(), tmp_path / "stage2.pt")
+    args = ["reference-logps", *fit_args(3, data, tmp_path / "runs", 3)[1:],
+            "--model.init_args.init_from", str(tmp_path / "stage2.pt")]
+    assert _exit([*args, "--output", str(tmp_path / "one")], capsys)[0] == 0
+    two = [*args, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    result = subprocess.run(fovlm_command([*two, "--output", str(tmp_path / "two")]), env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300, cwd=CONFIGS.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    one, both = ReferenceLogps.open(tmp_path / "one").tables["train"], ReferenceLogps.open(tmp_path / "two")
+    assert both.manifest["splits"]["train"]["parts"] == ["train/part-00000-of-00002.pt", "train/part-00001-of-00002.pt"]
+    two_ranks = both.tables["train"]
+    assert set(two_ranks.rows) == set(one.rows) and len(one.rows) == 12
+    for name, (row, digest, _) in one.rows.items():
+        assert two_ranks.rows[name][1] == digest
+        assert torch.allclose(two_ranks.logps[two_ranks.rows[name][0]], one.logps[row], atol=1e-4, rtol=1e-6), name

@@ -2,8 +2,9 @@
 
 At a size (``tiny``: hidden 64 / 2 layers; ``real``: random DINOv2-small geometry + the real
 SmolLM2-135M-Instruct) and precision (fp32; bf16 autocast over fp32 weights) :func:`run_size` measures training
-samples/s for coarse_fine SFT on 8-frame clips, on a batch of mixed 1-64 frame clips and for DPO, with the
-peak RSS (and peak device memory on CUDA) of each and the achieved model FLOP/s (:mod:`fovlm.bench.flops`)
+samples/s for coarse_fine SFT on 8-frame clips, on a batch of mixed 1-64 frame clips and for DPO (with its
+reference model, and from cached reference log-probabilities holding one model: :func:`cached_dpo_step`), with
+the peak RSS (and peak device memory on CUDA) of each and the achieved model FLOP/s (:mod:`fovlm.bench.flops`)
 against the matmul rate measured in the same run; the autoregressive time per frame at 8-64 frames; greedy
 generation tokens/s; 3-mode multiple-choice scoring. Each design choice is timed against its naive version
 in the same run (:mod:`fovlm.bench.naive`): padded vs per-sample layout, K/V projected twice vs once, the
@@ -100,6 +101,11 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     flop8_frozen = training.step_flops(shape, batch8, sft.loss_head, frozen_vision=True)
     flop_mixed = training.step_flops(shape, mixed, sft.loss_head)
     flop_dpo = training.step_flops(shape, pairs, dpo.loss_head, dpo=True)
+    flop_dpo_cached = training.step_flops(shape, pairs, dpo.loss_head, dpo=True, reference=False)
+    with tempfile.TemporaryDirectory(prefix="fovlm-bench-") as tmp:  # the cache is read into the module
+        dpo_cached = training.cached_reference_module(size, dpo, inputs.to_device(pairs, device), Path(tmp), device,
+                                                      num_queries=num_queries)
+    held = (training.module_bytes(dpo_cached), training.module_bytes(dpo))
     out: dict[str, Any] = {"shape": shape.__dict__, "batches": {
         "sft8_num_frames": list(p["batch_frames"]), "mixed_num_frames": list(p["mixed"]), "text_tokens": p["text"]}}
     out["padding"] = {name: mix.padding_figures(name, mix.BATCH_SIZES[name], num_queries, PACKINGS,
@@ -124,25 +130,12 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
         res["dpo"]["step_vs_sft8_step"] = res["dpo"]["step_s"] / res["sft8"]["step_s"]
         log(f"{size}/{precision}: packed vs unpacked on a stage-2 mix of {p['mix'][0]}")
         res["packing"] = packing_steps(env, sft, sft_opt, shape, p, peak)
+        log(f"{size}/{precision}: training dpo from cached reference log-probabilities")
+        res["dpo_cached"] = cached_dpo_step(env, dpo_cached, res, pairs, flop_dpo_cached, flop8, peak, p, held)
         # The naive ways reproduce the fVLM original's one-token layout: compared at k = 1 only.
         compare_naive = precision in p["naive_precisions"] and num_queries == 1
         if compare_naive:
-            log(f"{size}/{precision}: naive padded layout on the mixed batch")
-            res["mixed_padded"] = train_config(env, sft, sft_opt, training.padded_ce_loss(sft, False), mixed,
-                                               flop_mixed, peak, 1, warmup=0)
-            res["mixed_padded"]["ratio_vs_per_sample"] = res["mixed_padded"]["step_s"] / res["mixed"]["step_s"]
-            if p["full_padding"]:
-                res["mixed_padded_frames_encoded"] = train_config(
-                    env, sft, sft_opt, training.padded_ce_loss(sft, True), mixed, flop_mixed, peak, 1, warmup=0)
-                res["mixed_padded_frames_encoded"]["ratio_vs_per_sample"] = (
-                    res["mixed_padded_frames_encoded"]["step_s"] / res["mixed"]["step_s"])
-            log(f"{size}/{precision}: lm_head over every text position")
-            res["sft8_full_lm_head"] = train_config(env, sft, sft_opt, training.full_lm_head_ce_loss(sft), batch8,
-                                                    flop8, peak, 1, warmup=0)
-            res["sft8_full_lm_head"]["ratio_vs_scored_rows"] = res["sft8_full_lm_head"]["step_s"] / res["sft8"]["step_s"]
-            log(f"{size}/{precision}: K/V once vs twice")
-            frames = torch.randn(p["kv_frames"], 3, p["image"], p["image"], device=device)
-            res["kv"] = kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
+            naive_sections(env, f"{size}/{precision}", sft, sft_opt, (batch8, mixed), (flop8, flop_mixed), peak, p, res)
         log(f"{size}/{precision}: autoregressive")
         naive_counts = p["ar_naive"] if compare_naive else ()
         res["autoregressive"] = autoregressive_figures(env, sft.model, p["ar"], naive_counts, p["image"],
@@ -157,6 +150,38 @@ def run_size(size: str, precisions: list[str], peaks: dict[str, float], dry_run:
     log(f"{size}: optimizer step, fused vs foreach")
     out["optimizer"] = optimizer_figures(sft, inputs.to_device(batch8, device), device)
     return out
+
+
+def cached_dpo_step(env: Env, module, res: dict[str, Any], pairs: dict, flop: float, flop_sft: float, peak: float,
+                    p: dict[str, Any], held: tuple[int, int]) -> dict[str, Any]:
+    """The DPO step reading cached reference log-probabilities (one model held) against the SFT step and the
+    online DPO step timed in ``res``; ``held``: model bytes of the cached and the online DPO module."""
+    optimizer = inputs.make_optimizer(module, fused=True)
+    timing = train_config(env, module, optimizer, training.ce_loss(module), pairs, flop, peak, p["steps"], p["warmup"])
+    return training.cached_dpo_figures(timing, res["dpo"], res["sft8"], flop_sft, *held)
+
+
+def naive_sections(env: Env, tag: str, sft, sft_opt, batches: tuple[dict, dict], flop: tuple[float, float],
+                   peak: float, p: dict[str, Any], res: dict[str, Any]) -> None:
+    """The naive ways against fovlm's (padded layout, lm_head over every position, K/V twice) into ``res``;
+    ``batches`` and ``flop``: the 8-frame and the mixed batch; ``tag``: size/precision in the progress lines."""
+    (batch8, mixed), (flop8, flop_mixed) = batches, flop
+    log(f"{tag}: naive padded layout on the mixed batch")
+    res["mixed_padded"] = train_config(env, sft, sft_opt, training.padded_ce_loss(sft, False), mixed,
+                                       flop_mixed, peak, 1, warmup=0)
+    res["mixed_padded"]["ratio_vs_per_sample"] = res["mixed_padded"]["step_s"] / res["mixed"]["step_s"]
+    if p["full_padding"]:
+        res["mixed_padded_frames_encoded"] = train_config(
+            env, sft, sft_opt, training.padded_ce_loss(sft, True), mixed, flop_mixed, peak, 1, warmup=0)
+        res["mixed_padded_frames_encoded"]["ratio_vs_per_sample"] = (
+            res["mixed_padded_frames_encoded"]["step_s"] / res["mixed"]["step_s"])
+    log(f"{tag}: lm_head over every text position")
+    res["sft8_full_lm_head"] = train_config(env, sft, sft_opt, training.full_lm_head_ce_loss(sft), batch8,
+                                            flop8, peak, 1, warmup=0)
+    res["sft8_full_lm_head"]["ratio_vs_scored_rows"] = res["sft8_full_lm_head"]["step_s"] / res["sft8"]["step_s"]
+    log(f"{tag}: K/V once vs twice")
+    frames = torch.randn(p["kv_frames"], 3, p["image"], p["image"], device=env.device)
+    res["kv"] = kv_once_vs_twice(env, sft.model, frames, p["kv_repeats"])
 
 
 def sdpa_kernel_step(env: Env, module, optimizer, batch: dict, flop: float, peak: float, p: dict[str, Any],
@@ -252,6 +277,6 @@ def finish(results: dict[str, Any], out: Path, started: float, dry_run: bool,
     results["meta"]["load_average_end"] = os.getloadavg()
     results["meta"]["wall_s"] = time.time() - started
     save(results, out)
-    print_table(summary_rows(results))
+    print_table(summary_rows(results) + training.cached_dpo_rows(results))
     print(f"wrote {out} in {results['meta']['wall_s']:.0f} s (load average {results['meta']['load_average_start']}"
           f" -> {results['meta']['load_average_end']})")

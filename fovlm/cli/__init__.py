@@ -1,7 +1,7 @@
 """The ``fovlm`` command line: one table of commands (:data:`COMMANDS`); ``fovlm --help`` lists them.
 
 ``fit`` and ``validate`` are LightningCLI's (:class:`fovlm.cli.train.FovlmCLI`); ``eval``, ``predict``,
-``stream``, ``export`` and ``summary`` are fovlm's own. LightningCLI's ``test`` and ``predict`` are not offered: the
+``stream``, ``export``, ``summary`` and ``reference-logps`` are fovlm's own. LightningCLI's ``test`` and ``predict`` are not offered: the
 LightningModule has no ``test_step`` or ``predict_step`` (benchmarks are ``fovlm eval``, answers about one file
 ``fovlm predict``). A command's code is imported only when it runs, so ``fovlm --help`` is quick.
 
@@ -13,6 +13,7 @@ LightningModule has no ``test_step`` or ``predict_step`` (benchmarks are ``fovlm
     fovlm fit --config configs/stage1.yaml --config configs/demo.yaml --print_config
     fovlm eval --model exported/fovlm-135m --benchmark mvbench='data/mvbench/*.tar'   # fovlm.eval.run
     fovlm export runs/stage3/checkpoints/last.ckpt exported/fovlm-135m                 # fovlm.export
+    fovlm reference-logps --config configs/stage3.yaml --output runs/stage3/reference-logps   # fovlm.cli.reference_logps
     fovlm predict clip.mp4 --model exported/fovlm-135m --prompt "What happens?"       # fovlm.eval.predict
     fovlm stream long.mp4 --model exported/fovlm-135m --ask "90:What is on the table?"   # fovlm.eval.stream
 
@@ -54,6 +55,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("a checkpoint as a Hugging Face-style folder with a model card", target="fovlm.export:main"),
     "summary": Command("first and last training loss of runs, and where their TensorBoard logs are",
                        target="fovlm.cli.summary:main"),
+    "reference-logps": Command("the DPO reference model's log-probabilities over a stage-3 run's shards, cached for fit",
+                               target="fovlm.cli.reference_logps:main"),
 }
 
 
