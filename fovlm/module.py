@@ -12,6 +12,7 @@
   submodule (so it follows the policy's device and precision) but never in the optimizer, always in eval
   mode, run without gradients, and NOT written into checkpoints: a checkpoint stores its fingerprint
   instead; on resume the reference model is rebuilt from ``init_from`` and must match that fingerprint.
+  With ``reference_logps`` its log-probabilities are read from a cache instead (:mod:`fovlm.reference_logps`).
 - Logged once per optimizer step: ``train/loss`` (mean over the step's micro-batches, not the last one),
   ``train/loss/<source>`` (token-weighted over the step's micro-batches, this rank's samples),
   ``train/lr/<group>``, ``train/grad_norm`` (before clipping; clipping is the Trainer's
@@ -43,6 +44,8 @@ from fovlm.model.parameters import (
     state_fingerprint,
     vision_backbone,
 )
+from fovlm.model.sharding import data_parallel_mesh, global_grad_norm, is_sharded, shard_vlm
+from fovlm.reference_logps import ReferenceLogps, open_for_run
 from fovlm.schedules import lr_lambdas, query_budget
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,8 @@ class FoveatedModule(L.LightningModule):
             the LLM passes of training and validation (coarse_only, coarse_fine, DPO pairs; each sample attends
             only to itself, so every sample's loss is unchanged), instead of one row per sample padded to the
             longest (docs/model.md#packing). None: no packing. A training setting, like ``patch_pass_bf16``.
+        reference_logps: a folder written by ``fovlm reference-logps`` (``loss: dpo`` only): the reference model's
+            log-probabilities are read from it and no reference model is built (fovlm.reference_logps).
     """
 
     def __init__(
@@ -141,6 +146,7 @@ class FoveatedModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         patch_pass_bf16: bool = False,
         pack_tokens: int | None = None,
+        reference_logps: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -163,6 +169,8 @@ class FoveatedModule(L.LightningModule):
                              f"got {query_budgets}")
         if pack_tokens is not None and pack_tokens < 1:
             raise ValueError(f"pack_tokens must be at least 1 (or null: no packing), got {pack_tokens}")
+        if reference_logps is not None and loss != "dpo":
+            raise ValueError(f"reference_logps holds DPO reference log-probabilities; loss is {loss!r}, not dpo")
         if schedule == "converging" and (target_lr is None or target_lr <= 0):
             raise ValueError("the converging schedule needs a positive target_lr")
         self.loss_head = build_loss_head(loss, beta)
@@ -171,10 +179,12 @@ class FoveatedModule(L.LightningModule):
         self.model: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.reference_fingerprint: str | None = None
+        self.reference_cache: ReferenceLogps | None = None
         self.empty_batches = 0
         self._val_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._step_sums: dict[str, list[Any]] = {}
         self._synced_keys: set[str] = set()
+        self._tokenizer_files: dict[str, bytes] | None = None
 
     # -- model -----------------------------------------------------------------------------------------------
 
@@ -198,7 +208,10 @@ class FoveatedModule(L.LightningModule):
         )
         if hp.init_from:
             load_weights(model, hp.init_from, label="init_from checkpoint")
-        if hp.loss == "dpo":
+        if hp.loss == "dpo" and hp.reference_logps:
+            self.reference_fingerprint = state_fingerprint(model)  # that of the reference model it replaces
+            self.reference_cache = open_for_run(hp, self.reference_fingerprint, self._trainer)
+        elif hp.loss == "dpo":
             reference = copy.deepcopy(model).eval()
             reference.requires_grad_(False)
             self.reference_fingerprint = state_fingerprint(reference)
@@ -221,6 +234,8 @@ class FoveatedModule(L.LightningModule):
         for vlm in (model, self.reference):
             if vlm is not None:
                 vlm.use_packing(hp.pack_tokens)
+                if self.device_mesh is not None:  # a model-parallel strategy: fully sharded (FSDP2) over its ranks
+                    shard_vlm(vlm, data_parallel_mesh(self.device_mesh))
         self.model = model
 
     def on_fit_start(self) -> None:
@@ -315,7 +330,7 @@ class FoveatedModule(L.LightningModule):
             self.log(f"train/lr/{group['group']}", group["lr"], on_step=True, on_epoch=False)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+            self.log("train/grad_norm", global_grad_norm(grads), on_step=True, on_epoch=False)
 
     # -- steps -----------------------------------------------------------------------------------------------
 
@@ -343,15 +358,17 @@ class FoveatedModule(L.LightningModule):
         A batch of text-only samples runs no visual path, so the vision and query parameters would get no
         gradient at all, and DDP (without ``find_unused_parameters``) would fail at the next step waiting for
         their reduction. Adding this term to such a batch's loss keeps every rank's gradient set identical.
+        A sharded model needs none: its units run (on no frames) and reduce their gradients all the same.
         """
         return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.loss_head(
             self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse,
-            lambda_ar=self.hparams.lambda_ar, reference=self.reference,
+            lambda_ar=self.hparams.lambda_ar,
+            reference=self.reference if self.reference_cache is None else self.reference_cache.view(stage),
         )
-        if stage == "train" and int(batch["num_frames"].sum()) == 0:
+        if stage == "train" and int(batch["num_frames"].sum()) == 0 and not is_sharded(self.model):
             out.loss = out.loss + self._zero_touch_trainable()
         sources = list(batch["source"])
         batch_size = len(sources)
@@ -409,7 +426,10 @@ class FoveatedModule(L.LightningModule):
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the DPO reference model out of the checkpoint; store its fingerprint and the counters instead."""
+        """Leave the DPO reference model out of the checkpoint; store its fingerprint and the counters instead, and
+        the model's architecture and tokenizer, so that the checkpoint rebuilds offline (fovlm.model.stored)."""
+        from fovlm.model.stored import STORED_KEY, datamodule_tokenizer_files, stored_record
+
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
@@ -418,6 +438,10 @@ class FoveatedModule(L.LightningModule):
             "init_from": self.hparams.init_from,
             "empty_batches": self.empty_batches,
         }
+        if self.model is not None:
+            if self._tokenizer_files is None:  # written out at the first save of the run
+                self._tokenizer_files = datamodule_tokenizer_files(self._trainer)
+            checkpoint[STORED_KEY] = stored_record(self.model, self._tokenizer_files)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the rebuilt DPO reference model against the stored fingerprint, then put its weights in place.
@@ -433,7 +457,7 @@ class FoveatedModule(L.LightningModule):
                 "loading a checkpoint of this stage: its weights supersede init_from=%s for the trained model",
                 self.hparams.init_from,
             )
-        if self.reference is None:
+        if self.reference is None and self.reference_cache is None:
             return
         stored = info.get("reference_fingerprint")
         if stored is None:
@@ -446,5 +470,5 @@ class FoveatedModule(L.LightningModule):
                 f"this checkpoint was trained against (saved with init_from={info.get('init_from')!r})"
             )
         state = checkpoint["state_dict"]
-        for key, value in self.reference.state_dict().items():
+        for key, value in (self.reference.state_dict() if self.reference is not None else {}).items():
             state[REFERENCE_PREFIX + key] = value

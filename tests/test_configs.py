@@ -1,6 +1,6 @@
 """Every YAML in configs/ instantiates as it is meant to be used (offline, no training): stage configs on their own,
 overlays on top of each stage config; the stage configs with the demo overlay; the recipe values of the stage
-configs; the LLM -> tokenizer links; the 1.7B overlay's FSDP strategy."""
+configs; the LLM -> tokenizer links; the 1.7B overlay's fully sharded strategy."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fitkit import CONFIGS, STAGE_DATA, fovlm_command, subprocess_env, synthetic
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy
 
 from fovlm.callbacks import (
     AtomicCheckpointIO,
@@ -31,6 +31,7 @@ from fovlm.cli.train import FovlmCLI
 from fovlm.data.datamodules import CaptionDataModule, PreferenceDataModule, SFTDataModule
 from fovlm.model.loading import SMOLLM2_FOLDER, TINY_LLM_TOKENIZER
 from fovlm.module import FoveatedModule
+from fovlm.strategy import FullyShardedStrategy
 
 DATAMODULES = {1: CaptionDataModule, 2: SFTDataModule, 3: PreferenceDataModule}
 LOSSES = {1: "all_text", 2: "answer_only", 3: "dpo"}
@@ -103,13 +104,13 @@ def test_every_config_file_is_covered():
                          ids=[f"{b}+{o}" if o else b for b, o in COMPOSITIONS])
 def test_every_config_file_instantiates(config, overlay, data, empty_folder, tmp_path, monkeypatch):
     """Model, DataModule and Trainer of each composition, with the tiny models and no network: a Trainer whose
-    strategy needs a GPU (FSDP) is built only where there is one, its strategy object everywhere."""
+    strategy needs a GPU (Lightning's FSDPStrategy) is built only where there is one, its strategy object everywhere."""
 
     def no_network(*args, **kwargs):
         raise AssertionError("a config tried to reach the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    gpu_only = (FSDPStrategy, ModelParallelStrategy)
+    gpu_only = (FSDPStrategy,)
 
     class CLI(FovlmCLI):
         def instantiate_trainer(self, **kwargs):
@@ -177,17 +178,15 @@ def test_recipe_values(stage, data, tmp_path):
     assert dm.image_frames == 8 and dm.max_frames == 64 and dm.frame_size == 224
 
 
-def test_large_overlay_uses_fsdp_with_checkpointing(data, tmp_path):
+def test_large_overlay_shards_fully_with_checkpointing(data, tmp_path):
     class NoTrainer(FovlmCLI):
         def instantiate_trainer(self, **kwargs):
             return self._get(self.config_init, "trainer")
 
     cli = NoTrainer(args=_args(2, data, tmp_path, "size/1.7b.yaml"), run=False)
     strategy = cli.trainer["strategy"]
-    assert isinstance(strategy, FSDPStrategy)
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    assert LlamaDecoderLayer in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert isinstance(strategy, FullyShardedStrategy) and strategy._save_distributed_checkpoint is False
+    assert strategy._tensor_parallel_size == 1
     assert cli.model.hparams.gradient_checkpointing is True
     assert cli.model.hparams.llm == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
     assert cli.trainer["precision"] == "bf16-mixed"

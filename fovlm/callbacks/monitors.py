@@ -3,6 +3,9 @@
 - ``AttentionMonitor``: the attention maps and entropies of the coarse (static) query and the fine (LLM-written)
   queries.
 - ``SampleGeneration``: a greedy answer to the sample's first question, next to its correct answer.
+
+Every rank runs them (a fully sharded model's parameters are gathered for them, which is a collective); only rank 0
+writes what they log.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from fovlm.callbacks.common import (
     require_positive,
     tensorboard_writer,
 )
+from fovlm.model.sharding import gathered
 
 
 class _RandomStatesKept:
@@ -75,7 +79,7 @@ class _FixedSample(StepBoundary):
             return None
         with _RandomStatesKept():
             loader = datamodule.val_dataloader()
-            if not loader:
+            if loader is None or isinstance(loader, (list, tuple)) and not loader:  # no validation set
                 return None
             for batch in loader:
                 # The hook a training batch goes through after reaching the device (frames uint8 -> normalised).
@@ -96,12 +100,13 @@ class _FixedSample(StepBoundary):
             self.sample = self._val_sample(trainer)
         if self.sample is None:
             self.sample = _first_video_sample(batch)
-        if self.sample is None:
+        # Every rank looks or none does: under sharding, gathering the parameters is a collective.
+        if not trainer.strategy.reduce_boolean_decision(self.sample is not None, all=True):
             return
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad(), _RandomStatesKept():
+            with torch.no_grad(), _RandomStatesKept(), gathered(pl_module.model):
                 self.observe(trainer, pl_module, self.sample)
         finally:
             pl_module.train(was_training)

@@ -10,6 +10,10 @@ attends to the layer's cached 257 keys/values only: patches never see the query,
 The final LayerNorm and ``output_proj`` turn it into one vector per frame. With k queries per frame each is such
 a token, and they do not see each other: k independent readings of the same cached frame.
 
+Both passes call each DINO layer as a module (:class:`FoveatedLayer`, whose forward runs either pass), so that what
+acts on a module's forward (FSDP's ``fully_shard`` gathering a layer's parameters, activation checkpointing) sees
+every use of the layer's weights.
+
 Shallow query pass (ablation, ``deep_query=False``): one cross-attention of the projected query on the last
 layer's key/value projections of the final features, then final LayerNorm and ``output_proj``.
 
@@ -160,6 +164,48 @@ def query_layer(
     return h, weights
 
 
+class FoveatedLayer(Dinov2Layer):
+    """A DINOv2 layer whose forward also runs the foveated encoder's two passes.
+
+    It adds no state: the submodules, their names (so state dicts and checkpoints) and Hugging Face's own forward
+    are those of :class:`Dinov2Layer`. :func:`foveated_layers` turns a backbone's layers into this class in place.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        cached: tuple[Tensor, Tensor] | None = None,
+        patch_pass: bool = False,
+        recompute: bool = False,
+        return_weights: bool = False,
+        kernel: str = "auto",
+        **kwargs,
+    ):
+        """Hugging Face's layer forward by default; with ``patch_pass`` :func:`patch_layer` (-> hidden states, keys,
+        values; ``recompute``: activations recomputed in backward, inside the forward so that hooks on the layer
+        such as FSDP's run once); with ``cached`` (this layer's keys and values) :func:`query_layer` (-> hidden
+        states, weights)."""
+        if patch_pass and recompute:
+            return checkpoint(patch_layer, self, hidden_states, kernel, use_reentrant=False)
+        if patch_pass:
+            return patch_layer(self, hidden_states, kernel)
+        if cached is not None:
+            return query_layer(self, hidden_states, cached[0], cached[1], return_weights, kernel)
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+def foveated_layers(dino: Dinov2Model) -> nn.ModuleList:
+    """``dino``'s layers as :class:`FoveatedLayer` (in place, the same objects and weights), returned."""
+    for layer in dino.encoder.layer:
+        if not isinstance(layer, Dinov2Layer):
+            raise TypeError(f"expected DINOv2 layers, got {type(layer).__name__}")
+        if not isinstance(layer, FoveatedLayer):
+            layer.__class__ = FoveatedLayer
+    return dino.encoder.layer
+
+
 class FoveatedEncoder(nn.Module):
     """DINOv2 with a per-layer K/V cache and a learned query that reads one token per frame."""
 
@@ -172,6 +218,7 @@ class FoveatedEncoder(nn.Module):
             deep_query: True for the deep query pass through every layer; False for the shallow ablation.
         """
         super().__init__()
+        foveated_layers(dino)
         self.dino = dino
         self.query_dim = query_dim
         self.deep_query = deep_query
@@ -192,7 +239,7 @@ class FoveatedEncoder(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        """DINOv2's transformer layers."""
+        """DINOv2's transformer layers (:class:`FoveatedLayer`)."""
         return self.dino.encoder.layer
 
     def encode_patches(self, frames: Tensor) -> PatchCache:
@@ -216,10 +263,8 @@ class FoveatedEncoder(nn.Module):
         x = self.dino.embeddings(frames)  # [n, N, D]
         keys, values = [], []
         for layer in self.layers:
-            if self.patch_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(patch_layer, layer, x, self.attention_kernel, use_reentrant=False)
-            else:
-                x, k, v = patch_layer(layer, x, self.attention_kernel)
+            recompute = self.patch_checkpointing and torch.is_grad_enabled()
+            x, k, v = layer(x, patch_pass=True, recompute=recompute, kernel=self.attention_kernel)
             keys.append(k)
             values.append(v)
         return PatchCache(features=self.dino.layernorm(x), keys=keys, values=values)
@@ -252,7 +297,7 @@ class FoveatedEncoder(nn.Module):
         h = self.query_input_proj(queries)  # [n, k, D]
         weights = []
         for layer, k, v in zip(self.layers, cache.keys, cache.values, strict=True):
-            h, w = query_layer(layer, h, k, v, return_attention, self.attention_kernel)
+            h, w = layer(h, cached=(k, v), return_weights=return_attention, kernel=self.attention_kernel)
             weights.append(w)
         z = self.output_proj(self.dino.layernorm(h))  # [n, k, D]
         return z, (weights if return_attention else None)
