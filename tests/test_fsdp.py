@@ -1,5 +1,5 @@
 """Two CPU processes through the real `fovlm fit` with the 1.7B overlay's fully sharded strategy (FSDP2 over gloo,
-activation checkpointing on, the monitors looking every few steps): per-step losses and global gradient norms equal
+activation checkpointing on, the overlay's frame budget, the monitors looking every few steps): per-step losses and global gradient norms equal
 those of DDP on the same ranks and data, across a stop and a resume from the overlay's full-file checkpoint."""
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ TWO_RANKS = [
     "--config", str(CONFIGS / "size" / "1.7b.yaml"),
     "--model.init_args.llm", "tiny", "--model.init_args.vision", "tiny", "--trainer.precision", "32-true",
     "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
-    # Without the overlay's frame budget: an unsized loader (a budget's batch count varies per epoch) is read one
-    # batch ahead by Lightning, so a resume under a budget is not exact (docs/recipe.md#fully-sharded-training).
-    "--data.init_args.max_frames_per_batch", "null",
 ]
 
 pytestmark = pytest.mark.slow

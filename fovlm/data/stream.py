@@ -21,6 +21,8 @@ reason.
 
 from __future__ import annotations
 
+import copy
+
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -222,6 +224,11 @@ class ShardLoader(StatefulDataLoader):
         finalize: applied to every batch in the main process (e.g. normalising uint8 frames).
         **kwargs: passed on to ``StatefulDataLoader`` (``pin_memory``, ``prefetch_factor``, ...).
 
+    The position it saves is that of the batches training has taken. A sized loader's batches are taken as they
+    are read; an unsized one (a frame budget makes the batch count vary per epoch) is read one batch ahead by
+    Lightning, to know which batch ends the epoch, so its saved position is the one before the batch read ahead
+    (until the epoch's end is reached: then nothing was read ahead).
+
     Workers are not persistent: each epoch's workers start from the dataset with that epoch set. They leave stop
     signals (SIGTERM, SIGINT, ...) to the main process (see :mod:`fovlm.data.workers`), so a stop sent to the
     whole process group ends in the main process's checkpoint, not in a dead worker.
@@ -254,6 +261,10 @@ class ShardLoader(StatefulDataLoader):
         self._warned: set[str] = set()
         self._next_epoch = 0
         self._restored_epoch: int | None = None
+        # The position before the batch read last, and whether the iteration has ended (see the class docstring).
+        self._before_last: dict[str, Any] | None = None
+        self._exhausted = False
+        self._reads_ahead = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.epoch_fn is not None:
@@ -268,12 +279,24 @@ class ShardLoader(StatefulDataLoader):
         with stop_signals_blocked():  # workers forked now start with the stop signals blocked
             iterator = super().__iter__()
         self.iteration_counts = Counter()
+        self._before_last, self._exhausted = None, False
+        self._reads_ahead = self.read_ahead
         return _CountingIterator(iterator, self)
+
+    @property
+    def read_ahead(self) -> bool:
+        """Whether Lightning reads this loader one batch ahead: it has no length."""
+        try:
+            len(self.dataset)
+        except TypeError:
+            return True
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         """This loader's position on every rank (each rank reads its own share, and one rank writes the
         checkpoint): a collective under DDP, called by Lightning on all ranks when it saves."""
-        state = super().state_dict()
+        ahead = self._reads_ahead and self._before_last is not None and not self._exhausted
+        state = copy.deepcopy(self._before_last) if ahead else super().state_dict()
         state["fovlm_epoch"] = self._next_epoch - 1 if self._next_epoch > 0 else 0
         return gather_by_rank(state)
 
@@ -304,7 +327,8 @@ class ShardLoader(StatefulDataLoader):
 
 
 class _CountingIterator:
-    """Wraps the loader's iterator: moves each batch's counts into the loader's counter."""
+    """Wraps the loader's iterator: moves each batch's counts into the loader's counter, and for a loader read
+    ahead keeps the position before each batch."""
 
     def __init__(self, iterator: Iterator[dict[str, Any]], loader: ShardLoader):
         self._iterator = iterator
@@ -314,7 +338,15 @@ class _CountingIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        return self._loader._account(next(self._iterator))
+        loader = self._loader
+        before = copy.deepcopy(StatefulDataLoader.state_dict(loader)) if loader._reads_ahead else None
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            loader._exhausted = True
+            raise
+        loader._before_last = before
+        return loader._account(batch)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._iterator, name)

@@ -124,6 +124,36 @@ def test_resume_continues_exactly(shards, tokenizer, tmp_path):
     assert [b["key"] for b in resumed] == [b["key"] for b in epoch1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_under_a_frame_budget_is_exact_behind_lightnings_read_ahead(shards, tokenizer, tmp_path, workers):
+    """An unsized loader (frame budget) is read one batch ahead by Lightning's fetcher: the saved position is that of
+    the batches handed to training, so the resumed run continues with the batch read ahead."""
+    from lightning.pytorch.loops.fetchers import _PrefetchDataFetcher
+
+    paths, _ = shards
+    index = build_index(paths, tmp_path / "cache")
+
+    def loader():
+        return ShardLoader(_stream(paths, index, tokenizer, batch_size=3, buffer=6, budget=5), num_workers=workers)
+
+    reference = loader()
+    assert reference.read_ahead
+    epoch0, epoch1 = [b["key"] for b in reference], [b["key"] for b in reference]
+    for k in (1, 4, len(epoch0)):
+        interrupted = loader()
+        fetcher = _PrefetchDataFetcher()
+        fetcher.setup(interrupted)
+        it = iter(fetcher)
+        trained = [next(it)["key"] for _ in range(k)]
+        state = interrupted.state_dict()
+        del it, fetcher
+        resumed = loader()
+        resumed.load_state_dict(state)
+        rest = [b["key"] for b in resumed]
+        # At the epoch's end nothing was read ahead, and the resumed loader starts the next epoch.
+        assert trained + rest == (epoch0 if k < len(epoch0) else epoch0 + epoch1), k
+
+
 def test_text_retention_share(tmp_path, tokenizer):
     video = [
         str(
