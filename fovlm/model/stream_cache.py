@@ -6,9 +6,17 @@ the freed copies' memory around (measured: resident memory grew 1.37x the cache'
 docs/measured.md#streaming). :class:`GrowingLayer` writes each step into place and reallocates only when its
 capacity is full, doubling it; the unused tail of a buffer is never written, so it costs no resident memory.
 ``keys`` / ``values`` are views of the used part, so everything that reads a ``DynamicLayer`` reads this.
+
+Given the positions a stream can reach (``capacity``: the LLM's position limit for the ``full`` policy, the
+window's size for ``window``), the buffers are reserved at that size from the start and never reallocated: the
+reserved pages become resident only as positions are written, so resident memory grows with the cache itself
+instead of with copies and freed buffers that the allocator keeps.
 """
 
+
 from __future__ import annotations
+
+from functools import partial
 
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
@@ -19,11 +27,17 @@ class GrowingLayer(DynamicLayer):
 
     min_capacity = 256
 
+    def __init__(self, capacity: int = 0) -> None:
+        """Args: capacity: positions reserved at the first update (0: ``min_capacity``, doubling from there)."""
+        super().__init__()
+        self.capacity = capacity
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._key_buffer = key_states.new_empty(*key_states.shape[:-2], 0, key_states.shape[-1])
         self._value_buffer = value_states.new_empty(*value_states.shape[:-2], 0, value_states.shape[-1])
         self.length = 0
+        self._reserve(self.capacity)
         self._views()
 
     def _views(self) -> None:
@@ -76,6 +90,7 @@ class GrowingLayer(DynamicLayer):
         self._views()
 
 
-def growing_cache() -> Cache:
-    """An LLM cache whose layers are :class:`GrowingLayer` (one per decoder layer, created on first use)."""
-    return Cache(layer_class_to_replicate=GrowingLayer)
+def growing_cache(capacity: int = 0) -> Cache:
+    """An LLM cache whose layers are :class:`GrowingLayer` (one per decoder layer, created on first use), each
+    reserving ``capacity`` positions (0: growing by doubling from ``GrowingLayer.min_capacity``)."""
+    return Cache(layer_class_to_replicate=partial(GrowingLayer, capacity=capacity))

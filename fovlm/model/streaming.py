@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 POLICIES = ("full", "window")
 
 
+#: Positions a window cache reserves beyond its frames, for a question and its answer.
+ANSWER_ROOM = 512
+
+
 class StreamFull(RuntimeError):
     """The ``full`` cache policy reached the LLM's position limit."""
 
@@ -99,8 +103,8 @@ class StreamingSession:
         self.policy = policy or CachePolicy()
         self.k = model.active_queries
         self.device = model.q_init.device
-        self.cache = growing_cache()
         self.max_positions = int(getattr(model.llm.config.get_text_config(), "max_position_embeddings", 0) or 0)
+        self.cache = growing_cache(self._capacity(0 if head_ids is None else len(head_ids)))
         self.queries = model.initial_queries.detach()  # [k, Dq]
         self.frames_seen = 0  # frames pushed in all
         self.frames_kept = 0  # frames in the cache now
@@ -112,6 +116,17 @@ class StreamingSession:
             self.head_len, self.last_hidden = len(head_ids), hidden[-1]
 
     # ------------------------------------------------------------------------------------------------ state
+
+    def _capacity(self, head_len: int) -> int:
+        """Positions the LLM cache reserves: the position limit for ``full``, the window and a question's room
+        for ``window`` (an answer past it grows the buffers)."""
+        policy = self.policy
+        if policy.kind == "full" and self.max_positions:
+            return self.max_positions
+        if policy.kind == "full":
+            return 0
+        frames = policy.sink_frames + policy.window_frames + policy.evict_frames
+        return head_len + frames * self.k + ANSWER_ROOM
 
     @property
     def length(self) -> int:

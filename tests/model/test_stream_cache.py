@@ -53,3 +53,26 @@ def test_the_cache_makes_one_growing_layer_per_decoder_layer(tiny_llm):
         tiny_llm(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
     assert len(cache.layers) == tiny_llm.config.num_hidden_layers
     assert all(isinstance(layer, GrowingLayer) for layer in cache.layers) and cache.get_seq_length() == 3
+
+
+def test_a_reserved_capacity_is_never_reallocated():
+    layer = GrowingLayer(capacity=1000)
+    layer.update(*kv(1, 0))
+    buffer = layer._key_buffer
+    assert buffer.shape[-2] == 1000
+    for step in range(1, 1000):
+        layer.update(*kv(1, step))
+    assert layer._key_buffer is buffer and layer.get_seq_length() == 1000
+    layer.update(*kv(1, 1000))  # past it, doubling as without a reservation
+    assert layer._key_buffer.shape[-2] == 2000
+
+
+def test_sessions_reserve_what_their_policy_can_reach(tiny_vlm):
+    from fovlm.model.streaming import ANSWER_ROOM, CachePolicy, StreamingSession
+
+    full = StreamingSession(tiny_vlm, CachePolicy(kind="full"))
+    full.push(torch.randn(3, 224, 224))
+    window = StreamingSession(tiny_vlm, CachePolicy(sink_frames=2, window_frames=10, evict_frames=3),
+                              head_ids=torch.tensor([5, 6, 7]))
+    assert full.cache.layers[0].capacity == tiny_vlm.llm.config.max_position_embeddings
+    assert window.cache.layers[0].capacity == 3 + 15 * tiny_vlm.active_queries + ANSWER_ROOM
