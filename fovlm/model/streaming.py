@@ -4,7 +4,7 @@ Per frame (:meth:`StreamingSession.push`): the patch pass of that frame alone, t
 the LLM wrote after the previous frame (``q_init`` for the first), and one cached LLM step that appends the
 frame's k visual tokens and writes the next frame's queries. The frame's patch keys and values are dropped as
 soon as its query pass is done, so a stream holds one frame's patch cache at a time; what grows is the LLM's KV
-cache (k positions per frame), kept in buffers that double when full (:mod:`fovlm.model.stream_cache`).
+cache (k positions per frame), kept in buffers reserved for the positions the policy can reach (:mod:`fovlm.model.stream_cache`).
 
 A question (:meth:`StreamingSession.answer`, :meth:`StreamingSession.score`) runs its prompt and answer on top of
 the cache and then crops them off again, so the stream goes on from the state it had. With the ``full`` policy
