@@ -182,13 +182,18 @@ demo-real: install smollm2
 
 # Budgets and layouts on the families without a ring (docs/looking.md#questions-that-name-the-cell-or-spread-the-answer):
 # 3 x 3 grids, "the shape in row r, column c" and "how many shapes are <colour>", clips of 3 s. Two runs on the
-# demo overlay, each 8 queries per frame trained with budgets of 1, 2, 4 and 8 (a warm-up on clips that show only
-# the cells asked about, then the full grids), visual tokens first and question first; each evaluated at
-# k = 1, 2, 4, 8 (cloze, 200 questions). About 40 minutes on 2 cores; runs in runs/queries.
+# demo overlay, each 8 queries per frame trained with budgets of 1, 2, 4 and 8, visual tokens first and question
+# first, in stages with the look loss (QRY_LOOK, docs/looking.md#teaching-the-queries-where-to-look): a
+# warm-up on clips that show only the cells asked about, the full grids (where the look loss teaches where to look),
+# then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint);
+# each evaluated at k = 1, 2, 4, 8 (cloze, 200 questions). About 100 minutes on 2 cores; runs in runs/queries.
 QRY := data/queries
 QRY_RUNS := runs/queries
 QRY_WARM_STEPS ?= 200
 QRY_SFT_STEPS ?= 500
+QRY_READ_STEPS ?= 400
+QRY_READ_ROUNDS ?= 2
+QRY_LOOK ?= 5.0
 .PHONY: data-queries demo-queries
 data-queries: install
 	$(PY) -m data_prep synthetic --output $(QRY) --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
@@ -198,7 +203,8 @@ data-queries: install
 queries_fit = $(FOVLM) fit --config configs/stage2.yaml --config configs/demo.yaml \
 	--trainer.logger.init_args.save_dir $(QRY_RUNS) --model.init_args.num_queries 8 \
 	--model.init_args.query_budgets '[1,2,4,8]' --model.init_args.lambda_coarse 0.5 --model.init_args.lambda_ar 0.5 \
-	--data.init_args.text_shards null --data.init_args.text_ratio 0.0 --data.init_args.val_shards '$(QRY)/look_sft/val/*.tar'
+	--model.init_args.lambda_look $(QRY_LOOK) --data.init_args.text_shards null --data.init_args.text_ratio 0.0 \
+	--data.init_args.val_shards '$(QRY)/look_sft/val/*.tar'
 demo-queries: install smollm2 dinov2 data-queries
 	for qf in false true; do \
 		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name warm-qf$$qf \
@@ -207,8 +213,16 @@ demo-queries: install smollm2 dinov2 data-queries
 		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name sft-qf$$qf \
 			--trainer.max_steps $(QRY_SFT_STEPS) --model.init_args.init_from $(QRY_RUNS)/warm-qf$$qf/checkpoints/last.ckpt \
 			--data.init_args.train_shards '$(QRY)/look_sft/train/*.tar' || exit 1; \
+		last=$(QRY_RUNS)/sft-qf$$qf; \
+		for round in $$(seq 1 $(QRY_READ_ROUNDS)); do \
+			$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name read$$round-qf$$qf \
+				--trainer.max_steps $(QRY_READ_STEPS) --model.init_args.init_from $$last/checkpoints/last.ckpt \
+				--data.init_args.train_shards "{warm: '$(QRY)/look_warmup/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
+				--data.init_args.group_weights '{warm: 1.0, grid: 1.0}' || exit 1; \
+			last=$(QRY_RUNS)/read$$round-qf$$qf; \
+		done; \
 		for k in 1 2 4 8; do \
-			$(FOVLM) eval --model $(QRY_RUNS)/sft-qf$$qf/checkpoints/last.ckpt \
+			$(FOVLM) eval --model $$last/checkpoints/last.ckpt \
 				--benchmark queries='$(QRY)/look_mcq/test/*.tar' --answer-format cloze --per-category \
 				--num-queries $$k --limit 200 --out $(QRY_RUNS)/results-qf$$qf-k$$k.json || exit 1; \
 		done; \

@@ -19,6 +19,7 @@ backward and DDP work) and reports ``num_scored == 0`` so the caller can count i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,51 @@ def dpo_loss(
 # Loss heads
 
 
+def box_patches(boxes: Tensor, grid: int) -> Tensor:
+    """bool [n, grid * grid] (row-major): for each box [n, 4] (x0, y0, x1, y1 in fractions of the frame), the
+    patches of a ``grid x grid`` patch grid whose centres lie in it (lower bounds inclusive, upper exclusive)."""
+    centres = (torch.arange(grid, dtype=torch.float64, device=boxes.device) + 0.5) / grid  # [G]
+    boxes = boxes.double()
+    inside_x = (centres >= boxes[:, 0:1]) & (centres < boxes[:, 2:3])  # [n, G]
+    inside_y = (centres >= boxes[:, 1:2]) & (centres < boxes[:, 3:4])  # [n, G]
+    return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # [n, G*G]
+
+
+def look_loss(
+    attention: Tensor, num_frames: Tensor, region_box: Tensor, region_frames: Tensor
+) -> tuple[Tensor, int]:
+    """How far the queries the LLM wrote look from the answer's region: -log of the attention share inside it.
+
+    The share of a query on a frame is its attention (heads averaged) on the patches whose centres lie in the
+    sample's box; the CLS key counts as outside. It is taken for every query of each frame that holds the region
+    and whose queries the LLM wrote, i.e. every frame of a sample but its first (read by ``q_init``); the loss is
+    the mean of -log(share) over them.
+
+    Args:
+        attention: [F, h, k, N] one DINO layer's attention of the written queries (N = 1 CLS + G*G patches).
+        num_frames: long [B], frames per sample.
+        region_box: float [B, 4], each sample's box (NaN rows: no region).
+        region_frames: bool [F], the frames that hold their sample's region.
+
+    Returns:
+        (loss, number of (frame, query) readings counted); with none, a zero that keeps the graph.
+    """
+    keys = attention.shape[-1]
+    grid = math.isqrt(keys - 1)
+    if grid * grid != keys - 1:
+        raise ValueError(f"{keys} attention keys are not 1 CLS + a square patch grid")
+    sample = torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)  # [F]
+    starts = torch.cumsum(num_frames, 0) - num_frames  # [B]
+    written = torch.arange(len(sample), device=sample.device) > starts[sample]  # [F]: not a sample's first frame
+    counted = region_frames.to(written.device) & written & ~region_box[sample].isnan().any(-1)  # [F]
+    if not counted.any():
+        return attention.sum() * 0.0, 0
+    inside = box_patches(region_box[sample[counted]], grid)  # [n, G*G]
+    heads = attention[counted].float().mean(1)[..., 1:]  # [n, k, G*G]
+    share = (heads * inside[:, None, :]).sum(-1)  # [n, k]
+    return -torch.log(share.clamp_min(1e-6)).mean(), share.numel()
+
+
 def visual_positions(model: Any, roles: Tensor) -> Tensor | None:
     """Where a question-first model's visual tokens go in each sample (after its system and first user turns,
     :func:`fovlm.data.roles.question_end`); None for a model that reads the frames first."""
@@ -192,12 +238,15 @@ class HeadOptions:
         lambda_ar: weight of the auxiliary autoregressive cross-entropy (CE heads).
         reference: the frozen reference model (DPO), or its log-probabilities read from a cache
             (:class:`~fovlm.reference_logps.CachedReference`).
+        lambda_look: weight of the look loss (CE heads in coarse_fine, on batches that say where their answers
+            are: :func:`look_loss` on the last DINO layer).
     """
 
     mode: str = "coarse_fine"
     lambda_coarse: float = 0.0
     lambda_ar: float = 0.0
     reference: Any = None
+    lambda_look: float = 0.0
 
 
 class LossHead:
@@ -217,9 +266,10 @@ class LossHead:
         lambda_coarse: float = 0.0,
         lambda_ar: float = 0.0,
         reference: Any = None,
+        lambda_look: float = 0.0,
     ) -> LossOutput:
         """The head's loss of ``model`` on ``batch`` (the arguments are :class:`HeadOptions`')."""
-        return self.compute(model, batch, HeadOptions(mode, lambda_coarse, lambda_ar, reference))
+        return self.compute(model, batch, HeadOptions(mode, lambda_coarse, lambda_ar, reference, lambda_look))
 
     def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
         raise NotImplementedError
@@ -230,8 +280,10 @@ class CrossEntropyHead(LossHead):
 
     def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
         """Run ``model`` on an SFT/caption batch and return the CE, plus ``lambda_coarse`` x the coarse_only CE
-        and ``lambda_ar`` x the autoregressive CE (auxiliary losses on the same targets)."""
+        and ``lambda_ar`` x the autoregressive CE (auxiliary losses on the same targets), and ``lambda_look`` x
+        the look loss where the batch says where its answers are."""
         mode, lambda_coarse, lambda_ar = options.mode, options.lambda_coarse, options.lambda_ar
+        look = options.lambda_look > 0 and mode == "coarse_fine" and "region_box" in batch
         labels = shift_labels(batch["input_ids"], self.score_mask(batch["roles"]))  # [B, S]
         logits_mask, targets, sample_index = selected_targets(labels)
         batch_size = labels.shape[0]
@@ -245,18 +297,26 @@ class CrossEntropyHead(LossHead):
             return_coarse_logits=lambda_coarse > 0,
             return_autoregressive_logits=lambda_ar > 0,
             visual_at=visual_positions(model, batch["roles"]),
+            **({"return_fine_attention": True} if look else {}),
         )
         nll = token_nll(out.logits, targets)  # [N]
         num_scored = int(nll.numel())
         loss = mean_or_zero(nll, out.logits)
+        fine = loss.detach()  # the mode's own loss, before the auxiliary ones
         metrics: dict[str, Tensor] = {}
         for name, weight, logits in (("coarse", lambda_coarse, out.coarse_logits),
                                      ("autoregressive", lambda_ar, out.autoregressive_logits)):
             if weight > 0:
                 aux_loss, _ = token_cross_entropy(logits, targets)
-                metrics["loss_fine"] = metrics.get("loss_fine", loss.detach())
+                metrics.setdefault("loss_fine", fine)
                 metrics[f"loss_{name}"] = aux_loss.detach()
                 loss = loss + weight * aux_loss
+        if look and out.fine_attention is not None:
+            look_value, _ = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"],
+                                      batch["region_frames"])
+            metrics.setdefault("loss_fine", fine)
+            metrics["loss_look"] = look_value.detach()
+            loss = loss + options.lambda_look * look_value
         sample_loss = per_sample_sums(nll.detach(), sample_index, batch_size)  # [B]
         sample_weight = per_sample_sums(torch.ones_like(nll), sample_index, batch_size)  # [B]
         return LossOutput(loss, num_scored, sample_loss, sample_weight, metrics)
@@ -331,8 +391,8 @@ class DPO(LossHead):
         mode, reference = options.mode, options.reference
         if reference is None:
             raise ValueError("the DPO loss needs a reference model (or cached reference log-probabilities)")
-        if options.lambda_coarse > 0 or options.lambda_ar > 0:
-            raise ValueError("the DPO loss has no auxiliary losses (lambda_coarse and lambda_ar must be 0)")
+        if options.lambda_coarse > 0 or options.lambda_ar > 0 or options.lambda_look > 0:
+            raise ValueError("the DPO loss has no auxiliary losses (lambda_coarse, lambda_ar, lambda_look must be 0)")
         sides = self._sides(batch)
         policy_chosen, policy_rejected = self.pair_logps(model, batch, mode, sides)
         if isinstance(reference, CachedReference):

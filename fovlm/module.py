@@ -101,6 +101,9 @@ class FoveatedModule(L.LightningModule):
             coarse -> fine pass writes frame t's query from the coarse tokens of the earlier frames, while true
             inference writes it from the fine tokens it has read; this loss trains that frame-by-frame path
             too (T sequential LLM steps per batch; not with LLM gradient checkpointing).
+        lambda_look: weight of the look loss (docs/looking.md#teaching-the-queries-where-to-look): on samples
+            that say where their answer is shown (``answer_region``), -log of the share of the written queries'
+            attention (last DINO layer) inside that region, in coarse_fine.
         gradient_checkpointing: recompute activations of the LLM decoder layers and of the DINO patch pass
             in backward (less memory, about one more forward of compute).
         patch_pass_bf16: run the DINO patch pass under bfloat16 autocast while the rest trains in the run's
@@ -143,6 +146,7 @@ class FoveatedModule(L.LightningModule):
         coarse_only: bool = False,
         lambda_coarse: float = 0.0,
         lambda_ar: float = 0.0,
+        lambda_look: float = 0.0,
         gradient_checkpointing: bool = False,
         patch_pass_bf16: bool = False,
         pack_tokens: int | None = None,
@@ -153,13 +157,14 @@ class FoveatedModule(L.LightningModule):
         for name, lr in (("lr_connector", lr_connector), ("lr_vision", lr_vision), ("lr_llm", lr_llm)):
             if not lr >= 0:
                 raise ValueError(f"{name} must be >= 0, got {lr}")
-        for name, weight in (("lambda_coarse", lambda_coarse), ("lambda_ar", lambda_ar)):
+        auxiliary = (("lambda_coarse", lambda_coarse), ("lambda_ar", lambda_ar), ("lambda_look", lambda_look))
+        for name, weight in auxiliary:
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
             if coarse_only and weight > 0:
                 raise ValueError(f"{name} adds a loss to the fine pass; it has no meaning with coarse_only")
             if loss == "dpo" and weight > 0:
-                raise ValueError(f"{name} is an auxiliary cross-entropy; the DPO loss does not use it")
+                raise ValueError(f"{name} is an auxiliary loss of the cross-entropy stages; DPO does not use it")
         if lambda_ar > 0 and gradient_checkpointing:
             raise ValueError("lambda_ar needs the LLM KV cache, which LLM gradient checkpointing turns off")
         if num_queries < 1:
@@ -365,7 +370,7 @@ class FoveatedModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         out = self.loss_head(
             self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse,
-            lambda_ar=self.hparams.lambda_ar,
+            lambda_ar=self.hparams.lambda_ar, lambda_look=self.hparams.lambda_look,
             reference=self.reference if self.reference_cache is None else self.reference_cache.view(stage),
         )
         if stage == "train" and int(batch["num_frames"].sum()) == 0 and not is_sharded(self.model):

@@ -13,8 +13,10 @@ from fovlm.losses import (
     DPO,
     AllTextCE,
     AnswerOnlyCE,
+    box_patches,
     build_loss_head,
     dpo_loss,
+    look_loss,
     selected_targets,
     sequence_logps,
     shift_labels,
@@ -321,3 +323,59 @@ def test_heads_on_a_real_smollm2_rendering(tokenizer):
     every = shift_labels(ids_t, AllTextCE().score_mask(roles_t))[0]
     assert every[:-1].tolist() == ids[1:] and every[-1].item() == IGNORE_INDEX
     assert tokenizer.decode(ids[:1]) == "<|im_start|>"  # token 0, never a target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the look loss
+
+
+def test_box_patches_by_hand():
+    inside = box_patches(torch.tensor([[1 / 3, 0.0, 2 / 3, 1 / 3]]), 6)  # row 1, column 2 of a 3 x 3 grid
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[0:2, 2:4] = True
+    assert torch.equal(inside[0], expected.flatten())
+
+
+def test_look_loss_counts_the_written_queries_on_the_frames_that_hold_the_region():
+    grid, heads, k = 4, 2, 2
+    keys = 1 + grid * grid
+    num_frames = torch.tensor([3, 2, 2])
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [float("nan")] * 4])
+    inside = box_patches(boxes[:2], grid)  # [2, 16], 4 patches each
+    attention = torch.full((7, heads, k, keys), 1 / keys)  # uniform everywhere
+    # sample 0, frame 1: every query all on its region; frame 2 does not hold the region (by region_frames)
+    attention[1] = 0.0
+    attention[1, :, :, 1:][:, :, inside[0]] = 1 / 4
+    region_frames = torch.tensor([True, True, False, True, True, True, True])
+    loss, counted = look_loss(attention, num_frames, boxes, region_frames)
+    # counted: sample 0 frame 1 (share 1) and sample 1 frame 1 (uniform, share 4/17); first frames and the
+    # region-less sample are not
+    assert counted == 2 * k
+    assert loss.item() == pytest.approx(-math.log(4 / keys) / 2, rel=1e-5)
+    none, zero = look_loss(attention, num_frames, boxes, torch.zeros(7, dtype=torch.bool))
+    assert zero == 0 and none.item() == 0.0
+
+
+def test_look_loss_trains_the_query_head_through_the_written_queries():
+    from transformers import Dinov2Model, LlamaForCausalLM
+
+    from fovlm.model.loading import tiny_llm_config, tiny_vision_config
+    from fovlm.model.vlm import FoveatedVLM
+
+    model = FoveatedVLM(Dinov2Model(tiny_vision_config(image_size=56)), LlamaForCausalLM(tiny_llm_config()),
+                        query_dim=32, num_queries=2)
+    batch = sft_batch()
+    batch.update(frames=torch.randn(3, 3, 56, 56), num_frames=torch.tensor([3]),
+                 region_box=torch.tensor([[0.5, 0.0, 1.0, 0.5]]), region_frames=torch.ones(3, dtype=torch.bool))
+    with_look = AnswerOnlyCE()(model, batch, lambda_look=0.5)
+    without = AnswerOnlyCE()(model, batch)
+    assert "loss_look" in with_look.metrics and "loss_look" not in without.metrics
+    torch.testing.assert_close(with_look.loss, without.loss + 0.5 * with_look.metrics["loss_look"])
+    out = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                return_fine_attention=True)
+    look, counted = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"], batch["region_frames"])
+    assert counted == 2 * 2 and look.item() == pytest.approx(with_look.metrics["loss_look"].item(), rel=1e-5)
+    look.backward()
+    assert model.llm_to_query.weight.grad.abs().sum() > 0  # the written queries' head learns where to look
+    # the first frame, read by q_init rather than a written query, is not counted
+    assert model.q_init.grad is None or model.q_init.grad.abs().sum() == 0

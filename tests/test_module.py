@@ -354,6 +354,28 @@ def test_lambda_ar_trains_the_autoregressive_path_and_is_refused_where_meaningle
             FoveatedModule(**{**TINY, "lambda_ar": 0.5, **kwargs})
 
 
+def collate_with_regions(samples):
+    """SFT batches whose samples say where their answer is (the top-right quarter, on every frame)."""
+    batch = collate_sft(samples)
+    batch["region_box"] = torch.tensor([[0.5, 0.0, 1.0, 0.5]] * len(samples))
+    batch["region_frames"] = torch.ones(int(batch["num_frames"].sum()), dtype=torch.bool)
+    return batch
+
+
+def test_lambda_look_adds_the_look_loss_and_is_refused_where_meaningless(tmp_path):
+    module = built(loss="answer_only", lambda_look=2.0)
+    t = trainer(tmp_path, 1)
+    t.fit(module, loader(SFTSet([4, 4], num_frames=[3, 2]), 2, collate_with_regions))
+    m = t.callback_metrics
+    assert m["train/loss_look"].item() > 0
+    assert m["train/loss"].item() == pytest.approx(m["train/loss_fine"].item() + 2.0 * m["train/loss_look"].item(),
+                                                   rel=1e-5)
+    for kwargs, match in (({"coarse_only": True}, "coarse_only"), ({"loss": "dpo"}, "DPO"),
+                          ({"lambda_look": -1.0}, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            FoveatedModule(**{**TINY, "lambda_look": 0.5, **kwargs})
+
+
 def test_coarse_only_and_lambda_coarse_train(tmp_path):
     for kwargs in ({"coarse_only": True}, {"lambda_coarse": 0.5}):
         module = built(loss="all_text", **kwargs)

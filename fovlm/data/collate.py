@@ -25,6 +25,7 @@ from fovlm.data.chat import SYSTEM_PROMPT, ChatError, encode_preference, encode_
 from fovlm.data.contract import FRAME_SETTINGS, FrameSettings
 from fovlm.data.frames import normalize as normalize_uint8
 from fovlm.data.frames import sample_frames
+from fovlm.data.regions import collate_regions, region_fields
 from fovlm.data.roles import ROLE_PAD
 from fovlm.data.schema import parse_sample
 from fovlm.data.stream import SkipSample
@@ -76,6 +77,9 @@ class SampleEncoder:
         out["frames"] = sample_frames(  # uint8 [T, 3, size, size] or None (text)
             members, sample.media, settings.frame_size, settings.max_frames, settings.image_frames
         )
+        if not self.preference and out["frames"] is not None:  # where the answer is shown, for the look loss
+            out.update(region_fields(sample.answer_region, members, sample.media, out["frames"].shape[0],
+                                     settings.max_frames, sample.duration))
         return out
 
 
@@ -129,7 +133,9 @@ def collate(
     strings).
 
     The text of a caption / SFT batch is input_ids / attention_mask / roles [B,S]; a preference batch
-    (``preference``) has chosen_* and rejected_* instead, each side padded to its own longest sequence.
+    (``preference``) has chosen_* and rejected_* instead, each side padded to its own longest sequence. A caption
+    / SFT batch with a sample that says where its answer is shown also has ``region_box`` / ``region_frames``
+    (:func:`fovlm.data.regions.collate_regions`).
     ``frame_size`` shapes the empty frame stack of a text-only batch; ``normalize=False`` leaves the frames
     uint8 (see :func:`normalize_frames`).
     """
@@ -142,6 +148,8 @@ def collate(
             [s[f"{prefix}input_ids"] for s in samples], [s[f"{prefix}roles"] for s in samples], pad_id
         )
         batch.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}roles": roles})
+    if not preference:
+        batch.update(collate_regions(samples))  # region_box [B, 4], region_frames [F], when a sample has one
     batch["source"] = [s["source"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
     return batch

@@ -37,19 +37,19 @@ def attend(
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-head attention without a mask -> (output [n, h, Lq, hd], weights [n, h, Lq, Lk] or None).
 
-    With ``return_weights`` the probabilities are computed in float32 whatever the kernel (attention maps are
-    for inspection); otherwise the ``kernel`` of :func:`resolve` runs.
+    With ``return_weights`` the probabilities are computed in float32 whatever the kernel (for attention maps
+    and the look loss, which trains through them); otherwise the ``kernel`` of :func:`resolve` runs.
 
     Args:
         q: queries [n, h, Lq, hd]; k, v: keys and values [n, h, Lk, hd].
         scale: factor on the scores (1 / sqrt(hd) for DINOv2).
         dropout_p: dropout on the probabilities (training only).
-        return_weights: also return the probabilities (detached).
+        return_weights: also return the probabilities (float32, in the autograd graph: detach them to keep).
         kernel: ``auto``, ``sdpa`` or ``matmul``.
     """
     if return_weights:
-        weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32).to(q.dtype)
-        return F.dropout(weights, p=dropout_p) @ v, weights.detach()
+        weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1, dtype=torch.float32)  # [n, h, Lq, Lk]
+        return F.dropout(weights.to(q.dtype), p=dropout_p) @ v, weights
     if resolve(kernel, q) == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale), None
     probabilities = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)  # [n, h, Lq, Lk]

@@ -151,7 +151,7 @@ def query_layer(
         h: query hidden states [n, k, D].
         k: cached keys [n, h, N, hd].
         v: cached values [n, h, N, hd].
-        return_weights: also return the attention weights [n, h, k, N] (detached).
+        return_weights: also return the attention weights [n, h, k, N] (float32, in the autograd graph).
         kernel: the attention kernel (:mod:`fovlm.model.attention`).
     """
     attn = layer.attention
@@ -277,8 +277,8 @@ class FoveatedEncoder(nn.Module):
         Args:
             queries: query vectors [n, Dq] (one per cached frame) or [n, k, Dq] (k per frame).
             cache: the patch pass of those n frames.
-            return_attention: also return the attention weights (detached): one [n, h, k, N] per layer for the
-                deep pass, a single-element list for the shallow pass (k = 1 for [n, Dq] queries).
+            return_attention: also return the attention weights (float32, in the graph): one [n, h, k, N] per
+                layer for the deep pass, a single-element list for the shallow pass (k = 1 for [n, Dq] queries).
 
         Returns:
             (vectors [n, D] or [n, k, D], as the queries are shaped; attention weights or None).

@@ -22,7 +22,7 @@ class VisualTokens:
     Attributes:
         coarse: [F * k, Dl] tokens read with q_static (frame-major).
         fine: [F * k, Dl] tokens read with the shifted LLM queries (coarse_fine), None in coarse_only.
-        coarse_attention / fine_attention: per DINO layer [F, h, k, N] (detached), when asked for.
+        coarse_attention / fine_attention: per DINO layer [F, h, k, N] (float32, in the graph), when asked for.
     """
 
     coarse: Tensor
@@ -51,7 +51,7 @@ class ARPrefix:
         visual_mask: long [B, T_max * k], 1 on each sample's real visual slots.
         num_frames: long [B], T_i.
         tokens: [F * k, Dl] the visual tokens, frame order.
-        attention: per DINO layer [F, h, k, N] (detached) when asked for, else None.
+        attention: per DINO layer [F, h, k, N] (float32, in the graph) when asked for, else None.
         attention_mask: long [B, cache length], the key mask for the next chunk (starts as ``visual_mask``).
         next_positions: long [B], the position of each sample's next token (starts after the visual slots).
         head_hidden: with a question-first head (text before the frames, at the cache's start), the hidden states
@@ -93,8 +93,10 @@ class ARPrefix:
 @dataclass
 class VLMOutput:
     """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask; the
-    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes."""
+    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes; ``fine_attention``,
+    when asked for, is the attention of the queries the LLM wrote (coarse_fine), per DINO layer [F, h, k, N]."""
 
     logits: Tensor
     coarse_logits: Tensor | None = None
     autoregressive_logits: Tensor | None = None
+    fine_attention: list[Tensor] | None = None

@@ -180,13 +180,8 @@ class FoveatedVLM(nn.Module):
             position_ids: long [B, L].
             past_key_values: a cache to read and extend, or None for a cache-free call.
         """
-        out = self.llm.get_decoder()(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        )
+        out = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     past_key_values=past_key_values, use_cache=past_key_values is not None)
         return out.last_hidden_state
 
     def read_frames(
@@ -411,6 +406,7 @@ class FoveatedVLM(nn.Module):
         return_coarse_logits: bool = False,
         return_autoregressive_logits: bool = False,
         visual_at: Tensor | None = None,
+        return_fine_attention: bool = False,
     ) -> VLMOutput:
         """Logits over text positions for a batch.
 
@@ -426,6 +422,7 @@ class FoveatedVLM(nn.Module):
                 frame-by-frame visual pass reuses this batch's patch pass).
             visual_at: long [B], text tokens placed before each sample's visual tokens (a question-first layout:
                 ``fovlm.data.roles.question_end``); None: visual tokens first.
+            return_fine_attention: (coarse_fine) also return the written queries' attention, in the graph.
 
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
@@ -439,7 +436,7 @@ class FoveatedVLM(nn.Module):
             hidden = autoregressive_text(self, cache, num_frames, text)
             visual = self.visual_tokens(cache, num_frames, "coarse_only") if return_coarse_logits else None
         else:
-            visual = self.visual_tokens(cache, num_frames, mode, text=text)
+            visual = self.visual_tokens(cache, num_frames, mode, return_fine_attention, text)
             hidden = self.text_hidden(visual.tokens, num_frames, *text)
         logits = self.text_logits(hidden, logits_mask)
         coarse_logits = autoregressive_logits = None
@@ -455,7 +452,8 @@ class FoveatedVLM(nn.Module):
             else:
                 ar_hidden = autoregressive_text(self, cache, num_frames, text)
                 autoregressive_logits = self.text_logits(ar_hidden, logits_mask)
-        return VLMOutput(logits=logits, coarse_logits=coarse_logits, autoregressive_logits=autoregressive_logits)
+        fine_attention = visual.fine_attention if return_fine_attention and mode == "coarse_fine" else None
+        return VLMOutput(logits, coarse_logits, autoregressive_logits, fine_attention)
 
     def forward_pair(
         self,
