@@ -5,18 +5,20 @@ one frame is decoded and converted at a time, never the whole video. :func:`vide
 video at ``fps`` (no 64-frame cap; for a video up to 64 s its frames are :func:`~fovlm.data.frames.decode_video`'s),
 :func:`folder_frames` a folder in name order, :func:`live_frames` any iterable (a camera) stamped by a clock;
 :class:`LatestFrame` keeps only the newest frames of a live source for a slower consumer, and
-:func:`open_frames` picks one of these for a path or an iterable.
+:func:`open_frames` picks one of these for a path or an iterable. :func:`sample_video_frames` reads a video
+sample's frames (those :func:`~fovlm.data.frames.sample_frames` would stack) one at a time from its tar members.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -34,6 +36,7 @@ from fovlm.data.frames import (
     av_frames_at,
     decode_image,
     resize_cover_crop,
+    select_frame_indices,
     select_frame_times,
     times_to_indices,
     to_uint8_chw,
@@ -132,15 +135,23 @@ def video_frames(
             return iter(select_frame_times(duration_s, fps, max_frames))
         return stream_times(duration_s, fps, start_s, max_frames)
 
-    return _video_stream(path, size, times)
+    return _video_stream(path, size, times, str(path))
 
 
-def _video_stream(path: Path, size: int, times_of: Callable[[float], Iterator[float]]) -> Iterator[StreamFrame]:
+def _opened(source: Path | bytes) -> str | io.BytesIO:
+    """What decord and PyAV open for a video file (its path) or a video held in memory (its bytes)."""
+    return str(source) if isinstance(source, Path) else io.BytesIO(source)
+
+
+def _video_stream(
+    source: Path | bytes, size: int, times_of: Callable[[float], Iterator[float]], path: str
+) -> Iterator[StreamFrame]:
+    """The frames of a video file or in-memory video at the times ``times_of(duration)``; errors name ``path``."""
     errors = []
     try:
         import decord
 
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(_opened(source), ctx=decord.cpu(0), num_threads=1)
         count, video_fps = len(reader), float(reader.get_avg_fps())
         times_to_indices([0.0], video_fps, count)  # checks the count and the frame rate
     except Exception as err:  # ImportError, decord's DECORDError / RuntimeError, ValueError
@@ -155,7 +166,7 @@ def _video_stream(path: Path, size: int, times_of: Callable[[float], Iterator[fl
     try:
         import av
 
-        container = av.open(str(path))
+        container = av.open(_opened(source))
         stream = container.streams.video[0]
         duration, video_fps = av_duration(container, stream)
         times = times_of(duration)
@@ -170,7 +181,7 @@ def _video_stream(path: Path, size: int, times_of: Callable[[float], Iterator[fl
         yield from _converted(images, size, path)
 
 
-def _converted(images: Iterator[tuple[float, Image.Image]], size: int, path: Path) -> Iterator[StreamFrame]:
+def _converted(images: Iterator[tuple[float, Image.Image]], size: int, path: str) -> Iterator[StreamFrame]:
     """Stream frames of decoded (time, image) pairs; an error while decoding becomes a FrameDecodeError naming
     the path."""
     for index in itertools.count():
@@ -183,6 +194,86 @@ def _converted(images: Iterator[tuple[float, Image.Image]], size: int, path: Pat
         except Exception as err:  # decord's DECORDError, av.error.*
             raise FrameDecodeError(f"{path}: cannot decode video ({type(err).__name__}: {err})", "bad_video") from err
         yield StreamFrame(index, time_s, to_uint8_chw(resize_cover_crop(image, size)))
+
+
+def video_duration(data: bytes) -> float:
+    """Seconds of an in-memory video, from the container of the backend that would decode it (decord's frame
+    count over its frame rate, else PyAV's metadata); nothing is decoded. Raises :class:`FrameDecodeError`
+    (``"bad_video"``) when neither backend can open it."""
+    errors = []
+    try:
+        import decord
+
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        count, video_fps = len(reader), float(reader.get_avg_fps())
+        times_to_indices([0.0], video_fps, count)  # checks the count and the frame rate
+        return count / video_fps
+    except Exception as err:  # ImportError, decord's DECORDError / RuntimeError, ValueError
+        errors.append(f"decord: {type(err).__name__}: {err}")
+    try:
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            return av_duration(container, container.streams.video[0])[0]
+    except Exception as err:  # av.error.*, IndexError (no video stream), FrameDecodeError
+        errors.append(f"PyAV: {type(err).__name__}: {err}")
+    raise FrameDecodeError(f"cannot decode video ({'; '.join(errors)})", "bad_video")
+
+
+class SampleFrames:
+    """A video sample's frames, ``uint8 [3, size, size]`` each, decoded one at a time while it is iterated (and
+    again on every iteration) from the compressed members held in memory: never the whole stack.
+
+    Attributes:
+        error: the :class:`FrameDecodeError` that ended the last iteration part-way (None when none did).
+        on_error: called with that error before it is raised to the consumer (e.g. to count a skipped sample).
+    """
+
+    def __init__(self, count: int, frames: Callable[[], Iterator[torch.Tensor]]) -> None:
+        """Args: count: the frames an iteration gives; frames: opens a new iteration."""
+        self.count = count
+        self._frames = frames
+        self.error: FrameDecodeError | None = None
+        self.on_error: Callable[[FrameDecodeError], None] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        try:
+            yield from self._frames()
+        except FrameDecodeError as err:
+            self.error = err
+            if self.on_error is not None:
+                self.on_error(err)
+            raise
+
+
+def sample_video_frames(
+    members: Mapping[str, bytes],
+    size: int = FRAME_SETTINGS.frame_size,
+    max_frames: int = FRAME_SETTINGS.max_frames,
+    fps: float = FRAME_SETTINGS.fps,
+) -> SampleFrames | None:
+    """The frames :func:`fovlm.data.frames.sample_frames` gives for a video sample's tar members (suffix ->
+    bytes), read lazily: the mp4's frames at the same times (counted from its container's metadata, see
+    :func:`video_duration`), else the numbered frames thinned to ``max_frames``; None for a sample with
+    neither (a single image). Raises :class:`FrameDecodeError` when the mp4 cannot be opened."""
+    from fovlm.data.schema import frame_fields, video_field
+
+    names = list(members)
+    if (video := video_field(names)) is not None:
+        data = members[video]
+        count = len(select_frame_times(video_duration(data), fps, max_frames))
+
+        def spread(duration_s: float) -> Iterator[float]:
+            return iter(select_frame_times(duration_s, fps, max_frames))
+
+        return SampleFrames(count, lambda: (f.frame for f in _video_stream(data, size, spread, video)))
+    if numbered := frame_fields(names):
+        chosen = [members[numbered[i]] for i in select_frame_indices(len(numbered), max_frames)]
+        return SampleFrames(len(chosen), lambda: (decode_image(image, size) for image in chosen))
+    return None
 
 
 def folder_frames(

@@ -4,12 +4,16 @@ Every benchmark (MVBench, Video-MME, MLVU, ScienceQA-style image questions, the 
 converted by ``data_prep`` into shards of the one format (docs/shards.md#native-json-fields) whose JSON carries
 ``question``, ``options``, ``answer`` and optionally ``category``. This module reads such shards in order
 (no shuffling: results must be reproducible), validates each sample with :mod:`fovlm.data.schema`, decodes
-its frames with :mod:`fovlm.data.frames` (1 FPS, at most 64 spread uniformly; single images replicated to
-``image_frames``) and yields one question per sample.
+its frames with :mod:`fovlm.data.frames` (1 FPS, at most ``max_frames`` spread uniformly; single images
+replicated to ``image_frames``) and yields one question per sample. With ``stream_above`` a video that gives more
+frames than that is not decoded up front: its question holds a :class:`fovlm.data.frame_stream.SampleFrames`
+that decodes the same frames one at a time from the compressed members while the scorer reads them
+(:mod:`fovlm.eval.stream_scoring`).
 
 A sample that is not a valid multiple-choice sample, or whose frames cannot be decoded, is skipped and
 counted per reason (:attr:`BenchmarkReader.skipped`): a score over fewer questions is reported as such,
-never hidden. A benchmark whose shards give no question at all is an error (:class:`EmptyBenchmarkError`, raised
+never hidden. A streamed video whose decoding fails part-way is skipped the same way when the failure comes
+(the scorer drops that question). A benchmark whose shards give no question at all is an error (:class:`EmptyBenchmarkError`, raised
 when its reading ends) that names it, its shards and the skipped samples by reason, never an empty score.
 """
 
@@ -20,9 +24,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from torch import Tensor
+
 from fovlm.data.contract import FRAME_SETTINGS
-from fovlm.data.frames import FrameDecodeError, sample_frames, select_frame_indices
+from fovlm.data.frame_stream import SampleFrames, sample_video_frames
+from fovlm.data.frames import FrameDecodeError, sample_frames
 from fovlm.data.readable import SkipRecord, show_patterns
+from fovlm.data.regions import frame_times
 from fovlm.data.schema import SampleError, parse_sample
 from fovlm.data.shards import ShardReadError, expand_shards, iter_tar_samples
 from fovlm.eval.questions import Question
@@ -57,6 +65,9 @@ class BenchmarkReader:
         max_frames: most frames per video (spread uniformly beyond).
         frame_size: square frame side in pixels.
         limit: stop after this many questions (None: all).
+        stream_above: a video that gives more frames than this is read one frame at a time as it is scored
+            (``Question.frames`` a :class:`fovlm.data.frame_stream.SampleFrames`); None: every sample's frames
+            are decoded up front.
 
     Iterating raises :class:`EmptyBenchmarkError` when the shards give no question (and ``limit`` is not 0).
     """
@@ -69,13 +80,17 @@ class BenchmarkReader:
         max_frames: int = FRAME_SETTINGS.max_frames,
         frame_size: int = FRAME_SETTINGS.frame_size,
         limit: int | None = None,
+        stream_above: int | None = None,
     ) -> None:
+        if stream_above is not None and stream_above < 0:
+            raise ValueError(f"stream_above must be None or >= 0, got {stream_above}")
         self.name = name
         self.shards = shards
         self.image_frames = image_frames
         self.max_frames = max_frames
         self.frame_size = frame_size
         self.limit = limit
+        self.stream_above = stream_above
         self.record = SkipRecord()
 
     @property
@@ -94,6 +109,8 @@ class BenchmarkReader:
                     if question is not None:
                         count += 1
                         yield question
+                        if question.streamed and question.frames.error is not None:
+                            count -= 1  # its stream failed while it was scored: a skipped sample
             except ShardReadError as err:
                 self._skip("bad_shard", path, "-", str(err))
         if count == 0 and self.limit != 0:
@@ -115,8 +132,7 @@ class BenchmarkReader:
             self._skip("no_frames", path, key, "a text-only question")
             return None
         try:
-            frames = sample_frames(members, sample.media, size=self.frame_size, max_frames=self.max_frames,
-                                   image_frames=self.image_frames)
+            frames = self._frames(path, key, members, sample.media)
         except FrameDecodeError as err:
             self._skip(err.reason, path, key, str(err))
             return None
@@ -124,9 +140,19 @@ class BenchmarkReader:
         return Question(
             key=key, benchmark=self.name, question=choice.question, options=choice.options, answer=choice.answer,
             category=choice.category, frames=frames, media=sample.media,
-            times=_frame_times(members, sample.media, frames.shape[0], self.max_frames, sample.duration),
+            times=frame_times(members, sample.media, len(frames), self.max_frames, sample.duration),
             answer_region=sample.answer_region,
         )
+
+    def _frames(self, path: str, key: str, members: dict[str, bytes], media: str) -> Tensor | SampleFrames:
+        """The sample's frames: uint8 [T, 3, H, W], or read lazily when a video gives more than ``stream_above``."""
+        if self.stream_above is not None and media == "video" and self.max_frames > self.stream_above:
+            lazy = sample_video_frames(members, self.frame_size, self.max_frames)
+            if lazy is not None and len(lazy) > self.stream_above:
+                lazy.on_error = lambda err: self._skip(err.reason, path, key, str(err))
+                return lazy
+        return sample_frames(members, media, size=self.frame_size, max_frames=self.max_frames,
+                             image_frames=self.image_frames)
 
     def _skip(self, reason: str, path: str, key: str, detail: str) -> None:
         self.record.add(reason, Path(path).name if key == "-" else f"{Path(path).name}/{key}")
@@ -137,23 +163,3 @@ def _folder_to_glob(shards: str | Sequence[str]) -> list[str]:
     """Shard patterns with each folder replaced by the glob of its ``*.tar`` files."""
     patterns = [shards] if isinstance(shards, str | Path) else list(shards)
     return [str(Path(p) / "*.tar") if Path(p).is_dir() else str(p) for p in patterns]
-
-
-def _frame_times(
-    members: dict[str, bytes], media: str, count: int, max_frames: int, duration: float | None
-) -> tuple[float, ...] | None:
-    """Timestamps (s) of the kept frames where the sample tells them, else None.
-
-    Numbered frames were sampled at 1 FPS, frame i at i + 0.5 s; an mp4's frames follow
-    :func:`fovlm.data.frames.select_frame_times` over its ``duration``."""
-    from fovlm.data.frames import select_frame_times
-    from fovlm.data.schema import frame_fields
-
-    if media != "video":
-        return None
-    if "mp4" in members:
-        times = select_frame_times(duration, FRAME_SETTINGS.fps, max_frames) if duration else []
-        return tuple(times) if len(times) == count else None
-    numbered = frame_fields(list(members))
-    times = [i + 0.5 for i in select_frame_indices(len(numbered), max_frames)]
-    return tuple(times) if len(times) == count else None

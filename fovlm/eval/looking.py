@@ -7,7 +7,9 @@ counts as outside. It is averaged over the frames taken at or after the region's
 coarse (static) query (``coarse_only``), the fine queries the LLM writes in the coarse -> fine pass
 (``coarse_fine``) and those of true frame-by-frame inference (``autoregressive``): a model that looks where the
 answer is gives its LLM-written queries a higher share than the coarse one. A query spread evenly over the keys
-has a share of (patches inside) / (1 + patches).
+has a share of (patches inside) / (1 + patches). A question-first model's LLM-written queries are those it writes
+after reading the question (``head_ids``), as when it answers. A long video's shares come from the same stream
+that scores it (:func:`fovlm.eval.stream_scoring.score_stream`, per frame), averaged by :func:`region_share`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 from torch import Tensor
 
 from fovlm.data.frames import normalize
+from fovlm.data.regions import frames_from
 from fovlm.data.schema import AnswerRegion
 from fovlm.eval.attention import attention_sheet, query_attention_maps
 from fovlm.eval.questions import Question
+from fovlm.losses import box_patches
 from fovlm.model.encoder import PatchCache
 
 # query_attention_maps' names for the queries of each mode.
@@ -32,11 +36,7 @@ KIND_OF_MODE = {"coarse_only": "coarse", "coarse_fine": "fine", "autoregressive"
 def region_patches(box: Sequence[float], grid: int) -> Tensor:
     """bool [grid * grid] (row-major): the patches of a ``grid x grid`` patch grid whose centres lie in ``box``
     (x0, y0, x1, y1 in fractions of the frame; the lower bound inclusive, the upper exclusive)."""
-    x0, y0, x1, y1 = box
-    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # [G]
-    inside_x = (centres >= x0) & (centres < x1)  # [G]
-    inside_y = (centres >= y0) & (centres < y1)  # [G]
-    return (inside_y[:, None] & inside_x[None, :]).reshape(-1)  # [G*G]
+    return box_patches(torch.tensor([list(box)], dtype=torch.float64), grid)[0]
 
 
 def share_in_region(weights: Tensor, box: Sequence[float]) -> Tensor:
@@ -49,19 +49,16 @@ def share_in_region(weights: Tensor, box: Sequence[float]) -> Tensor:
     return weights.float().mean(dim=-2)[:, 1:][:, inside].sum(dim=-1)  # [T]
 
 
-def frames_from(times: Sequence[float] | None, num_frames: int, start: float) -> Tensor:
-    """bool [T]: the frames taken at or after ``start`` seconds (every frame when their times are unknown)."""
-    if times is None:
-        return torch.ones(num_frames, dtype=torch.bool)
-    if len(times) != num_frames:
-        raise ValueError(f"{len(times)} frame times for {num_frames} frames")
-    return torch.tensor([t >= start for t in times])
+def region_share(shares: Tensor, times: Sequence[float] | None, start: float) -> float:
+    """The mean of per-frame shares [T] over the frames taken at or after ``start`` (nan when there is none)."""
+    counted = frames_from(times, shares.shape[0], start)
+    return float(shares[counted].mean()) if counted.any() else math.nan
 
 
 @torch.no_grad()
 def attention_shares(
     model, frames: Tensor, region: AnswerRegion, times: Sequence[float] | None, modes: Sequence[str],
-    patches: PatchCache | None = None,
+    patches: PatchCache | None = None, head_ids: Tensor | None = None,
 ) -> dict[str, float]:
     """Mean attention share inside ``region`` of each mode's queries over the frames from the region's start.
 
@@ -72,17 +69,36 @@ def attention_shares(
         times: the frames' timestamps in seconds (None: every frame counts).
         modes: any of "coarse_only", "coarse_fine", "autoregressive".
         patches: the frames' patch pass when the caller already ran it (e.g. for scoring).
+        head_ids: long [P], text the LLM reads before the frames (a question-first model's system and user turns);
+            the fine and autoregressive queries are then written after it. None: the frames come first.
 
     Returns:
         mode -> share (nan when no frame is taken after the region's start).
     """
-    maps = query_attention_maps(model, frames, patches)  # kind -> [T, L, h, K]
-    counted = frames_from(times, frames.shape[0], region.start)
+    if head_ids is None or not len(head_ids):
+        maps = {kind: weights[:, -1] for kind, weights in query_attention_maps(model, frames, patches).items()}
+    else:
+        maps = _maps_after_head(model, frames, patches, head_ids)  # kind -> [T, h, K]
     out = {}
     for mode in modes:
-        shares = share_in_region(maps[KIND_OF_MODE[mode]][:, -1], region.box)  # last DINO layer: [T]
-        out[mode] = float(shares[counted].mean()) if counted.any() else math.nan
+        shares = share_in_region(maps[KIND_OF_MODE[mode]], region.box)  # last DINO layer: [T]
+        out[mode] = region_share(shares, times, region.start)
     return out
+
+
+def _maps_after_head(model, frames: Tensor, patches: PatchCache | None, head_ids: Tensor) -> dict[str, Tensor]:
+    """The last DINO layer's attention [T, h, K] (a frame's k queries averaged) of the coarse, fine and
+    autoregressive queries, the LLM reading ``head_ids`` [P] before the frames."""
+    if patches is None:
+        patches = model.encode_patches(frames)
+    num_frames = torch.tensor([frames.shape[0]], device=frames.device)
+    ids = head_ids.to(frames.device)[None]  # [1, P]
+    ones = torch.ones_like(ids)
+    text = (ids, ones, torch.tensor([ids.shape[1]], device=frames.device))
+    visual = model.visual_tokens(patches, num_frames, "coarse_fine", return_attention=True, text=text)
+    prefix = model.autoregressive_prefix(patches, num_frames, return_attention=True, head=(ids, ones))
+    weights = {"coarse": visual.coarse_attention, "fine": visual.fine_attention, "autoregressive": prefix.attention}
+    return {kind: per_layer[-1].mean(2).float().cpu() for kind, per_layer in weights.items()}  # [T, h, K]
 
 
 def uniform_share(region: AnswerRegion, grid: int) -> float:

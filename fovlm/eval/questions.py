@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.data.frame_stream import SampleFrames
 from fovlm.data.roles import IGNORE_INDEX, ROLE_ANSWER
 from fovlm.data.schema import AnswerRegion
 from fovlm.losses import shift_labels
@@ -37,7 +38,9 @@ class Question:
         options: the candidate answers (without letters).
         answer: index of the correct option.
         category: category for per-category accuracy (None: uncategorised).
-        frames: uint8 [T, 3, H, W] frames in temporal order; single images already replicated.
+        frames: uint8 [T, 3, H, W] frames in temporal order (single images already replicated), or a long video's
+            frames read one at a time (:class:`fovlm.data.frame_stream.SampleFrames`: ``len()`` of them, each
+            uint8 [3, H, W], decoded while iterated).
         media: "video" or "image".
         times: timestamps (s) of the frames when known (used by baselines that print them).
         answer_region: where the answer is shown, when the benchmark says (for the attention share).
@@ -49,7 +52,7 @@ class Question:
     options: tuple[str, ...]
     answer: int
     category: str | None
-    frames: Tensor
+    frames: Tensor | SampleFrames
     media: str = "video"
     times: tuple[float, ...] | None = None
     answer_region: AnswerRegion | None = None
@@ -59,8 +62,16 @@ class Question:
             raise ValueError(f"question {self.key!r}: {len(self.options)} options (2..{MAX_OPTIONS} allowed)")
         if not 0 <= self.answer < len(self.options):
             raise ValueError(f"question {self.key!r}: answer {self.answer} is not an option index")
-        if self.frames.dim() != 4 or self.frames.shape[1] != 3 or self.frames.shape[0] == 0:
+        if isinstance(self.frames, SampleFrames):
+            if len(self.frames) == 0:
+                raise ValueError(f"question {self.key!r}: a video without frames")
+        elif self.frames.dim() != 4 or self.frames.shape[1] != 3 or self.frames.shape[0] == 0:
             raise ValueError(f"question {self.key!r}: frames must be [T>0, 3, H, W], got {tuple(self.frames.shape)}")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the frames are read one at a time (a long video) rather than held as one stack."""
+        return isinstance(self.frames, SampleFrames)
 
 
 @dataclass

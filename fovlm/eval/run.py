@@ -3,11 +3,15 @@
     fovlm eval --model exported/fovlm-135m --benchmark mvbench=data/mvbench --benchmark demo=data/demo/mcq \
         [--modes coarse_only coarse_fine autoregressive] [--limit 200] [--out results.json] \
         [--tensorboard runs/eval] [--baseline HuggingFaceTB/SmolVLM2-256M-Video-Instruct] \
-        [--val data/synthetic/sft/val/*.tar] [--quiet]
+        [--val data/synthetic/sft/val/*.tar] [--max-frames 1000 --stream-above 64] [--quiet]
 
 ``fovlm eval`` is a command of its own rather than ``fovlm test --config``: a benchmark question is scored by
 several forward passes that share a patch pass and KV caches (:func:`fovlm.eval.scoring.score_question`), which
-does not fit a per-batch ``test_step``; and evaluation must run on an exported folder without Lightning. Results
+does not fit a per-batch ``test_step``; and evaluation must run on an exported folder without Lightning. A video
+that gives more than ``--stream-above`` frames (64 by default, the default ``--max-frames``: so only a raised cap
+streams) is decoded one frame at a time and scored in one streamed pass
+(:func:`fovlm.eval.stream_scoring.score_stream`: the same scores, one frame and its patch pass held at a time);
+shorter clips are decoded up front and scored in one batch. Results
 go to a JSON file, a printed table and TensorBoard (``eval/<benchmark>/<mode>/accuracy``). Skipped samples are
 counted per benchmark and reported; a benchmark (or ``--val`` set) none of whose samples can be used is a
 one-line error naming it, its shards and the skips by reason, with exit code 2 as for bad options. On a terminal,
@@ -26,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from fovlm.data.frames import normalize
+from fovlm.data.frames import FrameDecodeError, normalize
 from fovlm.data.readable import NoReadableSampleError
 from fovlm.data.shards import build_index, expand_shards
 from fovlm.eval.benchmarks import BenchmarkReader, EmptyBenchmarkError
-from fovlm.eval.looking import attention_shares, save_region_sheet
-from fovlm.eval.questions import ANSWER_FORMATS, Question, render_options
+from fovlm.eval.looking import attention_shares, region_share, save_region_sheet
+from fovlm.eval.questions import ANSWER_FORMATS, OptionTokens, Question, render_options
 from fovlm.eval.report import MultipleChoiceReport
-from fovlm.eval.scoring import score_question
+from fovlm.eval.scoring import question_length, score_question
+from fovlm.eval.stream_scoring import StreamTooLong, score_stream
 from fovlm.losses import AnswerOnlyCE
 from fovlm.model.checkpoint import CheckpointError
 from fovlm.model.pretrained import load_any, use_queries
@@ -103,6 +108,12 @@ def evaluate(
     """Score every question of every benchmark in ``modes``; returns the (updated) report. Questions that say
     where their answer is shown also get each mode's attention share inside that region.
 
+    A question whose frames are held as one stack is scored in one batch (:func:`score_question`); one whose
+    frames are read one at a time (a long video, :attr:`Question.streamed`) in one streamed pass
+    (:func:`score_stream`), its shares from the same pass; a stream whose decoding fails part-way drops its
+    question (its reader counts the skip). Attention sheets are drawn for the first questions with a region that
+    are not streamed.
+
     Args:
         model: FoveatedVLM (put in eval mode here).
         tokenizer: its tokenizer.
@@ -122,23 +133,65 @@ def evaluate(
         start, count, drawn = time.perf_counter(), 0, 0
         for question in progress_bar(questions, name, "question", planned_questions, progress):
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
-            frames = normalize(question.frames).to(device)
-            with torch.no_grad():
-                patches = model.encode_patches(frames)  # shared by the scoring and the attention shares
-            scores = score_question(model, frames, options, modes, patches=patches)
+            sheet = None
+            if (question.answer_region is not None and not question.streamed and attention_dir is not None
+                    and drawn < attention_examples):
+                sheet, drawn = Path(attention_dir) / f"{name}_{question.key}.png", drawn + 1
+            try:
+                if question.streamed:
+                    scores, shares = _score_streamed(model, question, options, modes, device)
+                else:
+                    scores, shares = _score_batched(model, question, options, modes, device, sheet)
+            except FrameDecodeError:
+                continue  # a stream that failed part-way: its reader has counted the skip
+            except StreamTooLong as err:
+                raise StreamTooLong(f"benchmark {name!r}, question {question.key!r}: {err}") from err
             for mode, nll in scores.items():
                 report.update(name, mode, question.category, int(nll.argmin()), question.answer)
-            if question.answer_region is not None:
-                shares = attention_shares(model, frames, question.answer_region, question.times, modes, patches)
-                for mode, share in shares.items():
-                    report.update_share(name, mode, question.category, share)
-                if attention_dir is not None and drawn < attention_examples:
-                    save_region_sheet(model, question, Path(attention_dir) / f"{name}_{question.key}.png", patches)
-                    drawn += 1
+            for mode, share in shares.items():
+                report.update_share(name, mode, question.category, share)
             count += 1
         elapsed = time.perf_counter() - start
         log.info("%s: %d questions in %.1f s (%.2f s/question)", name, count, elapsed, elapsed / max(count, 1))
     return report
+
+
+def _head_ids(model, options: OptionTokens) -> torch.Tensor | None:
+    """The prompt tokens a question-first model reads before the frames (None for a visual-first one)."""
+    question_len = question_length(model, options)
+    return options.prefix_ids[:question_len] if question_len else None
+
+
+def _score_batched(
+    model, question: Question, options: OptionTokens, modes: tuple[str, ...], device: torch.device,
+    sheet: Path | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A question whose frames are one stack: (mode -> NLL per option, mode -> attention share), one patch pass
+    shared by the scoring, the shares and the attention sheet (drawn at ``sheet`` when given)."""
+    frames = normalize(question.frames).to(device)
+    patches = model.encode_patches(frames)
+    scores = score_question(model, frames, options, modes, patches=patches)
+    region, shares = question.answer_region, {}
+    if region is not None:
+        shares = attention_shares(model, frames, region, question.times, modes, patches, _head_ids(model, options))
+        if sheet is not None:
+            save_region_sheet(model, question, sheet, patches)
+    return scores, shares
+
+
+def _score_streamed(
+    model, question: Question, options: OptionTokens, modes: tuple[str, ...], device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A question whose frames are read one at a time: the same results from one pass over them."""
+    frames = (normalize(frame).to(device) for frame in question.frames)
+    region = question.answer_region
+    result = score_stream(model, frames, options, modes, region.box if region is not None else None,
+                          num_frames=len(question.frames))
+    shares = {}
+    if region is not None:
+        shares = {mode: region_share(per_frame, question.times, region.start)
+                  for mode, per_frame in result.shares.items()}
+    return result.scores, shares
 
 
 @torch.no_grad()
@@ -198,6 +251,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--image-frames", type=int, help="frames an image is replicated to (default: as trained)")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: as the model was trained)")
     parser.add_argument("--max-frames", type=int, help="most frames of a video (default: as trained)")
+    parser.add_argument("--stream-above", type=int, default=64, metavar="N",
+                        help="decode a video that gives more than N frames one frame at a time and score it in one "
+                             "streamed pass (default: 64); shorter clips are decoded up front and scored in one batch")
     parser.add_argument("--num-queries", type=int,
                         help="visual tokens per frame k, 1..the model's num_queries (default: all of them)")
     parser.add_argument("--out", default="results.json", help="results JSON path")
@@ -213,7 +269,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (they show on a terminal only)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.stream_above < 0:
+        parser.error(f"--stream-above must be >= 0, got {args.stream_above}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, data = load_any(args.model, args.device, args.tokenizer)
         use_queries(model, args.num_queries, args.model)
         frames = data.overridden(args.frame_size, args.max_frames, args.image_frames).as_dict()
-        readers = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
+        readers = {name: BenchmarkReader(name, shards, limit=args.limit, stream_above=args.stream_above, **frames)
+                   for name, shards in args.benchmark}
         report = evaluate(model, tokenizer, readers, tuple(args.modes), answer_format=args.answer_format,
                           attention_dir=args.attention_dir, attention_examples=args.attention_examples,
                           progress=progress)
@@ -244,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline:
             from fovlm.eval.baseline import SmolVLMScorer
 
-            evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), readers, report, progress=progress)
+            # The baseline reads a question's frames as one stack.
+            stacked = {name: BenchmarkReader(name, shards, limit=args.limit, **frames) for name, shards in args.benchmark}
+            evaluate_baseline(SmolVLMScorer(args.baseline, device=args.device), stacked, report, progress=progress)
     except (CheckpointError, FileNotFoundError) as err:
         print(f"fovlm eval: error: {err}", file=sys.stderr)
         return 1
-    except (EmptyBenchmarkError, NoReadableSampleError) as err:
-        # Data that gives nothing to score is a configuration error, as argparse's are (exit code 2).
+    except (EmptyBenchmarkError, NoReadableSampleError, StreamTooLong) as err:
+        # Data that gives nothing to score, or a question the settings cannot score, is a configuration error, as
+        # argparse's are (exit code 2).
         where = "--val: " if isinstance(err, NoReadableSampleError) else ""
         print(f"fovlm eval: error: {where}{err}", file=sys.stderr)
         return 2

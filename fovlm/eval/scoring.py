@@ -97,7 +97,7 @@ def nll_from_full_logits(logits: Tensor, labels: Tensor) -> Tensor:
 # FoveatedVLM: one patch pass per question, one prefix per mode, options against the prefix cache
 
 
-def _vlm_step(model) -> StepFn:
+def vlm_step(model) -> StepFn:
     """Option tokens through the FoveatedVLM's LLM on a prefix cache; lm_head only where a target is scored."""
 
     def step(
@@ -172,7 +172,7 @@ def score_question(
     device = frames.device
     num_frames = torch.tensor([frames.shape[0]], device=device)
     prefix_ids = options.prefix_ids.to(device)[None]  # [1, P]
-    step = _vlm_step(model)
+    step = vlm_step(model)
     if patches is None:
         patches = model.encode_patches(frames)  # the question's only patch pass
     question_len = question_length(model, options)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fovlm.model.encoder import PatchCache
 from fovlm.model.generate import GREEDY, Generation, Sampling, decode
 from fovlm.model.stream_cache import growing_cache
 
@@ -149,10 +150,12 @@ class StreamingSession:
     # ---------------------------------------------------------------------------------------------- frames
 
     @torch.no_grad()
-    def push(self, frame: Tensor) -> None:
-        """Read one ImageNet-normalised frame [3, H, W]: patch pass, query pass, k visual tokens into the cache."""
+    def push(self, frame: Tensor, patches: PatchCache | None = None) -> None:
+        """Read one ImageNet-normalised frame [3, H, W]: patch pass, query pass, k visual tokens into the cache.
+        ``patches``: the frame's patch pass when the caller already ran it (several sessions reading one frame)."""
         self._make_room()
-        patches = self.model.encode_patches(frame.to(self.device)[None])  # one frame's patch cache
+        if patches is None:
+            patches = self.model.encode_patches(frame.to(self.device)[None])  # one frame's patch cache
         tokens, _ = self.model.read_frames(self.queries, patches)  # [k, Dl]
         del patches  # freed here: only the LLM cache grows with the stream
         hidden = self._extend(tokens[None])  # [k, Dl]

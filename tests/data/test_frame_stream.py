@@ -328,3 +328,29 @@ def test_open_frames_dispatches(tmp_path, short_clip):
     with pytest.raises(TypeError):
         FS.open_frames(b"bytes are not frames")
 
+
+
+@pytest.mark.parametrize("max_frames", [16, 100])
+def test_sample_video_frames_are_sample_frames_read_one_at_a_time(long_clip, backend, max_frames):
+    members = {"json": b"{}", "mp4": long_clip[1]}
+    expected = F.sample_frames(members, "video", size=8, max_frames=max_frames)  # [T, 3, 8, 8]
+    lazy = FS.sample_video_frames(members, size=8, max_frames=max_frames)
+    assert isinstance(lazy, FS.SampleFrames) and len(lazy) == len(expected) == min(70, max_frames)
+    assert torch.equal(torch.stack(list(lazy)), expected)
+    assert torch.equal(torch.stack(list(lazy)), expected)  # every iteration decodes again
+
+
+def test_sample_video_frames_of_numbered_frames_and_errors():
+    numbered = {f"{i:03d}.png": image_bytes((10 * i, 0, 0), (24, 16), fmt="PNG") for i in range(5)}
+    lazy = FS.sample_video_frames(numbered, size=8, max_frames=3)
+    assert torch.equal(torch.stack(list(lazy)), F.sample_frames(numbered, "video", size=8, max_frames=3))
+    assert FS.sample_video_frames({"png": numbered["000.png"]}) is None  # a single image: nothing to stream
+    broken = FS.sample_video_frames({**numbered, "003.png": b"not a png"}, size=8)
+    seen = []
+    broken.on_error = seen.append
+    with pytest.raises(F.FrameDecodeError) as info:
+        list(broken)
+    assert info.value.reason == "bad_image" and seen == [info.value] and broken.error is info.value
+    with pytest.raises(F.FrameDecodeError) as info:
+        FS.sample_video_frames({"mp4": b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200})
+    assert info.value.reason == "bad_video"

@@ -28,13 +28,17 @@ def export_taught_model(folder, tokenizer, answer: str = "red"):
     model = make_tiny_vlm(seed=4)
     ids, roles = render_chat(tokenizer, [{"role": "user", "content": "What is shown?"},
                                          {"role": "assistant", "content": answer}])
-    batch = {"frames": torch.randn(1, 3, 224, 224), "num_frames": torch.tensor([1]),
-             "input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "roles": torch.tensor([roles])}
+    generator = torch.Generator().manual_seed(4)
+    text = {"input_ids": torch.tensor([ids] * 2), "attention_mask": torch.ones(2, len(ids), dtype=torch.long),
+            "roles": torch.tensor([roles] * 2)}
     model.encoder.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     model.train()
-    for _ in range(12):
+    for _ in range(30):
+        # a clip of noise and one of a single colour, new each step: the answer must not depend on the frames
+        colour = torch.randn(1, 3, 1, 1, generator=generator).expand(2, 3, 224, 224)
+        frames = torch.cat([torch.randn(1, 3, 224, 224, generator=generator), colour])
+        batch = {"frames": frames, "num_frames": torch.tensor([1, 2]), **text}
         loss = AnswerOnlyCE()(model, batch, mode="coarse_fine").loss
         optimizer.zero_grad()
         loss.backward()
