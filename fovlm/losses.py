@@ -9,6 +9,7 @@ The per-token ``roles`` of every batch and ``IGNORE_INDEX`` are the data's (:mod
   ``labels != IGNORE_INDEX``, in ``logits_mask.nonzero()`` order, as the model returns them). Cross-entropy,
   sequence log-probs and evaluation scores are all sums of it, so they share one convention.
 - ``dpo_loss``: the sigmoid DPO loss and its metrics under TRL's names.
+- ``look_loss``: -log of the written queries' attention share inside the answer's region (``lambda_look``).
 - Loss heads ``AllTextCE``, ``AnswerOnlyCE`` and ``DPO``: each decides from ``roles`` which tokens count and
   runs the model forward it needs. Stages 1 and 2 therefore read the same batches.
 
@@ -156,10 +157,6 @@ def dpo_loss(
     return losses.mean(), losses, metrics
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loss heads
-
-
 def box_patches(boxes: Tensor, grid: int) -> Tensor:
     """bool [n, grid * grid] (row-major): for each box [n, 4] (x0, y0, x1, y1 in fractions of the frame), the
     patches of a ``grid x grid`` patch grid whose centres lie in it (lower bounds inclusive, upper exclusive)."""
@@ -203,6 +200,10 @@ def look_loss(
     heads = attention[counted].float().mean(1)[..., 1:]  # [n, k, G*G]
     share = (heads * inside[:, None, :]).sum(-1)  # [n, k]
     return -torch.log(share.clamp_min(1e-6)).mean(), share.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss heads
 
 
 def visual_positions(model: Any, roles: Tensor) -> Tensor | None:

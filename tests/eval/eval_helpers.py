@@ -103,3 +103,15 @@ def write_sft_shard(path) -> str:
                 {"role": "assistant", "content": "To the left."}]}).encode(),
             "000.png": png_bytes((0, 0, 255)), "001.png": png_bytes((0, 0, 128))})
     return str(path)
+
+
+class PatchPasses:
+    """Counts the DINO patch passes (calls of the embeddings) and the frames they encode."""
+
+    def __init__(self, model):
+        self.calls, self.frames = 0, 0
+        model.encoder.dino.embeddings.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.calls += 1
+        self.frames += inputs[0].shape[0]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import webdataset as wds
-from eval_helpers import make_tiny_vlm, mp4_bytes, png_bytes
+from eval_helpers import PatchPasses, make_tiny_vlm, mp4_bytes, png_bytes
 
 from fovlm.data.frame_stream import SampleFrames
 from fovlm.data.frames import FrameDecodeError
@@ -40,18 +40,6 @@ def write_long_video_shard(path) -> str:
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
     return write_long_video_shard(tmp_path_factory.mktemp("long") / "long.tar")
-
-
-class PatchPasses:
-    """Counts the DINO patch passes and the frames they encode."""
-
-    def __init__(self, model):
-        self.calls, self.frames = 0, 0
-        model.encoder.dino.embeddings.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.calls += 1
-        self.frames += inputs[0].shape[0]
 
 
 def test_the_reader_leaves_a_long_video_undecoded(shard):

@@ -3,6 +3,7 @@ shares from one pass over frames that arrive one at a time, one patch pass per f
 
 import pytest
 import torch
+from eval_helpers import PatchPasses
 from transformers import Dinov2Model, LlamaForCausalLM
 
 from fovlm.data.schema import AnswerRegion
@@ -26,18 +27,6 @@ def tiny(k: int = 1, question_first: bool = False, max_positions: int = 2048) ->
                         question_first=question_first).eval()
     model.use_queries(k)
     return model
-
-
-class PatchPasses:
-    """Counts the DINO patch passes (calls of the embeddings) and the frames they encode."""
-
-    def __init__(self, model):
-        self.calls, self.frames = 0, 0
-        model.encoder.dino.embeddings.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.calls += 1
-        self.frames += inputs[0].shape[0]
 
 
 @pytest.mark.parametrize("question_first", [False, True], ids=["visual-first", "question-first"])

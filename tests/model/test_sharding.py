@@ -1,5 +1,6 @@
 """FSDP2 (fovlm.model.sharding) on two gloo ranks equals one process: per-step losses, the global gradient norm and
-the final weights over 20 AdamW steps (fp32 within 1e-5, bf16 autocast within bf16 tolerance); gathered parameters
+the final weights over 20 AdamW steps (fp32 within 1e-5 but for a few elements with near-zero gradients, bf16
+autocast within bf16 tolerance); gathered parameters
 let ranks run different numbers of forwards (generation) without a collective."""
 
 from __future__ import annotations
@@ -137,7 +138,12 @@ def test_two_sharded_ranks_equal_one_process(tmp_path, bf16):
         state = model.state_dict()
         assert sharded["state"].keys() == state.keys()
         for name, value in state.items():
-            torch.testing.assert_close(sharded["state"][name], value, atol=1e-5, rtol=1e-5, msg=name)
+            # AdamW steps every weight by about lr whatever its gradient's size, so an element whose gradient is
+            # near zero can take the other sign's step when the two runs round it differently (all-reduce against
+            # a sum in one process): such elements may differ by a fraction of lr, every other one by float noise.
+            diff = (sharded["state"][name] - value).abs()
+            assert float(diff.max()) < 1e-4, name
+            assert int((diff > 1e-5 + 1e-5 * value.abs()).sum()) <= max(2, value.numel() // 10_000), name
         model.eval()
         torch.manual_seed(7)
         with torch.no_grad():
