@@ -186,7 +186,7 @@ demo-real: install smollm2
 # first, in stages with the look loss (QRY_LOOK, docs/looking.md#teaching-the-queries-where-to-look): a
 # warm-up on clips that show only the cells asked about, the full grids (where the look loss teaches where to look),
 # then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint);
-# each evaluated at k = 1, 2, 4, 8 (cloze, 200 questions). About 100 minutes on 2 cores; runs in runs/queries.
+# each evaluated at k = 1, 2, 4, 8 (cloze, 200 questions). About two hours on 2 cores; runs in runs/queries.
 QRY := data/queries
 QRY_RUNS := runs/queries
 QRY_WARM_STEPS ?= 200
