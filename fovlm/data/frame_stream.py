@@ -143,6 +143,14 @@ def _opened(source: Path | bytes) -> str | io.BytesIO:
     return str(source) if isinstance(source, Path) else io.BytesIO(source)
 
 
+def _decord_reader(decord, source: Path | bytes):
+    """decord's reader of a video file or in-memory video, its frame count and frame rate (both checked)."""
+    reader = decord.VideoReader(_opened(source), ctx=decord.cpu(0), num_threads=1)
+    count, video_fps = len(reader), float(reader.get_avg_fps())
+    times_to_indices([0.0], video_fps, count)  # checks the count and the frame rate
+    return reader, count, video_fps
+
+
 def _video_stream(
     source: Path | bytes, size: int, times_of: Callable[[float], Iterator[float]], path: str
 ) -> Iterator[StreamFrame]:
@@ -151,9 +159,7 @@ def _video_stream(
     try:
         import decord
 
-        reader = decord.VideoReader(_opened(source), ctx=decord.cpu(0), num_threads=1)
-        count, video_fps = len(reader), float(reader.get_avg_fps())
-        times_to_indices([0.0], video_fps, count)  # checks the count and the frame rate
+        reader, count, video_fps = _decord_reader(decord, source)
     except Exception as err:  # ImportError, decord's DECORDError / RuntimeError, ValueError
         errors.append(f"decord: {type(err).__name__}: {err}")
     else:
@@ -204,9 +210,7 @@ def video_duration(data: bytes) -> float:
     try:
         import decord
 
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        count, video_fps = len(reader), float(reader.get_avg_fps())
-        times_to_indices([0.0], video_fps, count)  # checks the count and the frame rate
+        _, count, video_fps = _decord_reader(decord, data)
         return count / video_fps
     except Exception as err:  # ImportError, decord's DECORDError / RuntimeError, ValueError
         errors.append(f"decord: {type(err).__name__}: {err}")
