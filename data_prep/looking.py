@@ -197,11 +197,16 @@ def wrong_answer(rng: random.Random, scene: CueScene, category: str) -> str:
     return rng.choice(pool)
 
 
-def answer_region(scene: CueScene, category: str = "look_colour") -> dict[str, object] | None:
-    """The shard JSON's ``answer_region``: the cue cell's box in fractions of the frame, from the end of the
-    cue on (the first frame when there is no ring; see :mod:`fovlm.data.schema`); None for ``count_colour``,
-    whose answer is spread over several cells."""
+def answer_region(scene: CueScene, category: str = "look_colour") -> dict[str, object]:
+    """The shard JSON's ``answer_region`` (see :mod:`fovlm.data.schema`), in fractions of the frame, from the end
+    of the cue on (the first frame when there is no ring): the cue cell's box, or for ``count_colour``, whose
+    answer is spread over the grid, every cell's box in row-major order (``spread``)."""
+    start = scene.cue_seconds if scene.ring else 0.0
     if category == "count_colour":
-        return None
-    x0, y0, x1, y1 = cell_box(scene.rows, scene.cols, scene.cue, 1.0, 1.0)
-    return {"box": [round(v, 6) for v in (x0, y0, x1, y1)], "from": scene.cue_seconds if scene.ring else 0.0}
+        cells = range(scene.rows * scene.cols)
+        return {"spread": [_fractions(scene, cell) for cell in cells], "from": start}
+    return {"box": _fractions(scene, scene.cue), "from": start}
+
+
+def _fractions(scene: CueScene, cell: int) -> list[float]:
+    return [round(v, 6) for v in cell_box(scene.rows, scene.cols, cell, 1.0, 1.0)]

@@ -337,7 +337,7 @@ def look_items(kind: str, split: str, n: int, config: SyntheticConfig) -> list[S
         else:
             raise ValueError(f"unknown cue-then-look set {kind!r}")
         region = looking.answer_region(scene, category)
-        items.append(_video_item(name, scene, text, video_dir, {"answer_region": region} if region else {},
+        items.append(_video_item(name, scene, text, video_dir, {"answer_region": region},
                                  source=LOOK_SOURCE))
     return items
 

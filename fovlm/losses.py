@@ -168,37 +168,60 @@ def box_patches(boxes: Tensor, grid: int) -> Tensor:
 
 
 def look_loss(
-    attention: Tensor, num_frames: Tensor, region_box: Tensor, region_frames: Tensor
+    attention: Tensor, num_frames: Tensor, region_box: Tensor, region_frames: Tensor,
+    region_spread: Tensor | None = None, spread_over: int | None = None,
 ) -> tuple[Tensor, int]:
     """How far the queries the LLM wrote look from the answer's region: -log of the attention share inside it.
 
-    The share of a query on a frame is its attention (heads averaged) on the patches whose centres lie in the
-    sample's box; the CLS key counts as outside. It is taken for every query of each frame that holds the region
-    and whose queries the LLM wrote, i.e. every frame of a sample but its first (read by ``q_init``); the loss is
-    the mean of -log(share) over them.
+    The share of a query on a frame is its attention (heads averaged) on the patches whose centres lie in its
+    target; the CLS key counts as outside. A one-box region is every query's target. A spread region's places
+    are shared out over a frame's queries by the model's largest budget K (``spread_over``): query j's target is
+    places j, j + K, j + 2K, ... together, so what a query is taught does not depend on the budget drawn and
+    budgets nest; a query with no place (j >= the number of places) is not counted. The share is taken for every
+    query of each frame that holds the region and whose queries the LLM wrote, i.e. every frame of a sample but
+    its first (read by ``q_init``); the loss is the mean of -log(share) over them.
 
     Args:
         attention: [F, h, k, N] one DINO layer's attention of the written queries (N = 1 CLS + G*G patches).
         num_frames: long [B], frames per sample.
-        region_box: float [B, 4], each sample's box (NaN rows: no region).
+        region_box: float [B, R, 4] (or [B, 4]), each sample's boxes (NaN rows: no box; R = 1 for one box).
         region_frames: bool [F], the frames that hold their sample's region.
+        region_spread: bool [B], the samples whose boxes are the places of a spread answer (default: none).
+        spread_over: K, the number of queries spread places are shared out over (default: k).
 
     Returns:
         (loss, number of (frame, query) readings counted); with none, a zero that keeps the graph.
     """
-    keys = attention.shape[-1]
+    keys, k = attention.shape[-1], attention.shape[2]
     grid = math.isqrt(keys - 1)
     if grid * grid != keys - 1:
         raise ValueError(f"{keys} attention keys are not 1 CLS + a square patch grid")
-    sample = torch.repeat_interleave(torch.arange(len(num_frames), device=num_frames.device), num_frames)  # [F]
+    if region_box.dim() == 2:
+        region_box = region_box[:, None]  # [B, 1, 4]
+    batch, places = region_box.shape[:2]
+    spread_over = spread_over or k
+    if spread_over < k:
+        raise ValueError(f"spread_over={spread_over} is smaller than the {k} queries per frame")
+    device = attention.device
+    sample = torch.repeat_interleave(torch.arange(batch, device=num_frames.device), num_frames)  # [F]
     starts = torch.cumsum(num_frames, 0) - num_frames  # [B]
     written = torch.arange(len(sample), device=sample.device) > starts[sample]  # [F]: not a sample's first frame
-    counted = region_frames.to(written.device) & written & ~region_box[sample].isnan().any(-1)  # [F]
+    valid = ~region_box.isnan().any(-1)  # [B, R]
+    counted = region_frames.to(written.device) & written & valid[sample].any(-1)  # [F]
     if not counted.any():
         return attention.sum() * 0.0, 0
-    inside = box_patches(region_box[sample[counted]], grid)  # [n, G*G]
-    heads = attention[counted].float().mean(1)[..., 1:]  # [n, k, G*G]
-    share = (heads * inside[:, None, :]).sum(-1)  # [n, k]
+    owner = sample[counted].to(region_box.device)  # [n]
+    inside = box_patches(region_box[owner].flatten(0, 1), grid).view(len(owner), places, -1)  # [n, R, G*G]
+    on = region_box.device
+    spread = torch.zeros(batch, dtype=torch.bool, device=on) if region_spread is None else region_spread.to(on)
+    shared_out = (torch.arange(places, device=on)[:, None] % spread_over) == torch.arange(k, device=on)[None, :]
+    assign = torch.where(spread[owner][:, None, None], shared_out, torch.ones_like(shared_out))  # [n, R, k]
+    assign = (assign & valid[owner][:, :, None]).to(device)
+    target = (assign.transpose(1, 2).float() @ inside.to(device).float()) > 0  # [n, k, G*G]
+    heads = attention[counted.to(device)].float().mean(1)[..., 1:]  # [n, k, G*G]
+    share = (heads * target).sum(-1)[assign.any(1)]  # [readings]
+    if share.numel() == 0:
+        return attention.sum() * 0.0, 0
     return -torch.log(share.clamp_min(1e-6)).mean(), share.numel()
 
 
@@ -314,7 +337,8 @@ class CrossEntropyHead(LossHead):
                 loss = loss + weight * aux_loss
         if look and out.fine_attention is not None:
             look_value, _ = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"],
-                                      batch["region_frames"])
+                                      batch["region_frames"], batch.get("region_spread"),
+                                      getattr(model, "num_queries", None))
             metrics.setdefault("loss_fine", fine)
             metrics["loss_look"] = look_value.detach()
             loss = loss + options.lambda_look * look_value

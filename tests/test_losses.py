@@ -356,6 +356,35 @@ def test_look_loss_counts_the_written_queries_on_the_frames_that_hold_the_region
     assert zero == 0 and none.item() == 0.0
 
 
+def test_look_loss_shares_a_spread_answers_places_out_over_the_queries():
+    keys = 10  # 1 CLS + one patch per cell of a 3 x 3 grid
+    cells = [[c / 3, r / 3, (c + 1) / 3, (r + 1) / 3] for r in range(3) for c in range(3)]
+    nan = [float("nan")] * 4
+    # sample 0: the nine cells, spread; sample 1: one box (the centre cell), padded; 2 frames each
+    boxes = torch.tensor([cells, [cells[4]] + [nan] * 8])
+    spread, num_frames = torch.tensor([True, False]), torch.tensor([2, 2])
+    region_frames = torch.ones(4, dtype=torch.bool)
+    attention = torch.full((4, 1, 2, keys), 1 / keys)  # [F, h, k = 2, N], uniform
+    attention[1, 0, 0] = 0.0
+    attention[1, 0, 0, 1 + 8] = 1.0  # sample 0, query 0 on cell 8: one of its places (0 and 8 with K = 8)
+    loss, counted = look_loss(attention, num_frames, boxes, region_frames, spread, spread_over=8)
+    # readings: sample 0's queries 0 (share 1) and 1 (cell 1: 1/10), sample 1's queries 0 and 1 (cell 4: 1/10)
+    assert counted == 4
+    assert loss.item() == pytest.approx(3 * math.log(keys) / 4, rel=1e-5)
+    # with K = 2, query 0 would read the even cells: five of them, 1/2 of a uniform query
+    uniform = torch.full((4, 1, 2, keys), 1 / keys)
+    loss, counted = look_loss(uniform, num_frames, boxes, region_frames, spread, spread_over=2)
+    assert counted == 4
+    assert loss.item() == pytest.approx((-math.log(5 / keys) - math.log(4 / keys) - 2 * math.log(1 / keys)) / 4,
+                                        rel=1e-5)
+    # more queries than places: the queries without a place are not counted
+    three = torch.tensor([cells[:3]])
+    wide = torch.full((2, 1, 8, keys), 1 / keys)
+    assert look_loss(wide, torch.tensor([2]), three, torch.ones(2, dtype=torch.bool), torch.tensor([True]))[1] == 3
+    with pytest.raises(ValueError, match="spread_over"):
+        look_loss(wide, torch.tensor([2]), three, torch.ones(2, dtype=torch.bool), torch.tensor([True]), 4)
+
+
 def test_look_loss_trains_the_query_head_through_the_written_queries():
     from transformers import Dinov2Model, LlamaForCausalLM
 

@@ -134,8 +134,8 @@ def collate(
 
     The text of a caption / SFT batch is input_ids / attention_mask / roles [B,S]; a preference batch
     (``preference``) has chosen_* and rejected_* instead, each side padded to its own longest sequence. A caption
-    / SFT batch with a sample that says where its answer is shown also has ``region_box`` / ``region_frames``
-    (:func:`fovlm.data.regions.collate_regions`).
+    / SFT batch with a sample that says where its answer is shown also has ``region_box`` / ``region_spread`` /
+    ``region_frames`` (:func:`fovlm.data.regions.collate_regions`).
     ``frame_size`` shapes the empty frame stack of a text-only batch; ``normalize=False`` leaves the frames
     uint8 (see :func:`normalize_frames`).
     """
@@ -149,7 +149,7 @@ def collate(
         )
         batch.update({f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}roles": roles})
     if not preference:
-        batch.update(collate_regions(samples))  # region_box [B, 4], region_frames [F], when a sample has one
+        batch.update(collate_regions(samples))  # region_box [B, R, 4], region_spread [B], region_frames [F]
     batch["source"] = [s["source"] for s in samples]
     batch["key"] = [s["key"] for s in samples]
     return batch

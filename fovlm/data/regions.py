@@ -51,26 +51,33 @@ def region_fields(
     region: AnswerRegion | None, members: Mapping[str, Any], media: str, count: int, max_frames: int,
     duration: float | None,
 ) -> dict[str, Any]:
-    """An encoded sample's region entries: ``region_box`` (4 floats) and ``region_frames`` (bool [T], the frames
-    that hold the region); empty for a sample without a region or frames."""
+    """An encoded sample's region entries: ``region_box`` (its boxes, 4 floats each), ``region_spread`` (whether
+    they are the places of a spread answer) and ``region_frames`` (bool [T], the frames that hold the region);
+    empty for a sample without a region or frames."""
     if region is None or count == 0:
         return {}
     times = frame_times(members, media, count, max_frames, duration)
-    return {"region_box": tuple(float(v) for v in region.box), "region_frames": frames_from(times, count, region.start)}
+    return {"region_box": tuple(tuple(float(v) for v in box) for box in region.boxes),
+            "region_spread": region.box is None, "region_frames": frames_from(times, count, region.start)}
 
 
 def collate_regions(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """A batch's region entries when any sample has one: ``region_box`` float [B, 4] (NaN rows: no region) and
-    ``region_frames`` bool [F] over the batch's frames in sample order (False for samples without a region)."""
+    """A batch's region entries when any sample has one: ``region_box`` float [B, R, 4] (each sample's boxes, NaN
+    rows past them; R the most boxes of a sample), ``region_spread`` bool [B] (boxes that are the places of a
+    spread answer) and ``region_frames`` bool [F] over the batch's frames in sample order (False for samples
+    without a region)."""
     if not any("region_box" in s for s in samples):
         return {}
-    boxes = torch.full((len(samples), 4), float("nan"))  # [B, 4]
+    places = max(len(s.get("region_box", ())) for s in samples)
+    boxes = torch.full((len(samples), places, 4), float("nan"))  # [B, R, 4]
+    spread = torch.zeros(len(samples), dtype=torch.bool)  # [B]
     masks = []
     for i, sample in enumerate(samples):
         count = 0 if sample.get("frames") is None else sample["frames"].shape[0]
         if "region_box" in sample:
-            boxes[i] = torch.tensor(sample["region_box"])
+            boxes[i, : len(sample["region_box"])] = torch.tensor(sample["region_box"])
+            spread[i] = sample["region_spread"]
             masks.append(sample["region_frames"])
         else:
             masks.append(torch.zeros(count, dtype=torch.bool))
-    return {"region_box": boxes, "region_frames": torch.cat(masks)}
+    return {"region_box": boxes, "region_spread": spread, "region_frames": torch.cat(masks)}

@@ -16,7 +16,10 @@ Native JSON fields (docs/shards.md#native-json-fields):
 - optional ``fps``, ``duration`` (seconds, > 0), ``video_id``.
 - optional ``answer_region``: ``{"box": [x0, y0, x1, y1], "from": seconds}``, where the answer is shown: a box
   in fractions of the (square, centre-cropped) frame the model sees, from ``from`` seconds on (default 0).
-  Evaluation measures how much of each query's attention falls inside it (:mod:`fovlm.eval.looking`).
+  Evaluation measures how much of each query's attention falls inside it (:mod:`fovlm.eval.looking`). An
+  answer spread over several places (the cells to count) is ``{"spread": [[x0, y0, x1, y1], ...], "from":
+  seconds}``: the places in the order the queries of a frame share them out (``lambda_look``,
+  :func:`fovlm.losses.look_loss`); evaluation measures no share for it.
 
 The layouts of fVLM's original shards (docs/shards.md#layouts-of-fvlms-original-shards) are read as well,
 so existing shard sets keep working: pre-tokenized ``token_ids`` / ``loss_mask``; raw ``user`` /
@@ -39,6 +42,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fovlm.data.answer_region import AnswerRegion, parse_answer_region
 from fovlm.data.contract import FRAME_SETTINGS
 
 Media = Literal["video", "image", "text"]
@@ -82,18 +86,6 @@ class Message:
 
     role: str
     content: str
-
-
-@dataclass(frozen=True)
-class AnswerRegion:
-    """Where a sample's answer is shown: ``box`` = (x0, y0, x1, y1) in fractions of the frame, from ``start``
-    seconds on."""
-
-    box: tuple[float, float, float, float]
-    start: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"box": list(self.box), "from": self.start}
 
 
 @dataclass(frozen=True)
@@ -318,18 +310,10 @@ def _common(obj: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def _answer_region(value: Any, key: str) -> AnswerRegion | None:
-    if value is None:
-        return None
-    box = value.get("box") if isinstance(value, Mapping) else None
-    start = value.get("from", 0.0) if isinstance(value, Mapping) else None
-    numbers = isinstance(box, list) and len(box) == 4 and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-    if not numbers or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-        raise SampleError(key, "answer_region", f"expected {{'box': [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
-                          f"0 <= y0 < y1 <= 1, 'from': seconds}}, got {value!r}")
-    if isinstance(start, bool) or not isinstance(start, int | float) or not math.isfinite(start) or start < 0:
-        raise SampleError(key, "answer_region", f"'from' must be a number of seconds >= 0, got {start!r}")
-    return AnswerRegion(tuple(float(v) for v in box), float(start))  # type: ignore[arg-type]
+    try:
+        return parse_answer_region(value)
+    except ValueError as err:
+        raise SampleError(key, "answer_region", str(err)) from None
 
 
 def _source(obj: Mapping[str, Any], key: str, *, required: bool) -> str:

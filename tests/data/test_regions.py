@@ -39,9 +39,22 @@ def test_encoded_samples_carry_their_region_into_the_batch(tokenizer):
     samples = [encoder(s["__key__"], _members(s)) for s in (ringed, plain, video)]
     batch = collate(samples, tokenizer.pad_token_id, frame_size=28)
     assert batch["num_frames"].tolist() == [3, 2, 4]
-    torch.testing.assert_close(batch["region_box"][0], torch.tensor([0.5, 0.0, 1.0, 0.5]))
-    assert batch["region_box"][1].isnan().all()
+    torch.testing.assert_close(batch["region_box"][0], torch.tensor([[0.5, 0.0, 1.0, 0.5]]))
+    assert batch["region_box"][1].isnan().all() and not batch["region_spread"].any()
     # frames at 0.5, 1.5, 2.5 s from 1 s on; none of the region-less sample; the mp4's at 0.5 ... 3.5 s from 2 s
     assert batch["region_frames"].tolist() == [False, True, True, False, False, False, False, True, True]
     assert collate_regions(samples[1:2]) == {}
     assert "region_box" not in collate(samples[1:2], tokenizer.pad_token_id, frame_size=28)
+
+
+def test_a_spread_answers_places_pad_the_batch_boxes(tokenizer):
+    encoder = SampleEncoder(tokenizer, max_length=64, frames=FrameSettings(frame_size=28))
+    counted = caption_sample("a", "three red shapes", frames=2)
+    counted["json"]["answer_region"] = {"spread": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]], "from": 0.0}
+    one = caption_sample("b", "a blue circle", frames=2)
+    one["json"]["answer_region"] = {"box": [0.0, 0.0, 0.5, 0.5], "from": 0.0}
+    batch = collate([encoder(s["__key__"], _members(s)) for s in (counted, one)], tokenizer.pad_token_id,
+                    frame_size=28)
+    assert batch["region_box"].shape == (2, 2, 4) and batch["region_spread"].tolist() == [True, False]
+    torch.testing.assert_close(batch["region_box"][0, 1], torch.tensor([0.5, 0.0, 1.0, 1.0]))
+    assert batch["region_box"][1, 1].isnan().all() and batch["region_frames"].all()

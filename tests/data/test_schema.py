@@ -45,6 +45,10 @@ def test_answer_region_round_trip():
     assert sample.answer_region.box == (0.5, 0.0, 1.0, 0.5) and sample.answer_region.start == 1.0
     assert sample.to_json() == raw
     assert parse_sample({**raw, "answer_region": {"box": [0, 0, 1, 1]}}, "k").answer_region.start == 0.0
+    spread = {**raw, "answer_region": {"spread": [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], "from": 0.0}}
+    region = parse_sample(spread, "k").answer_region
+    assert region.box is None and region.boxes == ((0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0))
+    assert parse_sample(spread, "k").to_json() == spread
 
 
 def test_native_messages_and_preference_and_choice():
@@ -114,6 +118,12 @@ def test_native_messages_and_preference_and_choice():
          "answer_region", "invalid_json"),
         ({"source": "x", "media": "video", "caption": "c", "answer_region": [0, 0, 1, 1]}, "answer_region",
          "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c", "answer_region": {"spread": []}}, "answer_region",
+         "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c",
+          "answer_region": {"box": [0, 0, 1, 1], "spread": [[0, 0, 1, 1]]}}, "answer_region", "invalid_json"),
+        ({"source": "x", "media": "video", "caption": "c", "answer_region": {"spread": [[0, 0, 2, 1]]}},
+         "answer_region", "invalid_json"),
         (
             {"source": "x", "media": "image", "messages": [{"role": "user", "content": "q"}], "chosen": "a"},
             "rejected",

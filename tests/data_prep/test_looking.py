@@ -172,6 +172,9 @@ def test_families_without_a_ring_name_the_cell_or_count_the_colour():
             colour = scene.target.colour
             assert question == f"How many shapes are {colour}?"
             count = sum(c == colour for c, _ in cells)
-            assert answer == f"{COUNT_WORDS[count - 1]}." and answer_region(scene, category) is None
+            assert answer == f"{COUNT_WORDS[count - 1]}."
+            region = answer_region(scene, category)  # every cell, row-major: the places a count reads
+            assert "box" not in region and region["from"] == 0.0 and len(region["spread"]) == 9
+            assert region["spread"][5] == pytest.approx([2 / 3, 1 / 3, 1.0, 2 / 3], abs=1e-6)
             counts.add(count)
     assert counts == {1, 2, 3, 4}  # the answers cycle through every count

@@ -1,13 +1,17 @@
 """Attention share inside the answer's region: patch selection, per-frame shares, the frames that count, and the
 three modes' queries on a model."""
 
+import json
 import math
 
 import pytest
 import torch
+import webdataset as wds
+from eval_helpers import png_bytes
 
 from fovlm.data.schema import AnswerRegion
 from fovlm.eval.attention import query_attention_maps
+from fovlm.eval.benchmarks import BenchmarkReader
 from fovlm.eval.looking import attention_shares, frames_from, region_patches, share_in_region, uniform_share
 from fovlm.model.vlm import MODES
 
@@ -50,3 +54,16 @@ def test_shares_of_the_three_modes_on_a_model(tiny_vlm):
     assert all(0.0 < half[m] < everywhere[m] for m in MODES)
     late = attention_shares(tiny_vlm, frames, AnswerRegion((0.0, 0.0, 1.0, 1.0), 9.0), [0.5, 1.5, 2.5], MODES)
     assert all(math.isnan(v) for v in late.values())  # no frame after the start: nothing measured
+
+
+def test_a_spread_answer_has_no_share_to_measure(tmp_path):
+    regions = {"one": {"box": [0.5, 0.0, 1.0, 0.5], "from": 0},
+               "spread": {"spread": [[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]], "from": 0}}
+    with wds.TarWriter(str(tmp_path / "q.tar")) as sink:
+        for key, region in regions.items():
+            sink.write({"__key__": key, "png": png_bytes((255, 0, 0)), "json": json.dumps({
+                "source": "toy", "media": "image", "question": "How many?", "options": ["one", "two"],
+                "answer": 0, "answer_region": region}).encode()})
+    questions = {q.key: q for q in BenchmarkReader("toy", str(tmp_path / "q.tar"))}
+    assert questions["one"].answer_region == AnswerRegion((0.5, 0.0, 1.0, 0.5), 0.0)
+    assert questions["spread"].answer_region is None  # the share is measured in one box
