@@ -185,21 +185,25 @@ demo-real: install smollm2
 # demo overlay, each 8 queries per frame trained with budgets of 1, 2, 4 and 8, visual tokens first and question
 # first, in stages with the look loss (QRY_LOOK, docs/looking.md#teaching-the-queries-where-to-look): a
 # warm-up on clips that show only the cells asked about, the full grids (where the look loss teaches where to look),
-# then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint);
-# each evaluated at k = 1, 2, 4, 8 (cloze, 200 questions). About two hours on 2 cores; runs in runs/queries.
+# then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint),
+# then QRY_COUNT_STEPS mostly on counting (docs/looking.md#counting-with-k-queries); each evaluated at
+# k = 1, 2, 4, 8 (cloze, 200 questions). About three hours on 2 cores; runs in runs/queries.
 QRY := data/queries
+QRY_COUNT := data/queries-count
 QRY_RUNS := runs/queries
 QRY_WARM_STEPS ?= 200
 QRY_SFT_STEPS ?= 500
 QRY_READ_STEPS ?= 400
 QRY_READ_ROUNDS ?= 2
+QRY_COUNT_STEPS ?= 1000
 QRY_LOOK ?= 5.0
 .PHONY: data-queries demo-queries
+queries_data = $(PY) -m data_prep synthetic --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
+	--caption-train 0 --caption-val 0 --sft-train 0 --sft-val 0 --text-train 0 --text-val 0 --preference-train 0 \
+	--preference-val 0 --mcq 0 --look-warmup 800 --look-train 2400 --look-preference 0
 data-queries: install
-	$(PY) -m data_prep synthetic --output $(QRY) --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
-		--look-categories name_colour,count_colour --caption-train 0 --caption-val 0 --sft-train 0 --sft-val 0 \
-		--text-train 0 --text-val 0 --preference-train 0 --preference-val 0 --mcq 0 --look-warmup 800 \
-		--look-train 2400 --look-test 400 --look-preference 0
+	$(queries_data) --output $(QRY) --look-categories name_colour,count_colour --look-test 400
+	$(queries_data) --output $(QRY_COUNT) --seed 1 --look-categories count_colour --look-test 0 --look-val 64
 queries_fit = $(FOVLM) fit --config configs/stage2.yaml --config configs/demo.yaml \
 	--trainer.logger.init_args.save_dir $(QRY_RUNS) --model.init_args.num_queries 8 \
 	--model.init_args.query_budgets '[1,2,4,8]' --model.init_args.lambda_coarse 0.5 --model.init_args.lambda_ar 0.5 \
@@ -221,6 +225,13 @@ demo-queries: install smollm2 dinov2 data-queries
 				--data.init_args.group_weights '{warm: 1.0, grid: 1.0}' || exit 1; \
 			last=$(QRY_RUNS)/read$$round-qf$$qf; \
 		done; \
+		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name count-qf$$qf \
+			--trainer.max_steps $(QRY_COUNT_STEPS) --model.init_args.init_from $$last/checkpoints/last.ckpt \
+			--data.init_args.val_shards '$(QRY_COUNT)/look_sft/val/*.tar' \
+			--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
+				cwarm: '$(QRY_COUNT)/look_warmup/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
+			--data.init_args.group_weights '{count: 2.0, cwarm: 1.0, grid: 1.0}' || exit 1; \
+		last=$(QRY_RUNS)/count-qf$$qf; \
 		for k in 1 2 4 8; do \
 			$(FOVLM) eval --model $$last/checkpoints/last.ckpt \
 				--benchmark queries='$(QRY)/look_mcq/test/*.tar' --answer-format cloze --per-category \
