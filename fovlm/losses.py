@@ -196,30 +196,31 @@ def look_loss(
     grid = math.isqrt(keys - 1)
     if grid * grid != keys - 1:
         raise ValueError(f"{keys} attention keys are not 1 CLS + a square patch grid")
+    device = attention.device
     if region_box.dim() == 2:
         region_box = region_box[:, None]  # [B, 1, 4]
+    region_box, num_frames = region_box.to(device), num_frames.to(device)
     batch, places = region_box.shape[:2]
     spread_over = spread_over or k
     if spread_over < k:
         raise ValueError(f"spread_over={spread_over} is smaller than the {k} queries per frame")
-    device = attention.device
-    sample = torch.repeat_interleave(torch.arange(batch, device=num_frames.device), num_frames)  # [F]
+    sample = torch.repeat_interleave(torch.arange(batch, device=device), num_frames)  # [F]
     starts = torch.cumsum(num_frames, 0) - num_frames  # [B]
-    written = torch.arange(len(sample), device=sample.device) > starts[sample]  # [F]: not a sample's first frame
+    written = torch.arange(len(sample), device=device) > starts[sample]  # [F]: not a sample's first frame
     valid = ~region_box.isnan().any(-1)  # [B, R]
-    counted = region_frames.to(written.device) & written & valid[sample].any(-1)  # [F]
+    counted = region_frames.to(device) & written & valid[sample].any(-1)  # [F]
     if not counted.any():
         return attention.sum() * 0.0, 0
-    owner = sample[counted].to(region_box.device)  # [n]
+    owner = sample[counted]  # [n]
     inside = box_patches(region_box[owner].flatten(0, 1), grid).view(len(owner), places, -1)  # [n, R, G*G]
-    on = region_box.device
-    spread = torch.zeros(batch, dtype=torch.bool, device=on) if region_spread is None else region_spread.to(on)
-    shared_out = (torch.arange(places, device=on)[:, None] % spread_over) == torch.arange(k, device=on)[None, :]
+    spread = torch.zeros(batch, dtype=torch.bool, device=device) if region_spread is None else region_spread
+    spread = spread.to(device)  # [B]
+    shared_out = (torch.arange(places, device=device)[:, None] % spread_over) == torch.arange(k, device=device)
     assign = torch.where(spread[owner][:, None, None], shared_out, torch.ones_like(shared_out))  # [n, R, k]
-    assign = (assign & valid[owner][:, :, None]).to(device)
-    target = (assign.transpose(1, 2).float() @ inside.to(device).float()) > 0  # [n, k, G*G]
-    heads = attention[counted.to(device)].float().mean(1)[..., 1:]  # [n, k, G*G]
-    share = (heads * target).sum(-1)[assign.any(1)]  # [readings]
+    assign = assign & valid[owner][:, :, None]
+    target = (assign.transpose(1, 2).float() @ inside.float()) > 0  # [n, k, G*G]: each query's target patches
+    heads = attention[counted].float().mean(1)[..., 1:]  # [n, k, G*G]
+    share = (heads * target).sum(-1)[assign.any(1)]  # [readings]: the queries that have a target
     if share.numel() == 0:
         return attention.sum() * 0.0, 0
     return -torch.log(share.clamp_min(1e-6)).mean(), share.numel()

@@ -408,3 +408,14 @@ def test_look_loss_trains_the_query_head_through_the_written_queries():
     assert model.llm_to_query.weight.grad.abs().sum() > 0  # the written queries' head learns where to look
     # the first frame, read by q_init rather than a written query, is not counted
     assert model.q_init.grad is None or model.q_init.grad.abs().sum() == 0
+    # a spread answer's places are shared out by the model's num_queries (2), not by the budget in use (1):
+    # the one query reads the left half, and the right half is left to a second query
+    model.use_queries(1)
+    batch.update(region_box=torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]]]),
+                 region_spread=torch.tensor([True]))
+    spread = AnswerOnlyCE()(model, batch, lambda_look=0.5).metrics["loss_look"]
+    out = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                return_fine_attention=True)
+    left, counted = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"][:, :1],
+                              batch["region_frames"])
+    assert counted == 2 and spread.item() == pytest.approx(left.item(), rel=1e-5)

@@ -58,5 +58,6 @@ def _box(box: Any) -> Box:
     numbers = isinstance(box, list) and len(box) == 4 and all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)
     if not numbers or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-        raise ValueError(f"expected a box [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box!r}")
+        raise ValueError(f"expected a box [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, "
+                         f"got {box!r}")
     return tuple(float(v) for v in box)  # type: ignore[return-value]
