@@ -72,9 +72,10 @@ class FoveatedModule(L.LightningModule):
         num_queries: K, the most visual tokens per frame (``q_static`` / ``q_init`` hold K queries each); the
             model trains and validates with all K unless ``query_budgets`` is set.
         query_budgets: budget training: every optimizer step reads frames with k queries drawn uniformly from
-            this list (each between 1 and ``num_queries``; the first k of the K queries), so that one
-            checkpoint serves each of them. The draw depends on the step alone (the same on every rank and
-            after a resume). Validation runs with all K. None: always K.
+            this list's entries (each between 1 and ``num_queries``; the first k of the K queries; a k listed
+            n times is drawn n times as often), so that one checkpoint serves each of them. The draw depends
+            on the step alone (the same on every rank and after a resume). Validation runs with all K.
+            None: always K.
         question_first: lay every sample out as [system and first user turn ; visual tokens ; the rest], so
             that the queries the LLM writes have read the question (all modes, scoring and generation follow).
         vision_init_range: weight-init std of a random ``vision`` backbone (None: DINOv2's 0.02); a from-scratch

@@ -113,6 +113,7 @@ def lr_lambdas(
 
 def query_budget(budgets: list[int], step: int) -> int:
     """The number of queries per frame of optimizer step ``step`` under budget training: drawn uniformly from
-    ``budgets`` by a generator seeded with the step, so every rank and every resumed run draws the same."""
+    the entries of ``budgets`` (a k listed n times is drawn n times as often) by a generator seeded with the
+    step, so every rank and every resumed run draws the same."""
     generator = torch.Generator().manual_seed(step)
     return budgets[int(torch.randint(len(budgets), (1,), generator=generator))]

@@ -610,6 +610,12 @@ def test_query_budget_is_a_pure_function_of_the_step():
     assert query_budget([3], 17) == 3
 
 
+def test_a_budget_listed_several_times_is_drawn_as_often():
+    draws = [query_budget([1, 2, 8, 8, 8, 8], step) for step in range(3000)]
+    assert abs(draws.count(8) / len(draws) - 4 / 6) < 0.03
+    assert abs(draws.count(1) / len(draws) - 1 / 6) < 0.03
+
+
 def test_budget_training_draws_k_per_step_and_validates_with_all(tmp_path):
     module = built(loss="all_text", num_queries=4, query_budgets=[1, 2, 4])
     before = snapshot(module)
