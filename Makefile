@@ -186,16 +186,19 @@ demo-real: install smollm2
 # first, in stages with the look loss (QRY_LOOK, docs/looking.md#teaching-the-queries-where-to-look): a
 # warm-up on clips that show only the cells asked about, the full grids (where the look loss teaches where to look),
 # then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint),
-# then QRY_COUNT_STEPS mostly on counting (docs/looking.md#counting-with-k-queries); each evaluated at
-# k = 1, 2, 4, 8 (cloze, 200 questions). About three hours on 2 cores; runs in runs/queries.
+# then QRY_COUNT_STEPS mostly on counting and QRY_COUNT2_STEPS more in batches of 16, k = 8 drawn five times in
+# eight, with more count clips (docs/looking.md#counting-with-k-queries); each evaluated at k = 1, 2, 4, 8
+# (cloze, 400 questions). About 4.5 hours on 2 cores; runs in runs/queries.
 QRY := data/queries
 QRY_COUNT := data/queries-count
+QRY_COUNT2 := data/queries-count2
 QRY_RUNS := runs/queries
 QRY_WARM_STEPS ?= 200
 QRY_SFT_STEPS ?= 500
 QRY_READ_STEPS ?= 400
 QRY_READ_ROUNDS ?= 2
 QRY_COUNT_STEPS ?= 1000
+QRY_COUNT2_STEPS ?= 3000
 QRY_LOOK ?= 5.0
 .PHONY: data-queries demo-queries
 queries_data = $(PY) -m data_prep synthetic --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
@@ -204,6 +207,8 @@ queries_data = $(PY) -m data_prep synthetic --workers 2 --no-keep-mp4 --size 112
 data-queries: install
 	$(queries_data) --output $(QRY) --look-categories name_colour,count_colour --look-test 400
 	$(queries_data) --output $(QRY_COUNT) --seed 1 --look-categories count_colour --look-test 0 --look-val 64
+	$(queries_data) --output $(QRY_COUNT2) --seed 2 --look-categories count_colour --look-test 0 --look-val 0 \
+		--look-warmup 0 --look-train 4800
 queries_fit = $(FOVLM) fit --config configs/stage2.yaml --config configs/demo.yaml \
 	--trainer.logger.init_args.save_dir $(QRY_RUNS) --model.init_args.num_queries 8 \
 	--model.init_args.query_budgets '[1,2,4,8]' --model.init_args.lambda_coarse 0.5 --model.init_args.lambda_ar 0.5 \
@@ -231,10 +236,17 @@ demo-queries: install smollm2 dinov2 data-queries
 			--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
 				cwarm: '$(QRY_COUNT)/look_warmup/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
 			--data.init_args.group_weights '{count: 2.0, cwarm: 1.0, grid: 1.0}' || exit 1; \
-		last=$(QRY_RUNS)/count-qf$$qf; \
+		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name count2-qf$$qf \
+			--trainer.max_steps $(QRY_COUNT2_STEPS) --model.init_args.init_from $(QRY_RUNS)/count-qf$$qf/checkpoints/last.ckpt \
+			--model.init_args.query_budgets '[1,2,4,8,8,8,8,8]' --data.init_args.batch_size 16 \
+			--data.init_args.val_shards '$(QRY_COUNT)/look_sft/val/*.tar' \
+			--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
+				more: '$(QRY_COUNT2)/look_sft/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
+			--data.init_args.group_weights '{count: 1.0, more: 2.0, grid: 1.0}' || exit 1; \
+		last=$(QRY_RUNS)/count2-qf$$qf; \
 		for k in 1 2 4 8; do \
 			$(FOVLM) eval --model $$last/checkpoints/last.ckpt \
 				--benchmark queries='$(QRY)/look_mcq/test/*.tar' --answer-format cloze --per-category \
-				--num-queries $$k --limit 200 --out $(QRY_RUNS)/results-qf$$qf-k$$k.json || exit 1; \
+				--num-queries $$k --limit 400 --out $(QRY_RUNS)/results-qf$$qf-k$$k.json || exit 1; \
 		done; \
 	done
