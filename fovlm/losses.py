@@ -167,6 +167,33 @@ def box_patches(boxes: Tensor, grid: int) -> Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)  # [n, G*G]
 
 
+def query_targets(
+    inside: Tensor, valid: Tensor, spread: Tensor, k: int, spread_over: int
+) -> tuple[Tensor, Tensor]:
+    """Each of a frame's k queries' target patches, for n readings of a region of R boxes (the rule of
+    :func:`look_loss`): one box is every query's target; a spread region's places are shared out by
+    ``spread_over`` = K, query j reading places j, j + K, j + 2K, ... together.
+
+    Args:
+        inside: bool [n, R, G*G], the patches whose centres lie in each box.
+        valid: bool [n, R], the boxes that exist (False: padding).
+        spread: bool [n], the readings whose boxes are the places of a spread answer.
+        k: queries per frame.
+        spread_over: K >= k.
+
+    Returns:
+        (bool [n, k, G*G] each query's target patches, bool [n, k] the queries that have a target).
+    """
+    if spread_over < k:
+        raise ValueError(f"spread_over={spread_over} is smaller than the {k} queries per frame")
+    places, device = inside.shape[1], inside.device
+    shared_out = (torch.arange(places, device=device)[:, None] % spread_over) == torch.arange(k, device=device)
+    assign = torch.where(spread[:, None, None], shared_out, torch.ones_like(shared_out))  # [n, R, k]
+    assign = assign & valid[:, :, None]
+    target = (assign.transpose(1, 2).float() @ inside.float()) > 0  # [n, k, G*G]
+    return target, assign.any(1)
+
+
 def look_loss(
     attention: Tensor, num_frames: Tensor, region_box: Tensor, region_frames: Tensor,
     region_spread: Tensor | None = None, spread_over: int | None = None,
@@ -202,8 +229,6 @@ def look_loss(
     region_box, num_frames = region_box.to(device), num_frames.to(device)
     batch, places = region_box.shape[:2]
     spread_over = spread_over or k
-    if spread_over < k:
-        raise ValueError(f"spread_over={spread_over} is smaller than the {k} queries per frame")
     sample = torch.repeat_interleave(torch.arange(batch, device=device), num_frames)  # [F]
     starts = torch.cumsum(num_frames, 0) - num_frames  # [B]
     written = torch.arange(len(sample), device=device) > starts[sample]  # [F]: not a sample's first frame
@@ -214,13 +239,9 @@ def look_loss(
     owner = sample[counted]  # [n]
     inside = box_patches(region_box[owner].flatten(0, 1), grid).view(len(owner), places, -1)  # [n, R, G*G]
     spread = torch.zeros(batch, dtype=torch.bool, device=device) if region_spread is None else region_spread
-    spread = spread.to(device)  # [B]
-    shared_out = (torch.arange(places, device=device)[:, None] % spread_over) == torch.arange(k, device=device)
-    assign = torch.where(spread[owner][:, None, None], shared_out, torch.ones_like(shared_out))  # [n, R, k]
-    assign = assign & valid[owner][:, :, None]
-    target = (assign.transpose(1, 2).float() @ inside.float()) > 0  # [n, k, G*G]: each query's target patches
+    target, has_target = query_targets(inside, valid[owner], spread.to(device)[owner], k, spread_over)
     heads = attention[counted].float().mean(1)[..., 1:]  # [n, k, G*G]
-    share = (heads * target).sum(-1)[assign.any(1)]  # [readings]: the queries that have a target
+    share = (heads * target).sum(-1)[has_target]  # [readings]: the queries that have a target
     if share.numel() == 0:
         return attention.sum() * 0.0, 0
     return -torch.log(share.clamp_min(1e-6)).mean(), share.numel()

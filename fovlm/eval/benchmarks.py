@@ -141,8 +141,7 @@ class BenchmarkReader:
             key=key, benchmark=self.name, question=choice.question, options=choice.options, answer=choice.answer,
             category=choice.category, frames=frames, media=sample.media,
             times=frame_times(members, sample.media, len(frames), self.max_frames, sample.duration),
-            # the attention share is measured in one box; a spread answer's places have none
-            answer_region=sample.answer_region if sample.answer_region and sample.answer_region.box else None,
+            answer_region=sample.answer_region,
         )
 
     def _frames(self, path: str, key: str, members: dict[str, bytes], media: str) -> Tensor | SampleFrames:

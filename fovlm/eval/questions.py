@@ -43,7 +43,7 @@ class Question:
             uint8 [3, H, W], decoded while iterated).
         media: "video" or "image".
         times: timestamps (s) of the frames when known (used by baselines that print them).
-        answer_region: where the answer is shown, when the benchmark says it is one box (for the attention share).
+        answer_region: where the answer is shown, when the benchmark says (for the attention share).
     """
 
     key: str

@@ -111,8 +111,8 @@ def evaluate(
     A question whose frames are held as one stack is scored in one batch (:func:`score_question`); one whose
     frames are read one at a time (a long video, :attr:`Question.streamed`) in one streamed pass
     (:func:`score_stream`), its shares from the same pass; a stream whose decoding fails part-way drops its
-    question (its reader counts the skip). Attention sheets are drawn for the first questions with a region that
-    are not streamed.
+    question (its reader counts the skip). Attention sheets are drawn for the first questions with a one-box region
+    that are not streamed.
 
     Args:
         model: FoveatedVLM (put in eval mode here).
@@ -122,8 +122,8 @@ def evaluate(
         report: a report to add to (a new one by default).
         answer_format: "letter" ("B. option", the fVLM original's protocol), "text" (the option text alone) or
             "cloze" (the question without its options, each option text scored as the answer).
-        attention_dir: where to save attention sheets of the first ``attention_examples`` questions with an
-            answer region per benchmark (``<benchmark>_<key>.png``).
+        attention_dir: where to save attention sheets of the first ``attention_examples`` questions with a
+            one-box answer region per benchmark (``<benchmark>_<key>.png``).
         progress: a progress bar per benchmark (:func:`progress_bar`: None shows it on a terminal only).
     """
     report = report or MultipleChoiceReport()
@@ -134,8 +134,8 @@ def evaluate(
         for question in progress_bar(questions, name, "question", planned_questions, progress):
             options = render_options(tokenizer, question.question, question.options, answer_format=answer_format)
             sheet = None
-            if (question.answer_region is not None and not question.streamed and attention_dir is not None
-                    and drawn < attention_examples):
+            if (question.answer_region is not None and question.answer_region.box is not None
+                    and not question.streamed and attention_dir is not None and drawn < attention_examples):
                 sheet, drawn = Path(attention_dir) / f"{name}_{question.key}.png", drawn + 1
             try:
                 if question.streamed:
@@ -185,8 +185,7 @@ def _score_streamed(
     """A question whose frames are read one at a time: the same results from one pass over them."""
     frames = (normalize(frame).to(device) for frame in question.frames)
     region = question.answer_region
-    result = score_stream(model, frames, options, modes, region.box if region is not None else None,
-                          num_frames=len(question.frames))
+    result = score_stream(model, frames, options, modes, region, num_frames=len(question.frames))
     shares = {}
     if region is not None:
         shares = {mode: region_share(per_frame, question.times, region.start)

@@ -14,9 +14,9 @@ patch pass (``model.encode_patches(frame[None])``) is read by up to three stream
 
 A question-first model's system and user turns head every cache, before the first frame. After the last frame
 each cache takes the rest of the prompt, and the options are scored against it with
-:func:`fovlm.eval.scoring.score_on_prefix`, as in the batched scorer. Given an answer region's box, the same
-stream also gives each mode's attention share per frame (:func:`fovlm.eval.looking.share_in_region` of the last
-DINO layer, heads and a frame's k queries averaged), from one more query pass of that mode's queries with their
+:func:`fovlm.eval.scoring.score_on_prefix`, as in the batched scorer. Given an answer region, the same stream
+also gives each mode's attention share per frame (:func:`fovlm.eval.looking.share_in_region` of the last DINO
+layer, heads averaged, over a frame's queries), from one more query pass of that mode's queries with their
 attention kept; the tokens the caches read come from the query passes without it, as in the batched scorer.
 
 The full policy holds every frame up to the LLM's ``max_position_embeddings``; a question whose frames, prompt
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from fovlm.data.schema import AnswerRegion
 from fovlm.eval.looking import share_in_region
 from fovlm.eval.questions import OptionTokens
 from fovlm.eval.scoring import question_length, score_on_prefix, vlm_step
@@ -54,7 +55,7 @@ class StreamedScores:
     Attributes:
         scores: mode -> float32 [n] mean answer-token NLL per option (as :func:`~fovlm.eval.scoring.score_question`).
         num_frames: the frames read.
-        shares: mode -> float32 [T] attention share inside the box on each frame (empty without a box).
+        shares: mode -> float32 [T] attention share inside the region on each frame (empty without a region).
     """
 
     scores: dict[str, Tensor]
@@ -88,7 +89,7 @@ def score_stream(
     frames: Iterable[Tensor],
     options: OptionTokens,
     modes: Sequence[str] = MODES,
-    box: Sequence[float] | None = None,
+    region: AnswerRegion | None = None,
     num_frames: int | None = None,
 ) -> StreamedScores:
     """Mean answer-token NLL of every option in every mode, from one pass over frames that arrive one at a time.
@@ -98,12 +99,11 @@ def score_stream(
         frames: ImageNet-normalised frames [3, H, W], in order (e.g. decoded lazily); each is dropped once read.
         options: the question's option layout (:func:`fovlm.eval.questions.render_options`).
         modes: any of "coarse_only", "coarse_fine", "autoregressive".
-        box: an answer region (x0, y0, x1, y1 in fractions of the frame): also give each mode's attention share
-            inside it on every frame.
+        region: where the answer is shown: also give each mode's attention share inside it on every frame.
         num_frames: how many frames will come, when known: the position limit is checked before the first.
 
     Returns:
-        the scores per mode (in the order of ``modes``), the frames read and, with a box, the shares per frame.
+        the scores per mode (in the order of ``modes``), the frames read and, with a region, the shares per frame.
     """
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -120,7 +120,7 @@ def score_stream(
     count = 0
     try:
         for frame in frames:
-            _read_frame(model, sessions, frame.to(model.q_init.device), box, shares)
+            _read_frame(model, sessions, frame.to(model.q_init.device), region, shares)
             count += 1
     except StreamFull as err:
         raise StreamTooLong(
@@ -135,25 +135,24 @@ def score_stream(
     scores = {}
     for mode in modes:  # each session is dropped once its mode is scored
         scores[mode] = _score_options(model, sessions.pop(LANE_OF_MODE[mode]), rest, options)
-    by_mode = {mode: torch.cat(shares[LANE_OF_MODE[mode]]) for mode in modes} if box is not None else {}
+    by_mode = {mode: torch.cat(shares[LANE_OF_MODE[mode]]) for mode in modes} if region is not None else {}
     return StreamedScores(scores, count, by_mode)
 
 
 def _read_frame(
-    model, sessions: dict[str, StreamingSession], frame: Tensor, box: Sequence[float] | None,
+    model, sessions: dict[str, StreamingSession], frame: Tensor, region: AnswerRegion | None,
     shares: dict[str, list[Tensor]],
 ) -> None:
-    """One frame [3, H, W] into every session from one patch pass; with a box, each session's share on it."""
+    """One frame [3, H, W] into every session from one patch pass; with a region, each session's share on it."""
     patches = model.encode_patches(frame[None])  # this frame's only patch pass
     if "fine" in sessions:  # frame t's fine queries: written at frame t - 1's coarse positions (q_init at 0)
         sessions["fine"].queries = sessions["coarse"].queries
     if "coarse" in sessions:
         sessions["coarse"].queries = model.static_queries.detach().to(sessions["coarse"].queries.dtype)
     for lane, session in sessions.items():
-        if box is not None:
+        if region is not None:
             _, attention = model.read_frames(session.queries, patches, return_attention=True)
-            weights = attention[-1].mean(2)  # last DINO layer, the frame's k queries averaged: [1, h, K]
-            shares[lane].append(share_in_region(weights, box).cpu())  # [1]
+            shares[lane].append(share_in_region(attention[-1], region, model.num_queries).cpu())  # last layer: [1]
         session.push(frame, patches)
 
 

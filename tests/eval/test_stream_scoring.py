@@ -29,22 +29,24 @@ def tiny(k: int = 1, question_first: bool = False, max_positions: int = 2048) ->
     return model
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["box", "spread"])
 @pytest.mark.parametrize("question_first", [False, True], ids=["visual-first", "question-first"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_streamed_scores_and_shares_equal_the_batched_ones(tokenizer, k, question_first):
+def test_streamed_scores_and_shares_equal_the_batched_ones(tokenizer, k, question_first, spread):
     model = tiny(k, question_first)
     frames = torch.randn(4, 3, 56, 56)
     options = render_options(tokenizer, QUESTION, OPTIONS)
     batched = score_question(model, frames, options)
     passes = PatchPasses(model)
-    streamed = score_stream(model, iter(frames), options, box=BOX, num_frames=4)
+    region = AnswerRegion(None, 1.0, (BOX, (0.0, 0.5, 0.5, 1.0))) if spread else AnswerRegion(BOX, 1.0)
+    streamed = score_stream(model, iter(frames), options, region=region, num_frames=4)
     assert (passes.calls, passes.frames) == (4, 4)  # one patch pass per frame, shared by every mode
     assert streamed.num_frames == 4 and list(streamed.scores) == list(MODES)
     for mode in MODES:
         torch.testing.assert_close(streamed.scores[mode], batched[mode], atol=1e-4, rtol=1e-4)
     question_len = question_length(model, options)
     head = options.prefix_ids[:question_len] if question_len else None
-    region, times = AnswerRegion(box=BOX, start=1.0), (0.5, 1.5, 2.5, 3.5)
+    times = (0.5, 1.5, 2.5, 3.5)
     expected = attention_shares(model, frames, region, times, MODES, head_ids=head)
     for mode in MODES:
         assert streamed.shares[mode].shape == (4,)
