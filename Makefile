@@ -186,9 +186,10 @@ demo-real: install smollm2
 # first, in stages with the look loss (QRY_LOOK, docs/looking.md#teaching-the-queries-where-to-look): a
 # warm-up on clips that show only the cells asked about, the full grids (where the look loss teaches where to look),
 # then both mixed half and half (QRY_READ_ROUNDS rounds of QRY_READ_STEPS, each from the last one's checkpoint),
-# then QRY_COUNT_STEPS mostly on counting and QRY_COUNT2_STEPS more in batches of 16, k = 8 drawn five times in
-# eight, with more count clips (docs/looking.md#counting-with-k-queries); each evaluated at k = 1, 2, 4, 8
-# (cloze, 400 questions). About 4.5 hours on 2 cores; runs in runs/queries.
+# then QRY_COUNT_STEPS mostly on counting and QRY_COUNT2_ROUNDS rounds of QRY_COUNT2_STEPS more in batches of 16,
+# k = 8 drawn five times in eight, with more count clips, each from the last one's checkpoint
+# (docs/looking.md#counting-with-k-queries); each evaluated at k = 1, 2, 4, 8 (cloze, 400 questions). About 6
+# hours on 2 cores; runs in runs/queries.
 QRY := data/queries
 QRY_COUNT := data/queries-count
 QRY_COUNT2 := data/queries-count2
@@ -199,6 +200,7 @@ QRY_READ_STEPS ?= 400
 QRY_READ_ROUNDS ?= 2
 QRY_COUNT_STEPS ?= 1000
 QRY_COUNT2_STEPS ?= 3000
+QRY_COUNT2_ROUNDS ?= 2
 QRY_LOOK ?= 5.0
 .PHONY: data-queries demo-queries
 queries_data = $(PY) -m data_prep synthetic --workers 2 --no-keep-mp4 --size 112 --look-grid 3 --look-reads 2 \
@@ -236,14 +238,17 @@ demo-queries: install smollm2 dinov2 data-queries
 			--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
 				cwarm: '$(QRY_COUNT)/look_warmup/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
 			--data.init_args.group_weights '{count: 2.0, cwarm: 1.0, grid: 1.0}' || exit 1; \
-		$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name count2-qf$$qf \
-			--trainer.max_steps $(QRY_COUNT2_STEPS) --model.init_args.init_from $(QRY_RUNS)/count-qf$$qf/checkpoints/last.ckpt \
-			--model.init_args.query_budgets '[1,2,4,8,8,8,8,8]' --data.init_args.batch_size 16 \
-			--data.init_args.val_shards '$(QRY_COUNT)/look_sft/val/*.tar' \
-			--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
-				more: '$(QRY_COUNT2)/look_sft/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
-			--data.init_args.group_weights '{count: 1.0, more: 2.0, grid: 1.0}' || exit 1; \
-		last=$(QRY_RUNS)/count2-qf$$qf; \
+		last=$(QRY_RUNS)/count-qf$$qf; \
+		for round in $$(seq 2 $$(($(QRY_COUNT2_ROUNDS) + 1))); do \
+			$(queries_fit) --model.init_args.question_first $$qf --trainer.logger.init_args.name count$$round-qf$$qf \
+				--trainer.max_steps $(QRY_COUNT2_STEPS) --model.init_args.init_from $$last/checkpoints/last.ckpt \
+				--model.init_args.query_budgets '[1,2,4,8,8,8,8,8]' --data.init_args.batch_size 16 \
+				--data.init_args.val_shards '$(QRY_COUNT)/look_sft/val/*.tar' \
+				--data.init_args.train_shards "{count: '$(QRY_COUNT)/look_sft/train/*.tar', \
+					more: '$(QRY_COUNT2)/look_sft/train/*.tar', grid: '$(QRY)/look_sft/train/*.tar'}" \
+				--data.init_args.group_weights '{count: 1.0, more: 2.0, grid: 1.0}' || exit 1; \
+			last=$(QRY_RUNS)/count$$round-qf$$qf; \
+		done; \
 		for k in 1 2 4 8; do \
 			$(FOVLM) eval --model $$last/checkpoints/last.ckpt \
 				--benchmark queries='$(QRY)/look_mcq/test/*.tar' --answer-format cloze --per-category \
