@@ -286,6 +286,8 @@ class HeadOptions:
             (:class:`~fovlm.reference_logps.CachedReference`).
         lambda_look: weight of the look loss (CE heads in coarse_fine, on batches that say where their answers
             are: :func:`look_loss` on the last DINO layer).
+        lambda_look_ar: weight of the same loss on the queries the autoregressive pass writes (CE heads, where
+            that pass runs: with ``lambda_ar`` or in autoregressive mode).
     """
 
     mode: str = "coarse_fine"
@@ -293,6 +295,7 @@ class HeadOptions:
     lambda_ar: float = 0.0
     reference: Any = None
     lambda_look: float = 0.0
+    lambda_look_ar: float = 0.0
 
 
 class LossHead:
@@ -313,9 +316,11 @@ class LossHead:
         lambda_ar: float = 0.0,
         reference: Any = None,
         lambda_look: float = 0.0,
+        lambda_look_ar: float = 0.0,
     ) -> LossOutput:
         """The head's loss of ``model`` on ``batch`` (the arguments are :class:`HeadOptions`')."""
-        return self.compute(model, batch, HeadOptions(mode, lambda_coarse, lambda_ar, reference, lambda_look))
+        return self.compute(
+            model, batch, HeadOptions(mode, lambda_coarse, lambda_ar, reference, lambda_look, lambda_look_ar))
 
     def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
         raise NotImplementedError
@@ -327,9 +332,12 @@ class CrossEntropyHead(LossHead):
     def compute(self, model: Any, batch: dict[str, Any], options: HeadOptions) -> LossOutput:
         """Run ``model`` on an SFT/caption batch and return the CE, plus ``lambda_coarse`` x the coarse_only CE
         and ``lambda_ar`` x the autoregressive CE (auxiliary losses on the same targets), and ``lambda_look`` x
-        the look loss where the batch says where its answers are."""
+        the look loss where the batch says where its answers are (``lambda_look_ar`` x the same on the
+        autoregressive pass's queries)."""
         mode, lambda_coarse, lambda_ar = options.mode, options.lambda_coarse, options.lambda_ar
         look = options.lambda_look > 0 and mode == "coarse_fine" and "region_box" in batch
+        look_ar = (options.lambda_look_ar > 0 and (lambda_ar > 0 or mode == "autoregressive")
+                   and "region_box" in batch)
         labels = shift_labels(batch["input_ids"], self.score_mask(batch["roles"]))  # [B, S]
         logits_mask, targets, sample_index = selected_targets(labels)
         batch_size = labels.shape[0]
@@ -344,6 +352,7 @@ class CrossEntropyHead(LossHead):
             return_autoregressive_logits=lambda_ar > 0,
             visual_at=visual_positions(model, batch["roles"]),
             **({"return_fine_attention": True} if look else {}),
+            **({"return_autoregressive_attention": True} if look_ar else {}),
         )
         nll = token_nll(out.logits, targets)  # [N]
         num_scored = int(nll.numel())
@@ -357,13 +366,16 @@ class CrossEntropyHead(LossHead):
                 metrics.setdefault("loss_fine", fine)
                 metrics[f"loss_{name}"] = aux_loss.detach()
                 loss = loss + weight * aux_loss
-        if look and out.fine_attention is not None:
-            look_value, _ = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"],
-                                      batch["region_frames"], batch.get("region_spread"),
-                                      getattr(model, "num_queries", None))
-            metrics.setdefault("loss_fine", fine)
-            metrics["loss_look"] = look_value.detach()
-            loss = loss + options.lambda_look * look_value
+        for name, weight, attention in (("loss_look", options.lambda_look, out.fine_attention if look else None),
+                                        ("loss_look_autoregressive", options.lambda_look_ar,
+                                         out.autoregressive_attention if look_ar else None)):
+            if attention is not None:
+                look_value, _ = look_loss(attention[-1], batch["num_frames"], batch["region_box"],
+                                          batch["region_frames"], batch.get("region_spread"),
+                                          getattr(model, "num_queries", None))
+                metrics.setdefault("loss_fine", fine)
+                metrics[name] = look_value.detach()
+                loss = loss + weight * look_value
         sample_loss = per_sample_sums(nll.detach(), sample_index, batch_size)  # [B]
         sample_weight = per_sample_sums(torch.ones_like(nll), sample_index, batch_size)  # [B]
         return LossOutput(loss, num_scored, sample_loss, sample_weight, metrics)

@@ -105,6 +105,10 @@ class FoveatedModule(L.LightningModule):
         lambda_look: weight of the look loss (docs/looking.md#teaching-the-queries-where-to-look): on samples
             that say where their answer is shown (``answer_region``), -log of the share of the written queries'
             attention (last DINO layer) inside that region, in coarse_fine.
+        lambda_look_ar: weight of the same look loss on the queries the autoregressive pass writes (needs
+            ``lambda_ar`` > 0, which runs that pass). ``lambda_look`` teaches the queries written from the coarse
+            tokens; in true inference each query is written from the previous frame's fine token instead, and
+            without this loss nothing teaches those queries where to look (docs/looking.md#counting-with-k-queries).
         gradient_checkpointing: recompute activations of the LLM decoder layers and of the DINO patch pass
             in backward (less memory, about one more forward of compute).
         patch_pass_bf16: run the DINO patch pass under bfloat16 autocast while the rest trains in the run's
@@ -148,6 +152,7 @@ class FoveatedModule(L.LightningModule):
         lambda_coarse: float = 0.0,
         lambda_ar: float = 0.0,
         lambda_look: float = 0.0,
+        lambda_look_ar: float = 0.0,
         gradient_checkpointing: bool = False,
         patch_pass_bf16: bool = False,
         pack_tokens: int | None = None,
@@ -158,7 +163,8 @@ class FoveatedModule(L.LightningModule):
         for name, lr in (("lr_connector", lr_connector), ("lr_vision", lr_vision), ("lr_llm", lr_llm)):
             if not lr >= 0:
                 raise ValueError(f"{name} must be >= 0, got {lr}")
-        auxiliary = (("lambda_coarse", lambda_coarse), ("lambda_ar", lambda_ar), ("lambda_look", lambda_look))
+        auxiliary = (("lambda_coarse", lambda_coarse), ("lambda_ar", lambda_ar), ("lambda_look", lambda_look),
+                     ("lambda_look_ar", lambda_look_ar))
         for name, weight in auxiliary:
             if weight < 0:
                 raise ValueError(f"{name} must be >= 0, got {weight}")
@@ -166,6 +172,8 @@ class FoveatedModule(L.LightningModule):
                 raise ValueError(f"{name} adds a loss to the fine pass; it has no meaning with coarse_only")
             if loss == "dpo" and weight > 0:
                 raise ValueError(f"{name} is an auxiliary loss of the cross-entropy stages; DPO does not use it")
+        if lambda_look_ar > 0 and not lambda_ar > 0:
+            raise ValueError("lambda_look_ar is a loss on the autoregressive pass, which only lambda_ar > 0 runs")
         if lambda_ar > 0 and gradient_checkpointing:
             raise ValueError("lambda_ar needs the LLM KV cache, which LLM gradient checkpointing turns off")
         if num_queries < 1:
@@ -372,6 +380,7 @@ class FoveatedModule(L.LightningModule):
         out = self.loss_head(
             self.model, batch, mode=self.mode, lambda_coarse=self.hparams.lambda_coarse,
             lambda_ar=self.hparams.lambda_ar, lambda_look=self.hparams.lambda_look,
+            lambda_look_ar=self.hparams.lambda_look_ar,
             reference=self.reference if self.reference_cache is None else self.reference_cache.view(stage),
         )
         if stage == "train" and int(batch["num_frames"].sum()) == 0 and not is_sharded(self.model):

@@ -21,6 +21,7 @@ from fovlm.losses import (
     sequence_logps,
     shift_labels,
     token_cross_entropy,
+    visual_positions,
 )
 
 S, U, T, A, P = ROLE_SYSTEM, ROLE_USER, ROLE_TEMPLATE, ROLE_ANSWER, ROLE_PAD
@@ -419,3 +420,43 @@ def test_look_loss_trains_the_query_head_through_the_written_queries():
     left, counted = look_loss(out.fine_attention[-1], batch["num_frames"], batch["region_box"][:, :1],
                               batch["region_frames"])
     assert counted == 2 and spread.item() == pytest.approx(left.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("question_first", [False, True])
+def test_the_autoregressive_look_loss_is_taken_on_the_queries_the_autoregressive_pass_writes(question_first):
+    from transformers import Dinov2Model, LlamaForCausalLM
+
+    from fovlm.model.loading import tiny_llm_config, tiny_vision_config
+    from fovlm.model.vlm import FoveatedVLM
+
+    torch.manual_seed(0)
+    model = FoveatedVLM(Dinov2Model(tiny_vision_config(image_size=56)), LlamaForCausalLM(tiny_llm_config()),
+                        query_dim=32, num_queries=2, question_first=question_first)
+    batch = sft_batch()
+    batch.update(frames=torch.randn(3, 3, 56, 56), num_frames=torch.tensor([3]),
+                 region_box=torch.tensor([[0.5, 0.0, 1.0, 0.5]]), region_frames=torch.ones(3, dtype=torch.bool))
+    with_look = AnswerOnlyCE()(model, batch, lambda_ar=0.5, lambda_look_ar=0.3)
+    without = AnswerOnlyCE()(model, batch, lambda_ar=0.5)
+    assert "loss_look" not in with_look.metrics and "loss_look_autoregressive" not in without.metrics
+    ar_look = with_look.metrics["loss_look_autoregressive"]
+    torch.testing.assert_close(with_look.loss, without.loss + 0.3 * ar_look)
+    # the same loss on the attention of true frame-by-frame inference, taken apart from the loss head
+    head = None
+    if question_first:
+        visual_at = int(visual_positions(model, batch["roles"])[0])
+        head = (batch["input_ids"][:, :visual_at], batch["attention_mask"][:, :visual_at])
+    prefix = model.autoregressive_prefix(model.encode_patches(batch["frames"]), batch["num_frames"],
+                                         return_attention=True, head=head)
+    look, counted = look_loss(prefix.attention[-1], batch["num_frames"], batch["region_box"], batch["region_frames"])
+    assert counted == 2 * 2 and look.item() == pytest.approx(ar_look.item(), rel=1e-5)
+    # ... which are other queries than the coarse -> fine pass's
+    fine = AnswerOnlyCE()(model, batch, lambda_look=0.3).metrics["loss_look"]
+    assert abs(fine.item() - ar_look.item()) > 1e-4
+    out = model(batch["frames"], batch["num_frames"], batch["input_ids"], batch["attention_mask"],
+                mode="autoregressive", visual_at=visual_positions(model, batch["roles"]),
+                return_autoregressive_attention=True)
+    torch.testing.assert_close(out.autoregressive_attention[-1], prefix.attention[-1])
+    look.backward()
+    assert model.llm_to_query.weight.grad.abs().sum() > 0
+    # no autoregressive pass (lambda_ar = 0 in coarse_fine), no autoregressive look loss
+    assert "loss_look_autoregressive" not in AnswerOnlyCE()(model, batch, lambda_look_ar=0.3).metrics

@@ -376,6 +376,20 @@ def test_lambda_look_adds_the_look_loss_and_is_refused_where_meaningless(tmp_pat
             FoveatedModule(**{**TINY, "lambda_look": 0.5, **kwargs})
 
 
+def test_lambda_look_ar_adds_the_look_loss_of_the_autoregressive_pass_and_needs_that_pass(tmp_path):
+    module = built(loss="answer_only", lambda_ar=0.5, lambda_look_ar=2.0)
+    t = trainer(tmp_path, 1)
+    t.fit(module, loader(SFTSet([4, 4], num_frames=[3, 2]), 2, collate_with_regions))
+    m = t.callback_metrics
+    assert m["train/loss_look_autoregressive"].item() > 0 and "train/loss_look" not in m
+    assert m["train/loss"].item() == pytest.approx(
+        m["train/loss_fine"].item() + 0.5 * m["train/loss_autoregressive"].item()
+        + 2.0 * m["train/loss_look_autoregressive"].item(), rel=1e-5)
+    for kwargs, match in (({}, "lambda_ar"), ({"lambda_ar": 0.5, "lambda_look_ar": -1.0}, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            FoveatedModule(**{**TINY, "lambda_look_ar": 0.5, **kwargs})
+
+
 def test_coarse_only_and_lambda_coarse_train(tmp_path):
     for kwargs in ({"coarse_only": True}, {"lambda_coarse": 0.5}):
         module = built(loss="all_text", **kwargs)

@@ -93,10 +93,12 @@ class ARPrefix:
 @dataclass
 class VLMOutput:
     """Logits over text positions: [N, V] for the rows of ``logits_mask`` or [B, S, V] without a mask; the
-    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes; ``fine_attention``,
-    when asked for, is the attention of the queries the LLM wrote (coarse_fine), per DINO layer [F, h, k, N]."""
+    optional ``coarse_logits`` / ``autoregressive_logits`` are the same rows in those modes; ``fine_attention``
+    and ``autoregressive_attention``, when asked for, are the attention of the queries the LLM wrote in the
+    coarse -> fine and the autoregressive pass, per DINO layer [F, h, k, N]."""
 
     logits: Tensor
     coarse_logits: Tensor | None = None
     autoregressive_logits: Tensor | None = None
     fine_attention: list[Tensor] | None = None
+    autoregressive_attention: list[Tensor] | None = None

@@ -16,23 +16,29 @@ from fovlm.model.layout import join_text, split_text
 from fovlm.model.outputs import ARPrefix, TextInput
 
 
-def autoregressive_text(model, cache: PatchCache, num_frames: Tensor, text: TextInput) -> Tensor:
-    """The autoregressive mode's hidden states that predict each text position's next token [B, S, Dl].
+def autoregressive_text(
+    model, cache: PatchCache, num_frames: Tensor, text: TextInput, return_attention: bool = False
+) -> tuple[Tensor, list[Tensor] | None]:
+    """The autoregressive mode's hidden states that predict each text position's next token [B, S, Dl], and
+    with ``return_attention`` the query attention of its frame-by-frame pass (per DINO layer [F, h, k, N], in
+    the graph; else None).
 
     Args:
         model: a :class:`fovlm.model.vlm.FoveatedVLM`.
         cache: the batch's patch pass.
         num_frames: long [B].
         text: (input_ids [B, S], attention_mask [B, S], visual_at [B] or None).
+        return_attention: keep the queries' attention weights.
     """
     input_ids, attention_mask, visual_at = text
     if visual_at is None:
-        return model.continue_text(model.autoregressive_prefix(cache, num_frames), input_ids, attention_mask)
+        prefix = model.autoregressive_prefix(cache, num_frames, return_attention)
+        return model.continue_text(prefix, input_ids, attention_mask), prefix.attention
     head_ids, head_mask, tail_ids, tail_mask = split_text(input_ids, attention_mask, visual_at)
-    prefix = model.autoregressive_prefix(cache, num_frames, head=(head_ids, head_mask))
+    prefix = model.autoregressive_prefix(cache, num_frames, return_attention, head=(head_ids, head_mask))
     tail = model.continue_text(prefix, tail_ids, tail_mask)  # [B, S', Dl]
     head = prefix.head_hidden if prefix.head_hidden is not None else tail[:, :0]
-    return join_text(head, tail, visual_at, input_ids.shape[1])
+    return join_text(head, tail, visual_at, input_ids.shape[1]), prefix.attention
 
 
 def autoregressive_prompt(

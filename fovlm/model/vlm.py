@@ -407,6 +407,7 @@ class FoveatedVLM(nn.Module):
         return_autoregressive_logits: bool = False,
         visual_at: Tensor | None = None,
         return_fine_attention: bool = False,
+        return_autoregressive_attention: bool = False,
     ) -> VLMOutput:
         """Logits over text positions for a batch.
 
@@ -423,6 +424,8 @@ class FoveatedVLM(nn.Module):
             visual_at: long [B], text tokens placed before each sample's visual tokens (a question-first layout:
                 ``fovlm.data.roles.question_end``); None: visual tokens first.
             return_fine_attention: (coarse_fine) also return the written queries' attention, in the graph.
+            return_autoregressive_attention: also return the attention of the queries the autoregressive pass
+                writes, in the graph (when that pass runs: in autoregressive mode or with its logits).
 
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
@@ -432,8 +435,9 @@ class FoveatedVLM(nn.Module):
         check_batch(frames, num_frames, input_ids, attention_mask, logits_mask)
         cache = self.encode_patches(frames)
         text = (input_ids, attention_mask, visual_at)
+        ar_attention = None
         if mode == "autoregressive":
-            hidden = autoregressive_text(self, cache, num_frames, text)
+            hidden, ar_attention = autoregressive_text(self, cache, num_frames, text, return_autoregressive_attention)
             visual = self.visual_tokens(cache, num_frames, "coarse_only") if return_coarse_logits else None
         else:
             visual = self.visual_tokens(cache, num_frames, mode, return_fine_attention, text)
@@ -450,10 +454,11 @@ class FoveatedVLM(nn.Module):
             if mode == "autoregressive":
                 autoregressive_logits = logits
             else:
-                ar_hidden = autoregressive_text(self, cache, num_frames, text)
+                ar_hidden, ar_attention = autoregressive_text(
+                    self, cache, num_frames, text, return_autoregressive_attention)
                 autoregressive_logits = self.text_logits(ar_hidden, logits_mask)
         fine_attention = visual.fine_attention if return_fine_attention and mode == "coarse_fine" else None
-        return VLMOutput(logits, coarse_logits, autoregressive_logits, fine_attention)
+        return VLMOutput(logits, coarse_logits, autoregressive_logits, fine_attention, ar_attention)
 
     def forward_pair(
         self,
