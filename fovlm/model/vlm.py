@@ -424,8 +424,7 @@ class FoveatedVLM(nn.Module):
             visual_at: long [B], text tokens placed before each sample's visual tokens (a question-first layout:
                 ``fovlm.data.roles.question_end``); None: visual tokens first.
             return_fine_attention: (coarse_fine) also return the written queries' attention, in the graph.
-            return_autoregressive_attention: also return the attention of the queries the autoregressive pass
-                writes, in the graph (when that pass runs: in autoregressive mode or with its logits).
+            return_autoregressive_attention: also return that of the autoregressive pass's queries, if it runs.
 
         Returns:
             VLMOutput with logits [N, V] (N = logits_mask.sum(), row order = logits_mask.nonzero()) or [B, S, V].
